@@ -1,0 +1,1 @@
+"""FaceMAE on Ray."""

@@ -1,0 +1,211 @@
+"""Ingest: synthetic faces, an image folder or an InsightFace RecordIO pack -> Parquet shards + manifest.
+
+Identities are split once, by a seeded permutation, into a training set and a disjoint deployment
+set; each split is cut into shards of ``rows_per_shard`` rows built by independent work units, so
+large inputs run as Ray tasks and an interrupted ingest resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from facemae.config import Config, DataConfig
+from facemae.data import synthetic
+from facemae.data.images import CorruptImageError, encode_png, prepare_face
+from facemae.data.recordio import RecordIOError, RecordIOReader
+from facemae.data.runner import Unit, UnitResult, finish, prepare_output, reusable, run_units
+from facemae.data.shards import ORIGINAL_SCHEMA, SPLITS, Manifest, shard_name, write_shard
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+REPORT_LIMIT = 10_000  # corrupt records listed one by one in the manifest; all are counted
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved input: what to read per identity, and how to describe it in the manifest."""
+
+    kind: str
+    items: dict[int, list[Any]]  # identity -> the items of its images, in order
+    description: dict[str, Any]
+    identity_names: dict[str, str] | None = None
+    empty_identities: tuple[str, ...] = ()
+    skipped: tuple[dict[str, str], ...] = ()  # records refused while listing (unreadable RecordIO headers)
+
+
+def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
+    """Builds an original-faces dataset at ``config.data.output``.
+
+    Args:
+        config: Validated job config; ``config.data`` says what to read.
+        overwrite: Rebuild even when the output folder holds a finished dataset; without it, a
+            dataset built with the same settings is reused and one built otherwise is refused.
+
+    Returns:
+        The written manifest.
+
+    Raises:
+        ValueError: Bad input (an empty folder, a corrupt image without ``skip_corrupt``...),
+            naming what and where.
+    """
+    data = config.data
+    fingerprint = {"stage": "ingest", "data": {k: v for k, v in asdict(data).items()
+                                               if k not in ("output", "workers", "ray_threshold")}}
+    if (done := reusable(data.output, fingerprint, overwrite=overwrite)) is not None:
+        return done
+    source = resolve_source(data)
+    train_ids, deploy_ids = split_identities(sorted(source.items), fraction=data.deploy_fraction, seed=data.seed)
+    units = []
+    for split, ids in zip(SPLITS, (train_ids, deploy_ids)):
+        items = [item for i in ids for item in source.items[i]]
+        for index, start in enumerate(range(0, len(items), data.rows_per_shard)):
+            payload = {"source": source.kind, "items": items[start:start + data.rows_per_shard],
+                       "description": source.description, "resize": data.resize,
+                       "convert_rgb": data.convert_rgb, "skip_corrupt": data.skip_corrupt}
+            units.append(Unit(root=data.output, split=split, rel=shard_name(split, index), payload=payload))
+    total = sum(len(u.payload["items"]) for u in units)
+    use_ray = data.workers > 1 or (data.workers == 0 and total > data.ray_threshold)
+    prepare_output(data.output, overwrite=overwrite)
+    results = run_units(data.output, units, build_unit, fingerprint=fingerprint, use_ray=use_ray,
+                        ray_config=config.ray, desc=f"ingest {source.kind}")
+    manifest = Manifest(
+        kind="original", source=source.description, settings=fingerprint,
+        splits={s: [r.shard for r in results if r.split == s] for s in SPLITS},
+        report=_report(results, source=source, inputs=total + len(source.skipped)),
+        identity_names=source.identity_names)
+    manifest.write(data.output)
+    finish(data.output)
+    return manifest
+
+
+def split_identities(ids: Sequence[int], *, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Splits identities into disjoint ``(train, deploy)`` lists by a seeded permutation.
+
+    ``deploy`` gets ``round(fraction * n)`` identities, at least one when ``fraction > 0`` and
+    there are two or more identities.
+    """
+    ids = sorted(ids)
+    n_deploy = int(round(fraction * len(ids)))
+    if fraction > 0 and len(ids) > 1:
+        n_deploy = min(max(n_deploy, 1), len(ids) - 1)
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(ids))
+    deploy = sorted(ids[i] for i in order[:n_deploy])
+    taken = set(deploy)
+    return [i for i in ids if i not in taken], deploy
+
+
+def resolve_source(data: DataConfig) -> Source:
+    """Lists what to ingest, per identity, without reading any image yet."""
+    if data.source == "synthetic":
+        items = {i: [(i, k) for k in range(data.images_per_identity)] for i in range(data.num_identities)}
+        return Source("synthetic", items, {"type": "synthetic", "num_identities": data.num_identities,
+                                           "images_per_identity": data.images_per_identity,
+                                           "seed": data.seed})
+    if data.source == "folder":
+        return _folder_source(Path(data.path))
+    return _recordio_source(Path(data.path), skip_corrupt=data.skip_corrupt)
+
+
+def _folder_source(root: Path) -> Source:
+    if not root.is_dir():
+        raise ValueError(f"data.path={root} is not a folder; give the folder that holds <identity>/<image> files")
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    stray = [p.name for p in entries if not p.is_dir()]
+    if stray:
+        raise ValueError(f"{root}: expected only identity folders (<identity>/<image>), found files "
+                         f"{', '.join(stray[:5])}; move them into an identity folder or out of {root}")
+    if not entries:
+        raise ValueError(f"{root} is empty: an image folder holds one sub-folder of images per identity")
+    items: dict[int, list[Any]] = {}
+    names, empty = {}, []
+    for label, folder in enumerate(entries):
+        files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        nested = [p.name for p in files if p.is_dir()]
+        if nested:
+            raise ValueError(f"{folder}: holds sub-folders ({', '.join(nested[:5])}); an identity folder holds "
+                             "image files only")
+        names[str(label)] = folder.name
+        if not files:
+            empty.append(folder.name)
+            continue
+        items[label] = [(str(p), label, f"{folder.name}/{p.name}") for p in files]
+    if not items:
+        raise ValueError(f"{root}: all {len(entries)} identity folders are empty; there is nothing to ingest")
+    return Source("folder", items, {"type": "folder", "path": str(root)}, names, tuple(empty))
+
+
+def _recordio_source(rec: Path, *, skip_corrupt: bool) -> Source:
+    with RecordIOReader(rec) as reader:
+        items: dict[int, list[Any]] = {}
+        skipped = []
+        for key in reader.image_keys:
+            try:
+                label = reader.read_label(key)
+            except RecordIOError as exc:
+                if not skip_corrupt:
+                    raise
+                skipped.append({"where": f"{rec} key {key}", "reason": str(exc)})
+                continue
+            items.setdefault(label, []).append((key, label))
+        description = {"type": "recordio", "path": str(rec), "idx": str(reader.idx_path),
+                       "has_header": reader.has_header, "records": len(reader.keys)}
+    if not items:
+        raise ValueError(f"{rec}: the pack holds no image records; check that the .idx belongs to this .rec")
+    return Source("recordio", items, description, skipped=tuple(skipped))
+
+
+def build_unit(unit: Unit) -> UnitResult:
+    """Reads, checks and encodes one shard's images, and writes the shard (runs locally or as a Ray task)."""
+    p = unit.payload
+    columns: dict[str, list[Any]] = {"image_id": [], "identity": [], "image": []}
+    skipped, converted = [], 0
+    for image_id, identity, where, load in _records(p):
+        try:
+            data = load()
+            if p["source"] != "synthetic":
+                stored = prepare_face(data, where=where, resize=p["resize"], convert_rgb=p["convert_rgb"])[1]
+                converted += stored is not data
+                data = stored
+        except (CorruptImageError, RecordIOError, OSError) as exc:
+            if not p["skip_corrupt"]:
+                if isinstance(exc, CorruptImageError):
+                    raise
+                raise CorruptImageError(where, f"unreadable record ({exc})",
+                                        "repair the input or pass --skip-corrupt to count it and go on") from exc
+            skipped.append({"where": where, "reason": getattr(exc, "reason", str(exc))})
+            continue
+        columns["image_id"].append(image_id)
+        columns["identity"].append(identity)
+        columns["image"].append(data)
+    shard = write_shard(unit.root, unit.rel, pa.table(columns, schema=ORIGINAL_SCHEMA))
+    return UnitResult(split=unit.split, shard=shard, skipped=skipped, converted=converted)
+
+
+def _records(p: dict[str, Any]) -> Iterator[tuple[str, int, str, Callable[[], bytes]]]:
+    """Yields ``(image_id, identity, where, load)`` for a unit's items; ``load`` does the I/O."""
+    if p["source"] == "synthetic":
+        seed = p["description"]["seed"]
+        for identity, index in p["items"]:
+            yield (synthetic.image_id(identity, index), identity, f"synthetic {identity}/{index}",
+                   lambda i=identity, k=index: encode_png(synthetic.generate_image(i, k, seed=seed)))
+    elif p["source"] == "folder":
+        for path, identity, image_id in p["items"]:
+            yield image_id, identity, path, lambda path=path: Path(path).read_bytes()
+    else:
+        desc = p["description"]
+        with RecordIOReader(desc["path"], desc["idx"]) as reader:
+            for key, label in p["items"]:
+                yield (f"rec-{key:09d}", label, f"{desc['path']} key {key}",
+                       lambda key=key: reader.read_image(key).image)
+
+
+def _report(results: list[UnitResult], *, source: Source, inputs: int) -> dict[str, Any]:
+    skipped = [*source.skipped, *(s for r in results for s in r.skipped)]
+    return {"inputs": inputs, "images": sum(r.shard.rows for r in results), "corrupt": len(skipped),
+            "corrupt_records": skipped[:REPORT_LIMIT], "converted": sum(r.converted for r in results),
+            "empty_identities": list(source.empty_identities)}

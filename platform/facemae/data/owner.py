@@ -1,0 +1,80 @@
+"""`facemae mask`: the data owner's step that turns an original dataset into masked shards.
+
+The masked dataset holds, per face, only the visible patches' pixels and the mask; no column of the
+original shard that could carry masked pixels (the encoded image, teacher embeddings) is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from facemae.config import Config
+from facemae.data.images import decode_rgb
+from facemae.data.masking import mask_face
+from facemae.data.runner import Unit, UnitResult, finish, prepare_output, reusable, run_units
+from facemae.data.shards import MANIFEST, MASKED_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
+
+
+def mask_dataset(config: Config, *, source: str | None = None, output: str | None = None,
+                 overwrite: bool = False) -> Manifest:
+    """Writes the masked twin of an original dataset.
+
+    Args:
+        config: Validated config; ``config.mask`` sets patch size, ratio, seed and splits.
+        source: Original dataset folder; defaults to ``config.data.output``.
+        output: Masked dataset folder; defaults to ``config.masked_output()``.
+        overwrite: Rebuild even when ``output`` holds a finished masked dataset of the same settings.
+
+    Returns:
+        The masked dataset's manifest.
+    """
+    source = source or config.data.output
+    output = output or config.masked_output()
+    original = verify_dataset(source)
+    if original.kind != "original":
+        raise ValueError(f"{source} is a {original.kind} dataset; `facemae mask` reads an original one "
+                         "(the output of `facemae ingest`)")
+    if Path(output).resolve() == Path(source).resolve():
+        raise ValueError("mask output must differ from its source: set mask.output to a new folder")
+    m = config.mask
+    units = [Unit(root=output, split=split, rel=shard.file,
+                  payload={"src": str(Path(source) / shard.file), "patch_size": m.patch_size,
+                           "keep": m.keep, "seed": m.seed})
+             for split in m.splits for shard in original.splits.get(split, [])]
+    fingerprint = {"stage": "mask", "mask": asdict(m) | {"output": ""},
+                   "source_manifest": sha256_file(Path(source) / MANIFEST)}
+    if (done := reusable(output, fingerprint, overwrite=overwrite)) is not None:
+        return done
+    prepare_output(output, overwrite=overwrite)
+    results = run_units(output, units, mask_unit, fingerprint=fingerprint, desc="mask")
+    manifest = Manifest(
+        kind="masked", settings=fingerprint, source={"type": "dataset", "path": str(source), "kind": original.kind,
+                               "manifest_sha256": fingerprint["source_manifest"]},
+        splits={s: [r.shard for r in results if r.split == s] for s in m.splits},
+        report={"images": sum(r.shard.rows for r in results)},
+        mask={"patch_size": m.patch_size, "ratio": m.ratio, "keep": m.keep,
+              "num_patches": m.num_patches, "seed": m.seed, "layout": "visible=[keep,p,p,3] uint8; mask=L bytes, 1=removed"},
+        identity_names=original.identity_names, image_size=original.image_size)
+    manifest.write(output)
+    finish(output)
+    return manifest
+
+
+def mask_unit(unit: Unit) -> UnitResult:
+    """Masks one original shard into one masked shard."""
+    p = unit.payload
+    table = pq.read_table(p["src"], columns=["image_id", "identity", "image"])
+    visible, masks = [], []
+    for image_id, image in zip(table.column("image_id").to_pylist(), table.column("image").to_pylist()):
+        vis, mask = mask_face(decode_rgb(image), image_id=image_id, patch_size=p["patch_size"],
+                              keep=p["keep"], seed=p["seed"])
+        visible.append(vis)
+        masks.append(mask)
+    out = pa.table({"image_id": table.column("image_id"), "identity": table.column("identity"),
+                    "visible": pa.array(visible, pa.binary()), "mask": pa.array(masks, pa.binary())},
+                   schema=MASKED_SCHEMA)
+    return UnitResult(split=unit.split, shard=write_shard(unit.root, unit.rel, out))

@@ -1,0 +1,171 @@
+"""Runs shard-writing work units locally or as Ray tasks, resumably.
+
+A job that writes a dataset (ingest, mask) is cut into units, one output shard each. Each finished
+unit is appended to a journal in the output folder; a rerun with the same settings keeps every
+shard whose file still matches its journalled checksum and runs only the rest. The manifest is
+written after the last unit, and the journal removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tqdm import tqdm
+
+from facemae.config import RayConfig
+from facemae.data.shards import MANIFEST, DatasetError, Manifest, ShardInfo, read_manifest, sha256_file, verify_dataset
+
+JOURNAL = ".facemae-progress.jsonl"
+
+
+@dataclass
+class Unit:
+    """One output shard to build: ``build(unit)`` reads ``payload`` and writes ``root/rel``."""
+
+    root: str
+    split: str
+    rel: str
+    payload: Any
+
+
+@dataclass
+class UnitResult:
+    """What building one unit produced and what it could not use."""
+
+    split: str
+    shard: ShardInfo
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"where", "reason"} per corrupt record
+    converted: int = 0  # images stored after an opted-in convert / resize
+
+
+def reusable(root: str | os.PathLike, fingerprint: dict[str, Any], *, overwrite: bool) -> Manifest | None:
+    """Returns the finished dataset at ``root`` when it was built with exactly these settings.
+
+    Raises:
+        DatasetError: ``root`` holds a dataset built with other settings and ``overwrite`` is off, or
+            its shards no longer match the manifest.
+    """
+    if overwrite or not (Path(root) / MANIFEST).exists():
+        return None
+    settings = read_manifest(root).settings
+    if settings != json.loads(json.dumps(fingerprint)):
+        changed = sorted(k for k in set(settings) | set(fingerprint) if settings.get(k) != fingerprint.get(k))
+        raise DatasetError(f"{root} holds a dataset built with other settings (differs in {', '.join(changed)}); "
+                           "pass --overwrite to rebuild it or choose another output folder")
+    return verify_dataset(root)
+
+
+def prepare_output(root: str | os.PathLike, *, overwrite: bool) -> None:
+    """Makes ``root`` ready for a dataset: refuses to clobber a finished one unless told to.
+
+    Raises:
+        DatasetError: ``root`` holds a finished dataset and ``overwrite`` is off, or holds files
+            this platform did not write.
+    """
+    root = Path(root)
+    if (root / MANIFEST).exists():
+        if not overwrite:
+            raise DatasetError(f"{root} already holds a finished dataset; pass --overwrite to replace it "
+                               "or choose another output folder")
+        shutil.rmtree(root)
+    if root.exists():
+        foreign = [p.name for p in root.iterdir() if p.name not in (JOURNAL, "train", "deploy")]
+        if foreign:
+            raise DatasetError(f"{root} holds files facemae did not write ({', '.join(sorted(foreign)[:5])}); "
+                               "choose an empty or new output folder")
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob("*/.*.tmp"):  # temp files of a writer that was killed mid-shard
+        leftover.unlink()
+
+
+def run_units(root: str | os.PathLike, units: Sequence[Unit], build: Callable[[Unit], UnitResult], *,
+              fingerprint: dict[str, Any], use_ray: bool = False, ray_config: RayConfig | None = None,
+              desc: str = "shards") -> list[UnitResult]:
+    """Builds every unit not already done, and returns all results in unit order.
+
+    Args:
+        root: Output dataset folder (already passed through :func:`prepare_output`).
+        units: Work, one shard each; their ``rel`` paths must be unique.
+        build: Top-level (picklable) function that writes one unit's shard.
+        fingerprint: Everything that decides the output; a journal with another fingerprint is
+            discarded with the shards it lists.
+        use_ray: Run units as Ray tasks on the connected (or an embedded) cluster.
+        ray_config: Cluster connection for ``use_ray``.
+        desc: Progress-bar label.
+    """
+    journal = Path(root) / JOURNAL
+    done = _load_journal(journal, root, fingerprint)
+    todo = [u for u in units if u.rel not in done]
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, unit="shard",
+               disable=not todo, leave=False)
+    with open(journal, "a") as log:
+        def record(result: UnitResult) -> None:
+            log.write(json.dumps(asdict(result)) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+            done[result.shard.file] = result
+            bar.update(1)
+
+        if use_ray and len(todo) > 1:
+            _run_on_ray(todo, build, record, ray_config or RayConfig())
+        else:
+            for unit in todo:
+                record(build(unit))
+    bar.close()
+    return [done[u.rel] for u in units]
+
+
+def finish(root: str | os.PathLike) -> None:
+    """Removes the journal once the manifest is written."""
+    (Path(root) / JOURNAL).unlink(missing_ok=True)
+
+
+def _load_journal(journal: Path, root: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str, UnitResult]:
+    header = {"fingerprint": fingerprint}
+    if not journal.exists():
+        journal.write_text(json.dumps(header) + "\n")
+        return {}
+    lines = journal.read_text().splitlines()
+    results = {}
+    for line in lines[1:]:
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a run killed mid-write: that unit simply runs again
+        raw["shard"] = ShardInfo(**raw["shard"])
+        results[raw["shard"].file] = UnitResult(**raw)
+    if not lines or json.loads(lines[0]) != json.loads(json.dumps(header)):
+        for result in results.values():
+            (Path(root) / result.shard.file).unlink(missing_ok=True)
+        journal.write_text(json.dumps(header) + "\n")
+        return {}
+    return {rel: r for rel, r in results.items()
+            if (Path(root) / rel).is_file() and sha256_file(Path(root) / rel) == r.shard.sha256}
+
+
+def _run_on_ray(units: Sequence[Unit], build: Callable[[Unit], UnitResult],
+                record: Callable[[UnitResult], None], ray_config: RayConfig) -> None:
+    import ray
+
+    from facemae.cluster import ensure_ray
+
+    ensure_ray(ray_config)
+    task = ray.remote(num_cpus=1)(build)
+    pending = {task.remote(u): u for u in units}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        unit = pending.pop(ready[0])
+        try:
+            record(ray.get(ready[0]))
+        except ray.exceptions.RayTaskError as exc:
+            for ref in pending:
+                ray.cancel(ref)
+            cause = exc.cause if isinstance(exc.cause, Exception) else None
+            if cause is not None:
+                raise cause from None  # the user's error (a corrupt image...), not Ray's wrapper
+            raise RuntimeError(f"building {unit.rel} failed: {exc}") from exc

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment and installs everything at the tested versions.
+# Idempotent: a second run with unchanged constraints.txt / pyproject.toml does nothing.
+# Usage: bash scripts/setup.sh            (venv at .venv, or $FACEMAE_VENV)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${FACEMAE_VENV:-$root/.venv}"
+python="${PYTHON:-python3}"
+stamp="$venv/.facemae-setup"
+want="$(cat "$root/constraints.txt" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  exit 0
+fi
+
+echo "[setup] creating environment in $venv (first run takes a few minutes)" >&2
+start=$(date +%s)
+[[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q -c "$root/constraints.txt")
+
+# 1. torch first, pinned: an unpinned torch (or one pulled in by a dependency) is a multi-GB download.
+"${pip[@]}" --upgrade "pip>=23" "setuptools>=64" wheel
+"${pip[@]}" torch torchvision
+# 2. everything DeepSpeed needs at build time and the rest of the stack.
+"${pip[@]}" "ray[default,train,tune,data]" timm pyarrow prometheus-client numpy pillow pyyaml \
+  safetensors tqdm ninja pytest pytest-timeout hjson psutil py-cpuinfo pydantic packaging msgpack einops
+# 3. DeepSpeed builds from source and imports torch in its setup.py: no build isolation, or pip builds
+#    it against a second, freshly downloaded torch.
+"${pip[@]}" --no-build-isolation deepspeed
+# 4. this project, editable, without re-resolving its dependencies.
+"${pip[@]}" --no-build-isolation --no-deps -e "$root"
+
+echo "$want" > "$stamp"
+echo "[setup] done in $(( $(date +%s) - start )) s" >&2

@@ -1,0 +1,70 @@
+"""Typed config: YAML + dotted overrides, unknown keys and impossible combinations refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from facemae.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_derived_values_are_computed():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.mask.patch_size == 8 and cfg.mask.ratio == 0.75
+    assert cfg.mask.num_patches == 196 and cfg.mask.keep == 49  # int(196 * 0.25)
+    assert cfg.masked_output() == "data/synthetic-masked"
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  num_identities: 10\n  seed: 3\nmask:\n  ratio: 0.5\n")
+    cfg = load_config(path, ["data.num_identities=20", "mask.patch_size=16", "data.num_identities=30",
+                             "ray.address=auto", "mask.splits=[deploy]"])
+    assert cfg.data.num_identities == 30 and cfg.data.seed == 3
+    assert cfg.mask.patch_size == 16 and cfg.mask.ratio == 0.5
+    assert cfg.mask.keep == int(49 * 0.5)
+    assert cfg.ray.address == "auto" and cfg.mask.splits == ["deploy"]
+
+
+def test_int_is_accepted_for_float_but_not_bool_for_int():
+    assert load_config(None, ["mask.ratio=0"]).mask.ratio == 0.0
+    with pytest.raises(ValueError, match=r"data.num_identities must be int, got True"):
+        load_config(None, ["data.num_identities=true"])
+    with pytest.raises(ValueError, match=r"mask.ratio must be float, got 'high'"):
+        load_config(None, ["mask.ratio=high"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.num_identites=5", r"unknown key\(s\) data.num_identites; valid keys under data: .*num_identities"),
+    ("trainer.lr=1", r"unknown key\(s\) trainer; valid keys: data, mask, name, ray"),
+    ("mask.patch_size=10", r"mask.patch_size=10 must divide the image size 112"),
+    ("mask.ratio=1.0", r"mask.ratio=1.0 must be in \[0, 1\)"),
+    ("data.deploy_fraction=1.5", r"data.deploy_fraction=1.5 must be in \[0, 1\)"),
+    ("data.source=webdataset", r"data.source='webdataset' is not one of"),
+    ("data.source=folder", r"data.source='folder' needs data.path"),
+    ("mask.splits=[test]", r"mask.splits=\['test'\] must be a non-empty subset"),
+    ("data.rows_per_shard=0", r"data.rows_per_shard=0 must be >= 1"),
+    ("nonsense", r"override 'nonsense' must look like section.key=value"),
+    ("data=3", r"data must be a mapping"),
+])
+def test_bad_values_name_the_fix(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_impossible_combinations():
+    with pytest.raises(ValueError, match="keeps no patch of the 4; lower the ratio or the patch size"):
+        load_config(None, ["mask.patch_size=56", "mask.ratio=0.8"])
+    with pytest.raises(ValueError, match="ray.num_cpus applies only to an embedded cluster"):
+        load_config(None, ["ray.address=auto", "ray.num_cpus=4"])
+
+
+def test_every_job_config_and_its_smoke_twin_load():
+    configs = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+    assert configs, "no job configs"
+    for path in configs:
+        assert isinstance(load_config(path), Config), path
