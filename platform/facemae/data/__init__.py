@@ -1,0 +1,1 @@
+"""Datasets, shard formats and data transforms."""
