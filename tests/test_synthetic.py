@@ -1,0 +1,91 @@
+"""The built-in synthetic face dataset: deterministic, identity-structured, not a pixel lookup."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facemae.data.synthetic import (
+    HAIR_STYLES,
+    generate_identity,
+    generate_image,
+    identity_traits,
+    image_id,
+)
+
+
+def _pixels(identities: int, images: int, *, seed: int) -> np.ndarray:
+    """``[identities, images, size*size*3]`` float64 raw pixels."""
+    batch = np.stack([generate_identity(i, images=images, seed=seed) for i in range(identities)])
+    return batch.reshape(identities, images, -1).astype(np.float64)
+
+
+def _pairwise_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[N, D], [M, D] -> [N, M]`` Euclidean distances."""
+    squared = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(squared, 0))
+
+
+def test_generation_is_deterministic_and_order_independent() -> None:
+    image = generate_image(3, 5, seed=0)
+    assert image.shape == (112, 112, 3)
+    assert image.dtype == np.uint8
+    np.testing.assert_array_equal(image, generate_image(3, 5, seed=0))
+    np.testing.assert_array_equal(image, generate_identity(3, images=8, seed=0)[5])
+    assert not np.array_equal(image, generate_image(3, 5, seed=1))
+    assert not np.array_equal(image, generate_image(3, 6, seed=0))
+    assert generate_image(0, 0, seed=0, size=64).shape == (64, 64, 3)
+
+
+def test_images_of_one_identity_are_closer_than_images_of_different_identities() -> None:
+    identities, images = 16, 8
+    pixels = _pixels(identities, images, seed=0).reshape(identities * images, -1)
+    labels = np.repeat(np.arange(identities), images)
+    distances = _pairwise_l2(pixels, pixels)
+    same = labels[:, None] == labels[None, :]
+    within = distances[same & ~np.eye(len(labels), dtype=bool)].mean()
+    between = distances[~same].mean()
+    print(f"mean raw-pixel L2 within identity: {within:.1f}, between identities: {between:.1f}")
+    assert within < between
+
+
+def test_identity_is_not_solvable_by_raw_pixel_nearest_neighbour() -> None:
+    identities, images, gallery = 20, 10, 5
+    pixels = _pixels(identities, images, seed=0)
+    gallery_pixels = pixels[:, :gallery].reshape(identities * gallery, -1)
+    query_pixels = pixels[:, gallery:].reshape(identities * (images - gallery), -1)
+    gallery_labels = np.repeat(np.arange(identities), gallery)
+    query_labels = np.repeat(np.arange(identities), images - gallery)
+    nearest = _pairwise_l2(query_pixels, gallery_pixels).argmin(axis=1)
+    acc = float((gallery_labels[nearest] == query_labels).mean())
+    print(f"raw-pixel 1-NN identity accuracy: {acc:.3f}")
+    assert acc > 3 / identities, "identities are not distinguishable enough to learn"
+    assert acc < 0.9, "per-image variation is too small: raw pixels already solve identity"
+
+
+def test_traits_are_stable_and_diverse() -> None:
+    assert identity_traits(7, seed=0) == identity_traits(7, seed=0)
+    assert identity_traits(7, seed=0) != identity_traits(8, seed=0)
+    traits = [identity_traits(i, seed=0) for i in range(50)]
+    styles = {t.hair_style for t in traits}
+    assert styles <= set(HAIR_STYLES)
+    assert len(styles) >= 3, styles
+    with_glasses = sum(t.glasses is not None for t in traits)
+    assert 0 < with_glasses < len(traits), with_glasses
+
+
+def test_image_ids_are_unique_and_sort_by_identity_then_index() -> None:
+    assert image_id(42, 7) == "syn-000042-0007"
+    pairs = [(identity, index) for identity in (0, 1, 9, 10, 123) for index in (0, 2, 10, 999)]
+    ids = [image_id(identity, index) for identity, index in pairs]
+    assert len(set(ids)) == len(ids)
+    assert sorted(ids) == ids
+    with pytest.raises(ValueError, match="index"):
+        image_id(0, 10_000)
+
+
+def test_invalid_arguments_say_what_to_fix() -> None:
+    with pytest.raises(ValueError, match="identity"):
+        generate_image(-1, 0, seed=0)
+    with pytest.raises(ValueError, match="size"):
+        generate_identity(0, images=1, seed=0, size=4)
