@@ -1,0 +1,74 @@
+"""The facemae CLI and the jobs as a user runs them: real subprocesses, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+FACEMAE = [str(Path(sys.executable).parent / "facemae")]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["ingest", "mask", "verify"])
+def test_each_subcommand_documents_its_options(command):
+    out = run(*FACEMAE, command, "--help")
+    assert out.returncode == 0
+    flags = {"ingest": ["--source", "--path", "--skip-corrupt", "--resize", "--convert-rgb", "--set"],
+             "mask": ["--patch-size", "--ratio", "--seed", "--output"], "verify": ["path"]}[command]
+    for flag in flags:
+        assert flag in out.stdout
+
+
+def test_bad_options_give_a_clear_error(tmp_path):
+    out = run(*FACEMAE, "ingest", "--source", "webdataset")
+    assert out.returncode == 2 and "invalid choice: 'webdataset'" in out.stderr
+    out = run(*FACEMAE, "ingest", "--set", "data.num_identites=3", cwd=tmp_path)
+    assert out.returncode == 2 and "unknown key(s) data.num_identites" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_ingest_mask_verify_from_the_command_line(tmp_path):
+    make_folder(tmp_path / "faces", identities=4, images=2)
+    (tmp_path / "faces" / "person_01" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    out = run(*FACEMAE, "ingest", "--source", "folder", "--path", str(tmp_path / "faces"), "--output",
+              str(tmp_path / "ds"), "--workers", "1")
+    assert out.returncode == 2
+    assert f"bad input: {tmp_path / 'faces' / 'person_01' / 'broken.jpg'}: truncated or undecodable" in out.stderr
+    out = run(*FACEMAE, "ingest", "--source", "folder", "--path", str(tmp_path / "faces"), "--output",
+              str(tmp_path / "ds"), "--workers", "1", "--skip-corrupt")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["corrupt"] == 1
+    assert summary["counts"]["train"]["images"] + summary["counts"]["deploy"]["images"] == 8
+    out = run(*FACEMAE, "mask", "--input", str(tmp_path / "ds"), "--output", str(tmp_path / "masked"),
+              "--ratio", "0.5", "--patch-size", "16")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "masked" / "manifest.json").read_text())["mask"]["keep"] == 24
+    assert run(*FACEMAE, "verify", str(tmp_path / "masked")).returncode == 0
+    shard = next((tmp_path / "masked").rglob("*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    out = run(*FACEMAE, "verify", str(tmp_path / "masked"))
+    assert out.returncode == 2 and "does not match its checksum" in out.stderr
+
+
+@pytest.mark.ray
+def test_main_job_smoke_config_on_embedded_ray(tmp_path):
+    out = run(sys.executable, str(ROOT / "jobs" / "train.py"), "--config",
+              str(ROOT / "jobs" / "configs" / "train_smoke.yaml"), "--set", f"data.output={tmp_path / 'syn'}",
+              cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text())
+    masked = json.loads((tmp_path / "syn-masked" / "manifest.json").read_text())
+    assert manifest["counts"]["train"]["images"] + manifest["counts"]["deploy"]["images"] == 12 * 6
+    assert list(masked["splits"]) == ["deploy"]
+    assert masked["counts"]["deploy"]["images"] == manifest["counts"]["deploy"]["images"]
