@@ -232,3 +232,31 @@ def test_corrupt_image_error_surfaces_from_a_ray_task(tmp_path, ray_cluster):
     with pytest.raises(CorruptImageError, match="--skip-corrupt"):
         ingest(_cfg(tmp_path, "data.source=folder", f"data.path={tmp_path / 'faces'}", "data.workers=2",
                     "data.rows_per_shard=2"))
+
+
+def test_insightface_fixtures_built_from_synthetic_faces(tmp_path):
+    """A WebFace-style pack (JPEG records, header record 0) and an lfw.bin-style pair file made of
+    synthetic faces read back to the same pixels and labels."""
+    from facemae.data.verification_bin import load_verification_bin, save_verification_bin
+
+    faces = {(i, k): synthetic.generate_image(i, k, seed=5) for i in range(3) for k in range(4)}
+    jpegs = {key: png_bytes(img, "JPEG") for key, img in faces.items()}
+    rec = tmp_path / "train.rec"
+    write_recordio(rec, tmp_path / "train.idx", [(i, jpegs[(i, k)]) for i, k in sorted(jpegs)])
+    ingest(load_config(None, ["data.source=recordio", f"data.path={rec}", f"data.output={tmp_path / 'ds'}",
+                              "data.workers=1"]))
+    rows = sorted(_rows(tmp_path / "ds").values(), key=lambda r: r["image_id"])
+    assert [r["identity"] for r in rows] == [i for i, _ in sorted(jpegs)]
+    for row, key in zip(rows, sorted(jpegs)):
+        assert row["image"] == jpegs[key]  # a clean 112x112 JPEG is stored without re-encoding
+        np.testing.assert_array_equal(decode_rgb(row["image"]), decode_rgb(jpegs[key]))
+        assert np.abs(decode_rgb(row["image"]).astype(int) - faces[key]).mean() < 8  # JPEG, not noise
+
+    pairs = [((0, 0), (0, 1), True), ((1, 2), (2, 3), False), ((2, 0), (2, 1), True)]
+    images = [jpegs[k] for a, b, _ in pairs for k in (a, b)]
+    save_verification_bin(tmp_path / "lfw.bin", (images, [same for _, _, same in pairs]))
+    loaded = load_verification_bin(tmp_path / "lfw.bin")
+    assert loaded.issame == [True, False, True] and len(loaded) == 3
+    for (a, b, _), (left, right, _) in zip(pairs, loaded.pairs()):
+        np.testing.assert_array_equal(decode_rgb(left), decode_rgb(jpegs[a]))
+        np.testing.assert_array_equal(decode_rgb(right), decode_rgb(jpegs[b]))
