@@ -22,7 +22,8 @@ def test_defaults_are_valid_and_derived_values_are_computed():
 def test_yaml_then_overrides_in_order(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  num_identities: 10\n  seed: 3\nmask:\n  ratio: 0.5\n")
-    cfg = load_config(path, ["data.num_identities=20", "mask.patch_size=16", "data.num_identities=30",
+    cfg = load_config(path, ["data.num_identities=20", "mask.patch_size=16", "model.mae=facemae_vit_base_p16",
+                             "data.num_identities=30",
                              "ray.address=auto", "mask.splits=[deploy]"])
     assert cfg.data.num_identities == 30 and cfg.data.seed == 3
     assert cfg.mask.patch_size == 16 and cfg.mask.ratio == 0.5
@@ -40,7 +41,7 @@ def test_int_is_accepted_for_float_but_not_bool_for_int():
 
 @pytest.mark.parametrize("override, message", [
     ("data.num_identites=5", r"unknown key\(s\) data.num_identites; valid keys under data: .*num_identities"),
-    ("trainer.lr=1", r"unknown key\(s\) trainer; valid keys: data, mask, name, ray"),
+    ("trainer.lr=1", r"unknown key\(s\) trainer; valid keys: data, loss, mask, model, name, ray, train"),
     ("mask.patch_size=10", r"mask.patch_size=10 must divide the image size 112"),
     ("mask.ratio=1.0", r"mask.ratio=1.0 must be in \[0, 1\)"),
     ("data.deploy_fraction=1.5", r"data.deploy_fraction=1.5 must be in \[0, 1\)"),

@@ -1,0 +1,51 @@
+"""Instance relation matching (IRM), exactly as DESIGN.md 1 defines it.
+
+    R     = f(x) f(x)^T / tau          # N x N, diagonal removed
+    R_hat = f(x_hat) f(x_hat)^T / tau
+    L_irm = mean over rows i of KL( softmax(R_i) || softmax(R_hat_i) )
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _relations(emb: torch.Tensor, *, tau: float) -> torch.Tensor:
+    """Log-softmax of each row's cosine relations to the other rows: ``[N, D] -> [N, N-1]``."""
+    z = F.normalize(emb, dim=1)
+    n = z.shape[0]
+    sim = z @ z.T / tau  # (N, N)
+    # Dropping the diagonal (rather than filling it with -inf) keeps every entry finite, so no
+    # 0 * inf turns a gradient into NaN; the softmax over the rest is the same.
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=emb.device)
+    return F.log_softmax(sim[off_diagonal].view(n, n - 1), dim=1)
+
+
+def irm_loss(emb_orig: torch.Tensor, emb_recon: torch.Tensor, *, tau: float) -> torch.Tensor:
+    """KL divergence between the batch relations of originals and of their reconstructions.
+
+    Args:
+        emb_orig: ``[N, D]`` teacher embeddings of the originals (normalised here, so raw
+            embeddings and stored L2-normalised ``teacher_emb`` give the same loss).
+        emb_recon: ``[N, D]`` teacher embeddings of the reconstructions, row i from original i.
+        tau: Temperature of the relation softmax, > 0.
+
+    Returns:
+        Scalar: the per-row KL(softmax(R_i) || softmax(R_hat_i)) averaged over the N rows.
+
+    Raises:
+        ValueError: Shapes differ, fewer than two rows (no relation left once the diagonal is
+            removed) or ``tau <= 0``.
+    """
+    if emb_orig.shape != emb_recon.shape or emb_orig.dim() != 2:
+        raise ValueError(f"irm_loss needs two [N, D] embedding matrices of one shape, got "
+                         f"{tuple(emb_orig.shape)} and {tuple(emb_recon.shape)}")
+    if emb_orig.shape[0] < 2:
+        raise ValueError("irm_loss needs a batch of at least 2 images: relations exclude the diagonal")
+    if tau <= 0:
+        raise ValueError(f"irm_loss tau={tau} must be > 0")
+    log_p = _relations(emb_orig, tau=tau)
+    log_q = _relations(emb_recon, tau=tau)
+    # kl_div(input=log q, target=log p, log_target) = p (log p - log q); batchmean = sum / N.
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)

@@ -1,0 +1,142 @@
+"""Face-recognition backbone: IResNet, as insightface ``arcface_torch/backbones/iresnet.py``.
+
+One architecture serves three roles: the frozen IRM teacher, the privacy judge (a separately trained
+instance, never the teacher) and the downstream FR models trained on released faces.
+
+Pixel convention, shared by every model of the platform (FaceMAE reads and predicts the same range,
+so the teacher sees reconstructions on the scale it was trained on): RGB ``[N, 3, 112, 112]`` float
+in ``[-1, 1]``, ``((x / 255) - 0.5) / 0.5`` as insightface; :func:`to_model_range` and
+:func:`to_uint8` convert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.5
+
+
+def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images to the model's input range.
+
+    Args:
+        pixels: ``[N, H, W, 3]`` uint8 (as decoded from shards).
+
+    Returns:
+        ``[N, 3, H, W]`` float32 in ``[-1, 1]``.
+    """
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"to_model_range needs [N, H, W, 3] uint8 pixels, got {pixels.dtype} "
+                         f"{tuple(pixels.shape)}")
+    x = pixels.permute(0, 3, 1, 2).float() / 255.0
+    # NCHW-contiguous: the permuted view is channels-last, see IResNet.forward.
+    return ((x - PIXEL_MEAN) / PIXEL_STD).contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_model_range`, clamped and rounded: ``[N, 3, H, W] -> [N, H, W, 3]`` uint8."""
+    x = (images.detach() * PIXEL_STD + PIXEL_MEAN) * 255.0
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _conv3x3(inplanes: int, planes: int, *, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class IBasicBlock(nn.Module):
+    """BN-conv-BN-PReLU-conv-BN residual block (the "improved" ResNet unit of ArcFace)."""
+
+    def __init__(self, inplanes: int, planes: int, *, stride: int = 1,
+                 norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.bn1 = norm_layer(inplanes, eps=1e-5)
+        self.conv1 = _conv3x3(inplanes, planes)
+        self.bn2 = norm_layer(planes, eps=1e-5)
+        self.prelu = nn.PReLU(planes)
+        self.conv2 = _conv3x3(planes, planes, stride=stride)
+        self.bn3 = norm_layer(planes, eps=1e-5)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False),
+                norm_layer(planes, eps=1e-5),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.conv1(self.bn1(x))
+        out = self.conv2(self.prelu(self.bn2(out)))
+        return self.bn3(out) + identity
+
+
+class IResNet(nn.Module):
+    """IResNet: a stem, four stride-2 stages, then BN-dropout-FC-BN to the embedding.
+
+    Args:
+        layers: Blocks per stage, e.g. ``(3, 4, 14, 3)`` for r50.
+        widths: Channels per stage; insightface uses ``(64, 128, 256, 512)``.
+        embedding_size: Output dimension.
+        img_size: Input side; four stride-2 stages leave ``img_size / 16`` (7 for 112).
+        dropout: Dropout before the FC layer (insightface uses 0 for most recipes).
+        block: Residual block class.
+        norm_layer: 2-D normalisation class.
+    """
+
+    def __init__(self, layers: Sequence[int], *, widths: Sequence[int] = (64, 128, 256, 512),
+                 embedding_size: int = 512, img_size: int = 112, dropout: float = 0.0,
+                 block: type[IBasicBlock] = IBasicBlock,
+                 norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        if len(layers) != 4 or len(widths) != 4 or min(layers) < 1:
+            raise ValueError(f"IResNet needs 4 stages of >= 1 block and 4 widths, got layers={tuple(layers)} "
+                             f"widths={tuple(widths)}")
+        if img_size % 16:
+            raise ValueError(f"IResNet img_size={img_size} must be divisible by 16 (four stride-2 stages)")
+        self.embedding_size = embedding_size
+        self.conv1 = _conv3x3(3, widths[0])
+        self.bn1 = norm_layer(widths[0], eps=1e-5)
+        self.prelu = nn.PReLU(widths[0])
+        stages, inplanes = [], widths[0]
+        for planes, depth in zip(widths, layers):
+            blocks = [block(inplanes, planes, stride=2, norm_layer=norm_layer)]
+            blocks += [block(planes, planes, norm_layer=norm_layer) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn2 = norm_layer(widths[-1], eps=1e-5)
+        self.dropout = nn.Dropout(p=dropout)
+        self.fc = nn.Linear(widths[-1] * (img_size // 16) ** 2, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # As insightface: N(0, 0.1) convolutions, unit BN, and a fixed unit scale on the last BN.
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.1)
+            elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.ones_(self.features.weight)
+        self.features.weight.requires_grad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeds faces.
+
+        Args:
+            x: ``[N, 3, H, W]`` in ``[-1, 1]`` (see the module docstring).
+
+        Returns:
+            ``[N, embedding_size]`` embeddings, not normalised (heads and losses normalise).
+        """
+        # torch 2.14.1 CPU segfaults in the backward of a stride-2 1x1 conv (the downsample) on a
+        # channels-last input, which a permuted NHWC batch is; NCHW-contiguous input avoids it.
+        x = x.contiguous()
+        x = self.prelu(self.bn1(self.conv1(x)))  # (N, w0, H, W)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (N, w3, H/16, W/16)
+        x = self.dropout(torch.flatten(self.bn2(x), 1))
+        return self.features(self.fc(x))
