@@ -1,8 +1,11 @@
-"""Main job: prepare the data (ingest, owner-side masking) and train FaceMAE on Ray.
+"""Main job: data (ingest, owner-side masking), the IRM teacher, then FaceMAE on Ray Train + DeepSpeed.
 
-    python jobs/train.py                                   # embedded default: synthetic faces, local Ray
-    python jobs/train.py --config jobs/configs/train_smoke.yaml --set data.num_identities=20
+    python jobs/train.py                                    # embedded default: synthetic faces, local Ray
+    python jobs/train.py --config jobs/configs/train_smoke.yaml --set train.max_steps=50
     ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/train.yaml
+
+Rerunning with the same config resumes: finished datasets are reused and each run continues from
+its latest checkpoint in <train.storage_path>/<name>.
 """
 
 from __future__ import annotations
@@ -11,10 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from facemae.cli import summarize
 from facemae.config import load_config
-from facemae.data.ingest import ingest
-from facemae.data.owner import mask_dataset
+from facemae.train.pipeline import run_training_job
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "train.yaml"
 
@@ -23,19 +24,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set data.num_identities=50 (repeatable)")
+                        help="override a config value, e.g. --set train.max_steps=50 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild datasets made with other settings")
     args = parser.parse_args()
     try:
         config = load_config(args.config, args.overrides)
-        original = ingest(config, overwrite=args.overwrite)
-        print(f"dataset   {config.data.output}: {summarize(original)}")
-        masked = mask_dataset(config, overwrite=args.overwrite)
-        print(f"masked    {config.masked_output()}: {summarize(masked)}")
+        run_training_job(config, overwrite=args.overwrite)
     except ValueError as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return 2
-    # Training (MAE + IRM on DeepSpeed-backed Ray Train workers) plugs in here with the training issue.
     return 0
 
 

@@ -16,7 +16,13 @@ fi
 echo "[setup] creating environment in $venv (first run takes a few minutes)" >&2
 start=$(date +%s)
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q -c "$root/constraints.txt")
+pip=(pip_install -c "$root/constraints.txt")
+# This machine's pip config lists local package folders that do not hold every package; pip warns
+# once per package about them. Keep real errors, drop that noise.
+pip_install() {
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 # 1. torch first, pinned: an unpinned torch (or one pulled in by a dependency) is a multi-GB download.
 "${pip[@]}" --upgrade "pip>=23" "setuptools>=64" wheel

@@ -24,9 +24,11 @@ def ray_cluster():
     """
     import ray
 
+    from facemae.cluster import EMBEDDED_ENV
+
+    os.environ.update(EMBEDDED_ENV)
     temp_dir = tempfile.mkdtemp(prefix="facemae-ray-")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=4, _temp_dir=temp_dir, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -7,6 +7,14 @@ import os
 from facemae.config import RayConfig
 
 
+# Read by processes the embedded cluster starts (they inherit the driver's environment).
+EMBEDDED_ENV = {
+    # Train V2's controller polls workers every 2 s, so each ray.train.report blocked ~1.6 s
+    # (REFERENCE.md table, row D).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+}
+
+
 def ensure_ray(config: RayConfig) -> None:
     """Initialises Ray once per process.
 
@@ -18,6 +26,8 @@ def ensure_ray(config: RayConfig) -> None:
 
     if ray.is_initialized():
         return
+    for key, value in EMBEDDED_ENV.items():
+        os.environ.setdefault(key, value)
     if config.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=config.address or None, log_to_driver=True)
     else:

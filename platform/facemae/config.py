@@ -7,6 +7,7 @@ computed by methods (``MaskConfig.keep``), never written back into the tree.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,8 +16,12 @@ from typing import Any, Sequence
 
 import yaml
 
+from facemae.models.registry import FR_MODELS, MAE_MODELS, mae_patch_size
+
 IMAGE_SIZE = 112
 SOURCES = ("synthetic", "folder", "recordio")
+# The standard margin of each head (ArcFace: radians, CosFace: cosine), used when loss.m is unset.
+DEFAULT_MARGIN_M = {"arcface": 0.5, "cosface": 0.4}
 
 
 @dataclass
@@ -115,6 +120,199 @@ class MaskConfig:
 
 
 @dataclass
+class ModelConfig:
+    """Which named models a job builds (``facemae.models.registry``).
+
+    Attributes:
+        mae: FaceMAE size; its patch size must equal ``mask.patch_size``.
+        teacher: FR backbone of the frozen IRM teacher.
+        judge: FR backbone of the privacy judge, an instance trained apart from the teacher.
+        fr: FR backbone trained downstream on released faces.
+        embedding_size: Embedding dimension of every FR backbone.
+    """
+
+    mae: str = "facemae_vit_base_p8"
+    teacher: str = "fr_r50"
+    judge: str = "fr_r50"
+    fr: str = "fr_r50"
+    embedding_size: int = 512
+
+    def validate(self) -> None:
+        if self.mae not in MAE_MODELS:
+            raise ValueError(f"model.mae={self.mae!r} is not a registered FaceMAE; choose one of "
+                             f"{', '.join(MAE_MODELS)}")
+        for key in ("teacher", "judge", "fr"):
+            name = getattr(self, key)
+            if name not in FR_MODELS:
+                raise ValueError(f"model.{key}={name!r} is not a registered FR backbone; choose one of "
+                                 f"{', '.join(FR_MODELS)}")
+        if self.embedding_size < 2:
+            raise ValueError(f"model.embedding_size={self.embedding_size} must be >= 2 (512 is the standard)")
+
+
+@dataclass
+class LossConfig:
+    """FaceMAE and face-recognition losses.
+
+    Attributes:
+        lambda_irm: Weight of the IRM loss; 0 trains a plain MAE.
+        tau: Temperature of the IRM relation softmax.
+        norm_pix_loss: Score per-patch-normalised targets (pre-training studies only: such
+            predictions cannot become pixels, so it needs ``lambda_irm: 0``).
+        paste_visible: Released image = predicted masked patches + the owner's visible patches;
+            False releases the prediction everywhere.
+        margin: FR margin head, ``arcface`` or ``cosface``.
+        s: Logit scale of the margin head.
+        m: Margin; unset means the head's standard, ``DEFAULT_MARGIN_M`` (ArcFace 0.5, CosFace 0.4).
+    """
+
+    lambda_irm: float = 1.0
+    tau: float = 0.1
+    norm_pix_loss: bool = False
+    paste_visible: bool = True
+    margin: str = "arcface"
+    s: float = 64.0
+    m: float | None = None
+
+    @property
+    def margin_m(self) -> float:
+        """The margin in effect: ``m``, or the standard of the chosen head."""
+        return DEFAULT_MARGIN_M[self.margin] if self.m is None else self.m
+
+    def validate(self) -> None:
+        if self.lambda_irm < 0:
+            raise ValueError(f"loss.lambda_irm={self.lambda_irm} must be >= 0 (0 trains a plain MAE)")
+        if self.tau <= 0:
+            raise ValueError(f"loss.tau={self.tau} must be > 0 (0.1 is the default)")
+        if self.norm_pix_loss and self.lambda_irm > 0:
+            raise ValueError("loss.norm_pix_loss=true predicts per-patch-normalised values that cannot be "
+                             "composed into pixels for IRM; set loss.lambda_irm=0 or loss.norm_pix_loss=false")
+        if self.margin not in DEFAULT_MARGIN_M:
+            raise ValueError(f"loss.margin={self.margin!r} is not one of {sorted(DEFAULT_MARGIN_M)}")
+        if self.s <= 0:
+            raise ValueError(f"loss.s={self.s} must be > 0 (64 is the standard)")
+        limit = math.pi / 2 if self.margin == "arcface" else 1.0
+        if not 0.0 <= self.margin_m < limit:
+            raise ValueError(f"loss.m={self.m} must be in [0, {limit:.4g}) for {self.margin}; leave it unset "
+                             f"for the standard {DEFAULT_MARGIN_M[self.margin]}")
+
+
+@dataclass
+class TrainConfig:
+    """Distributed training (Ray Train workers, each with a DeepSpeed engine).
+
+    Attributes:
+        task: ``mae`` (FaceMAE with IRM; plain MAE when ``loss.lambda_irm`` is 0) or ``fr`` (a
+            face-recognition backbone with a margin head: the IRM teacher, the judge, downstream models).
+        fr_backbone: Backbone an ``fr`` run trains; empty means ``model.fr``.
+        teacher: ``weights.safetensors`` of a finished ``fr`` run, the frozen IRM teacher. Empty in
+            a FaceMAE job with IRM: the job first trains one (run ``<name>-teacher``) on the
+            training identities, ``teacher_steps`` steps at ``teacher_base_lr``.
+        teacher_steps: Steps of that teacher run.
+        teacher_base_lr: Base learning rate of that teacher run.
+        num_workers: Ray Train workers; 0 runs one local process without Ray (debugging).
+        use_gpu: One GPU per worker (nccl); otherwise CPU workers (gloo).
+        cpus_per_worker: CPUs each worker reserves; below 1 leaves room for Ray Data on small machines.
+        micro_batch: Images per worker per forward pass.
+        grad_accum: Micro-batches per optimizer step.
+        max_steps: Optimizer steps of the whole run (a resumed run continues up to it).
+        base_lr: Learning rate per 256 images; the peak lr is ``base_lr * global_batch / 256`` (MAE).
+        min_lr_ratio: Final lr of the cosine schedule, as a fraction of the peak.
+        warmup_steps: Linear warmup steps.
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        grad_clip: Gradient-norm clipping; 0 turns it off.
+        zero_stage: DeepSpeed ZeRO stage, 0-3.
+        precision: ``fp32``, ``bf16`` or ``fp16``.
+        checkpoint_every: Optimizer steps between checkpoints (one is always written at the end).
+        keep_checkpoints: Newest checkpoints kept per run.
+        log_every: Optimizer steps between metric reports.
+        max_failures: Worker-group restarts from the last checkpoint before the run fails.
+        resume_from: A checkpoint folder to start from when the run has none of its own.
+        storage_path: Folder of all runs; a run lives in ``<storage_path>/<name>``.
+        prefetch_batches: Batches Ray Data prepares ahead of each worker.
+        shuffle_buffer: Rows of each worker's local shuffle buffer (shards are identity-sorted); 0 = off.
+        metrics_port: Port of rank 0's Prometheus endpoint; 0 turns it off.
+        metrics_host: Address the endpoint binds to.
+        seed: Seed of model init and the local mode's data order.
+        log_sample_ids: Each rank appends the ids of the images it trained on to
+            ``<run>/sample_ids/rank<r>.txt`` (data lineage audits).
+        debug_state_dir: Write each rank's full training state after every save and restore there
+            (resume audits; large).
+    """
+
+    task: str = "mae"
+    fr_backbone: str = ""
+    teacher: str = ""
+    teacher_steps: int = 200
+    teacher_base_lr: float = 0.01
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    micro_batch: int = 32
+    grad_accum: int = 1
+    max_steps: int = 200
+    base_lr: float = 1.5e-4
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 10
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    precision: str = "fp32"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_failures: int = 0
+    resume_from: str = ""
+    storage_path: str = "~/facemae-runs"
+    prefetch_batches: int = 2
+    shuffle_buffer: int = 256
+    metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"
+    seed: int = 0
+    log_sample_ids: bool = False
+    debug_state_dir: str = ""
+
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step over all workers."""
+        return self.micro_batch * self.grad_accum * max(1, world_size)
+
+    def peak_lr(self, world_size: int) -> float:
+        """``base_lr * global_batch / 256``, the linear scaling rule MAE uses."""
+        return self.base_lr * self.global_batch(world_size) / 256
+
+    def storage_root(self) -> str:
+        return str(Path(self.storage_path).expanduser().resolve())
+
+    def run_dir_for(self, name: str) -> str:
+        return str(Path(self.storage_root()) / name)
+
+    def validate(self) -> None:
+        if self.task not in ("mae", "fr"):
+            raise ValueError(f"train.task={self.task!r} must be 'mae' (FaceMAE) or 'fr' (face recognition)")
+        if self.fr_backbone and self.fr_backbone not in FR_MODELS:
+            raise ValueError(f"train.fr_backbone={self.fr_backbone!r} is not a registered FR backbone; choose one "
+                             f"of {', '.join(FR_MODELS)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision={self.precision!r} must be fp32, bf16 or fp16")
+        for key in ("micro_batch", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                    "teacher_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.num_workers < 0 or self.max_failures < 0 or self.warmup_steps < 0:
+            raise ValueError("train.num_workers, train.max_failures and train.warmup_steps must be >= 0")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"train.cpus_per_worker={self.cpus_per_worker} must be > 0")
+        if self.use_gpu and self.num_workers == 0:
+            raise ValueError("train.use_gpu needs Ray Train workers: set train.num_workers >= 1")
+        if self.base_lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("train.base_lr must be > 0 and train.min_lr_ratio in [0, 1]")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"train.metrics_port={self.metrics_port} must be a port number, or 0 to turn it off")
+
+
+@dataclass
 class RayConfig:
     """How a job reaches Ray.
 
@@ -141,12 +339,18 @@ class Config:
         name: Run name; a rerun with the same name resumes.
         data: Ingest settings.
         mask: Owner-side masking settings.
+        model: Named models.
+        loss: Loss settings.
+        train: Distributed training settings.
         ray: Cluster connection.
     """
 
     name: str = "facemae"
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> "Config":
@@ -156,7 +360,24 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate()
+        self._check_patch_size()
         return self
+
+    def _check_patch_size(self) -> None:
+        # The model reads the owner's masked shards token for token, so both must cut the same patches.
+        patch = mae_patch_size(self.model.mae)
+        if patch == self.mask.patch_size:
+            return
+        same = [n for n in MAE_MODELS if mae_patch_size(n) == self.mask.patch_size]
+        fix = (f"set model.mae to one of {', '.join(same)} or mask.patch_size={patch}" if same else
+               f"no registered FaceMAE uses it; set mask.patch_size to one of "
+               f"{', '.join(str(q) for q in sorted({mae_patch_size(n) for n in MAE_MODELS}))}")
+        raise ValueError(f"model.mae={self.model.mae} uses patch size {patch} but mask.patch_size="
+                         f"{self.mask.patch_size}; {fix}")
+
+    def run_dir(self) -> str:
+        """This run's folder: checkpoints, metrics, exported weights."""
+        return self.train.run_dir_for(self.name)
 
     def masked_output(self) -> str:
         """Folder of the masked dataset."""
@@ -218,6 +439,11 @@ def _coerce(hint: Any, value: Any, *, where: str) -> Any:
         return [_coerce(inner, v, where=f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

@@ -83,6 +83,53 @@ def prepare_output(root: str | os.PathLike, *, overwrite: bool) -> None:
         leftover.unlink()
 
 
+class Journal:
+    """The record of finished shards in an output folder, one JSON line each, fsynced.
+
+    Opening it with another fingerprint than the one it was started with discards it and the shards
+    it lists (they were built with other settings). A shard whose file no longer matches its
+    journalled checksum counts as not done.
+    """
+
+    def __init__(self, root: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.path = self.root / JOURNAL
+        self.done = self._load(json.loads(json.dumps({"fingerprint": fingerprint})))
+        self._log = open(self.path, "a")
+
+    def _load(self, header: dict[str, Any]) -> dict[str, UnitResult]:
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        results = {}
+        for line in lines[1:]:
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a run killed mid-write: that unit simply runs again
+            raw["shard"] = ShardInfo(**raw["shard"])
+            results[raw["shard"].file] = UnitResult(**raw)
+        if not lines or json.loads(lines[0]) != header:
+            for result in results.values():
+                (self.root / result.shard.file).unlink(missing_ok=True)
+            self.path.write_text(json.dumps(header) + "\n")
+            return {}
+        return {rel: r for rel, r in results.items()
+                if (self.root / rel).is_file() and sha256_file(self.root / rel) == r.shard.sha256}
+
+    def record(self, result: UnitResult) -> None:
+        self._log.write(json.dumps(asdict(result)) + "\n")
+        self._log.flush()
+        os.fsync(self._log.fileno())
+        self.done[result.shard.file] = result
+
+    def close(self) -> None:
+        self._log.close()
+
+    def finish(self) -> None:
+        """Removes the journal once the manifest is written."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
 def run_units(root: str | os.PathLike, units: Sequence[Unit], build: Callable[[Unit], UnitResult], *,
               fingerprint: dict[str, Any], use_ray: bool = False, ray_config: RayConfig | None = None,
               desc: str = "shards") -> list[UnitResult]:
@@ -98,17 +145,12 @@ def run_units(root: str | os.PathLike, units: Sequence[Unit], build: Callable[[U
         ray_config: Cluster connection for ``use_ray``.
         desc: Progress-bar label.
     """
-    journal = Path(root) / JOURNAL
-    done = _load_journal(journal, root, fingerprint)
-    todo = [u for u in units if u.rel not in done]
-    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, unit="shard",
-               disable=not todo, leave=False)
-    with open(journal, "a") as log:
+    journal = Journal(root, fingerprint)
+    todo = [u for u in units if u.rel not in journal.done]
+    with tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, unit="shard",
+              disable=not todo, leave=False) as bar:
         def record(result: UnitResult) -> None:
-            log.write(json.dumps(asdict(result)) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
-            done[result.shard.file] = result
+            journal.record(result)
             bar.update(1)
 
         if use_ray and len(todo) > 1:
@@ -116,36 +158,13 @@ def run_units(root: str | os.PathLike, units: Sequence[Unit], build: Callable[[U
         else:
             for unit in todo:
                 record(build(unit))
-    bar.close()
-    return [done[u.rel] for u in units]
+    journal.close()
+    return [journal.done[u.rel] for u in units]
 
 
 def finish(root: str | os.PathLike) -> None:
     """Removes the journal once the manifest is written."""
     (Path(root) / JOURNAL).unlink(missing_ok=True)
-
-
-def _load_journal(journal: Path, root: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str, UnitResult]:
-    header = {"fingerprint": fingerprint}
-    if not journal.exists():
-        journal.write_text(json.dumps(header) + "\n")
-        return {}
-    lines = journal.read_text().splitlines()
-    results = {}
-    for line in lines[1:]:
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the last line of a run killed mid-write: that unit simply runs again
-        raw["shard"] = ShardInfo(**raw["shard"])
-        results[raw["shard"].file] = UnitResult(**raw)
-    if not lines or json.loads(lines[0]) != json.loads(json.dumps(header)):
-        for result in results.values():
-            (Path(root) / result.shard.file).unlink(missing_ok=True)
-        journal.write_text(json.dumps(header) + "\n")
-        return {}
-    return {rel: r for rel, r in results.items()
-            if (Path(root) / rel).is_file() and sha256_file(Path(root) / rel) == r.shard.sha256}
 
 
 def _run_on_ray(units: Sequence[Unit], build: Callable[[Unit], UnitResult],

@@ -208,14 +208,16 @@ class FaceMAE(nn.Module):
         Returns:
             ``latent [N, 1 + keep, D]`` (cls first), ``mask [N, L]``, ``ids_restore [N, L]``.
         """
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (N, L, D)
+        # Position tables are fixed fp32 buffers; DeepSpeed casts parameters, not buffers, to bf16/fp16.
+        x = self.patch_embed(imgs)  # (N, L, D)
+        x = x + self.pos_embed[:, 1:, :].to(x.dtype)
         if mask is not None:
             x, mask, ids_restore, _ = given_masking(x, mask)
         elif mask_ratio is not None:
             x, mask, ids_restore, _ = random_masking(x, mask_ratio, generator=generator)
         else:
             raise ValueError("forward_encoder needs mask_ratio (random masks) or mask (a given mask)")
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + self.pos_embed[:, :1, :].to(x.dtype)).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (N, 1 + keep, D)
         for block in self.blocks:
             x = block(x)
@@ -228,7 +230,7 @@ class FaceMAE(nn.Module):
         mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (N, L, Dd) in shuffle order
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # patch order
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed  # (N, 1 + L, Dd)
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed.to(x.dtype)  # (N, 1 + L, Dd)
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]  # drop cls: (N, L, p*p*3)

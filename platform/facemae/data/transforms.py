@@ -1,0 +1,68 @@
+"""Batch transforms between shard rows and model inputs (numpy only: runs in Ray Data tasks or locally).
+
+A training batch is a dict of numpy arrays:
+    ``image``       uint8 ``[N, 112, 112, 3]`` decoded originals;
+    ``identity``    int64 ``[N]``;
+    ``uid``         int64 ``[N]``, a stable hash of ``image_id`` (strings do not become tensors);
+    ``mask``        uint8 ``[N, L]``, 1 = removed (FaceMAE only): drawn afresh every time the batch is
+                    made, so every epoch masks the originals differently;
+    ``teacher_emb`` float32 ``[N, D]`` when the shards carry the teacher's embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from facemae.data.images import decode_rgb
+
+
+def image_uid(image_id: str) -> int:
+    """A stable signed 64-bit id of an ``image_id`` (the same in every process and run)."""
+    return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little", signed=True)
+
+
+def random_masks(n: int, *, num_patches: int, keep: int, rng: np.random.Generator) -> np.ndarray:
+    """MAE masks for ``n`` images: argsort of uniform noise keeps ``keep`` patches each.
+
+    Returns:
+        ``[n, L]`` uint8, 1 = removed, exactly ``keep`` zeros per row.
+    """
+    ids_keep = np.argsort(rng.random((n, num_patches)), axis=1)[:, :keep]  # (n, keep)
+    masks = np.ones((n, num_patches), dtype=np.uint8)
+    np.put_along_axis(masks, ids_keep, 0, axis=1)
+    return masks
+
+
+def training_batch(batch: dict[str, Any], *, task: str, num_patches: int = 0, keep: int = 0,
+                   flip: bool = False, seed: int | Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Turns shard rows into a training batch (see the module docstring).
+
+    Args:
+        batch: Columns ``image_id``, ``identity``, ``image`` and optionally ``teacher_emb``.
+        task: ``mae`` (adds a random ``mask``) or ``fr``.
+        num_patches: ``L`` for ``mae``.
+        keep: Visible patches per image for ``mae``.
+        flip: Random horizontal flips (the standard FR augmentation).
+        seed: Seed of masks and flips; ``None`` draws fresh OS entropy (different every epoch).
+    """
+    rng = np.random.default_rng(seed)
+    images = np.stack([decode_rgb(b) for b in batch["image"]])  # (N, H, W, 3)
+    if flip:
+        flipped = rng.random(len(images)) < 0.5
+        images[flipped] = images[flipped, :, ::-1]
+    out = {"image": images, "identity": np.asarray(batch["identity"], dtype=np.int64),
+           "uid": np.array([image_uid(str(i)) for i in batch["image_id"]], dtype=np.int64)}
+    if task == "mae":
+        out["mask"] = random_masks(len(images), num_patches=num_patches, keep=keep, rng=rng)
+    if "teacher_emb" in batch:
+        out["teacher_emb"] = np.stack([np.asarray(e, dtype=np.float32) for e in batch["teacher_emb"]])
+    return out
+
+
+def columns_for(names: Sequence[str]) -> list[str]:
+    """The shard columns a training batch reads (``teacher_emb`` only where the shards have it)."""
+    wanted = ["image_id", "identity", "image", "teacher_emb"]
+    return [c for c in wanted if c in names]

@@ -1,0 +1,1 @@
+"""Ray Data actor pools over datasets: teacher embeddings, (with the deployment issue) reconstructions."""

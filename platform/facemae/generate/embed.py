@@ -1,0 +1,128 @@
+"""Teacher embeddings of the originals, computed once by a Ray Data actor pool and stored in the shards.
+
+IRM compares the teacher's embeddings of the originals with those of the reconstructions; the first
+never change, so FaceMAE training reads them from a ``teacher_emb`` column instead of running the
+teacher on every original at every step. The output is a new original dataset (same splits, shard
+names and rows, plus ``teacher_emb``), written shard by shard, atomically and resumably.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from facemae.config import Config
+from facemae.data.runner import Journal, UnitResult, prepare_output, reusable
+from facemae.data.shards import MANIFEST, ORIGINAL_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
+
+EMBEDDED_SCHEMA = ORIGINAL_SCHEMA.append(pa.field("teacher_emb", pa.list_(pa.float32()), nullable=False))
+
+
+class TeacherEmbedder:
+    """Ray Data callable class: loads the frozen teacher once per actor, embeds batches of originals."""
+
+    def __init__(self, weights: str, use_gpu: bool = False) -> None:
+        import torch
+
+        from facemae.train.tasks import load_fr_backbone
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_fr_backbone(weights).to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        from facemae.data.images import decode_rgb
+        from facemae.models.fr import to_model_range
+
+        pixels = torch.from_numpy(np.stack([decode_rgb(b) for b in batch["image"]]))
+        with torch.inference_mode():
+            emb = self.model(to_model_range(pixels).to(self.device)).float().cpu().numpy()  # (N, D)
+        return {**batch, "teacher_emb": list(emb)}
+
+
+def embedded_output(source: str, weights: str) -> str:
+    """Default folder of ``source`` embedded by the teacher ``weights``: one per (dataset, teacher)."""
+    return f"{source.rstrip('/')}-teacher-{sha256_file(weights)[:8]}"
+
+
+def embed_dataset(config: Config, *, source: str, weights: str, output: str | None = None,
+                  overwrite: bool = False) -> Manifest:
+    """Writes ``source`` with the teacher's embedding of every image added.
+
+    Args:
+        config: Reads ``ray`` (cluster), ``train.use_gpu`` and ``train.micro_batch`` (batch size).
+        source: Original dataset folder.
+        weights: The teacher's ``weights.safetensors``.
+        output: Output folder; defaults to ``<source>-teacher-<first 8 hex of the weights' SHA-256>``.
+        overwrite: Rebuild even if ``output`` holds a finished dataset of the same settings.
+    """
+    original = verify_dataset(source)
+    if original.kind != "original":
+        raise ValueError(f"{source} is a {original.kind} dataset; teacher embeddings are computed on originals")
+    weights_sha = sha256_file(weights)
+    output = output or embedded_output(source, weights)
+    fingerprint = {"stage": "embed", "source_manifest": sha256_file(Path(source) / MANIFEST),
+                   "teacher_sha256": weights_sha}
+    if (done := reusable(output, fingerprint, overwrite=overwrite)) is not None:
+        return done
+    prepare_output(output, overwrite=overwrite)
+    journal = Journal(output, fingerprint)
+    shards = {str(Path(source) / s.file): (split, s) for split, group in original.splits.items() for s in group}
+    todo = {path: v for path, v in shards.items() if v[1].file not in journal.done}
+    if todo:
+        _stream(config, todo, weights=weights, output=output, journal=journal)
+    manifest = Manifest(
+        kind="original", settings=fingerprint, report=original.report, identity_names=original.identity_names,
+        source={**original.source, "embedded_from": str(source), "teacher": str(weights)},
+        splits={split: [journal.done[s.file].shard for s in group] for split, group in original.splits.items()})
+    manifest.write(output)
+    journal.finish()
+    return manifest
+
+
+def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, output: str,
+            journal: Journal) -> None:
+    """Runs the actor pool over the shards to do; writes each shard once all its rows are back."""
+    import ray.data
+
+    from facemae.cluster import ensure_ray
+
+    ensure_ray(config.ray)
+    use_gpu = config.train.use_gpu
+    actors = max(1, config.train.num_workers)
+    ds = ray.data.read_parquet(list(todo), columns=["image_id", "identity", "image"], include_paths=True)
+    ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs={"weights": weights, "use_gpu": use_gpu},
+                        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=config.train.micro_batch,
+                        batch_format="numpy", **({"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}))
+    pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for i, path in enumerate(batch["path"]):
+            path = _source_path(str(path), todo)
+            pending[path].append({k: batch[k][i] for k in ("image_id", "identity", "image", "teacher_emb")})
+            split, shard = todo[path]
+            if len(pending[path]) == shard.rows:
+                _write(pending.pop(path), split=split, rel=shard.file, output=output, journal=journal)
+    if pending:
+        raise RuntimeError(f"teacher embedding lost rows of {sorted(pending)}; rerun to finish the shards")
+
+
+def _source_path(path: str, todo: dict[str, Any]) -> str:
+    """Ray Data reports paths without the filesystem scheme; map back to the key we passed."""
+    if path in todo:
+        return path
+    return next(p for p in todo if p.endswith(path) or path.endswith(p.lstrip("/")))
+
+
+def _write(rows: list[dict[str, Any]], *, split: str, rel: str, output: str, journal: Journal) -> None:
+    rows.sort(key=lambda r: str(r["image_id"]))  # a stable order, whatever order the actors returned
+    table = pa.table({"image_id": [str(r["image_id"]) for r in rows],
+                      "identity": [int(r["identity"]) for r in rows],
+                      "image": [bytes(r["image"]) for r in rows],
+                      "teacher_emb": [np.asarray(r["teacher_emb"], dtype=np.float32) for r in rows]},
+                     schema=EMBEDDED_SCHEMA)
+    journal.record(UnitResult(split=split, shard=write_shard(output, rel, table)))

@@ -1,0 +1,261 @@
+"""Worker contexts: how the loop gets batches, resumes, checkpoints and reports (STYLE.md 6).
+
+:class:`RayContext` runs inside a Ray Train worker (dataset shard, ``ray.train.report``, Ray's
+checkpoint storage); :class:`LocalContext` runs in one process with no Ray at all, for debugging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from facemae.config import Config
+from facemae.data.transforms import training_batch
+from facemae.metrics import TrainMetrics
+from facemae.train import engine as ds
+
+CHECKPOINT_PREFIX = "checkpoint_"
+PREVIEW = "preview.png"
+
+
+class WorkerContext:
+    """What the loop needs from its surroundings; subclasses provide batches and checkpoint storage."""
+
+    def __init__(self, config: Config, *, rank: int, world_size: int, device: torch.device, num_classes: int,
+                 run_dir: Path, in_ray: bool) -> None:
+        self.config = config
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.num_classes = num_classes
+        self.run_dir = run_dir
+        train = config.train
+        self.metrics = TrainMetrics(run=config.name, rank=rank, world_size=world_size, in_ray=in_ray,
+                                    port=train.metrics_port if rank == 0 and train.metrics_port else None,
+                                    host=train.metrics_host)
+        self._ids_file = None
+        if train.log_sample_ids:
+            (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
+            self._ids_file = open(run_dir / "sample_ids" / f"rank{rank:03d}.txt", "a")
+
+    # -- provided by subclasses ---------------------------------------------------------------------
+    def batches(self, epoch: int, *, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def restore_dir(self) -> contextlib.AbstractContextManager[str | None]:
+        raise NotImplementedError
+
+    def checkpoint_dir(self, step: int) -> contextlib.AbstractContextManager[str]:
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, Any], directory: str | None) -> None:
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------------
+    def observe(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], *, step: int,
+                step_s: float, wait_s: float) -> None:
+        """Records one micro-batch: metrics, and which samples it held when asked to."""
+        losses = {k: float(v.detach().float()) for k, v in out.items()}
+        self.metrics.observe(images=len(batch["identity"]), step=step, step_s=step_s, wait_s=wait_s,
+                             losses=losses)
+        if self._ids_file is not None:
+            self._ids_file.write("".join(f"{u}\n" for u in batch["uid"].tolist()))
+            self._ids_file.flush()
+
+    def write_metrics_line(self, metrics: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def run_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {**metrics, "images_per_s": round(self.metrics.images_per_second(), 2),
+                "data_wait_fraction": round(self.metrics.data_wait_fraction(), 4)}
+
+    def saved(self, engine: Any, directory: str, step: int) -> None:
+        """After a checkpoint: with ``train.debug_state_dir``, snapshot what was saved (resume audits)."""
+        if self.config.train.debug_state_dir:
+            _dump(engine, Path(self.config.train.debug_state_dir) / f"saved_step{step:08d}_rank{self.rank}.pt")
+
+    def restored(self, engine: Any, step: int) -> None:
+        """After a restore: with ``train.debug_state_dir``, snapshot what was loaded."""
+        if self.config.train.debug_state_dir:
+            _dump(engine, Path(self.config.train.debug_state_dir) / f"restored_step{step:08d}_rank{self.rank}.pt")
+
+    def write_preview(self, engine: Any, batch: dict[str, torch.Tensor], directory: Path) -> None:
+        """A PNG grid of masked / reconstructed / original faces (FaceMAE runs), next to the checkpoint.
+
+        Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 writes.
+        """
+        if self.config.train.task != "mae":
+            return
+        mae = engine.module.mae
+        n = min(8, len(batch["image"]))
+        imgs, mask = batch["image"][:n], batch["mask"][:n]
+        with torch.no_grad():
+            _, pred, _ = mae(imgs, mask=mask)
+            released = mae.compose(imgs, pred, mask, paste_visible=self.config.loss.paste_visible)
+            masked = mae.compose(imgs, torch.zeros_like(pred), mask)  # removed patches shown at mid-grey
+        if self.rank == 0:
+            rows = [_to_uint8(t) for t in (masked, released, imgs)]
+            grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+            buf = io.BytesIO()
+            Image.fromarray(grid).save(buf, format="PNG")
+            (directory / PREVIEW).write_bytes(buf.getvalue())
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    x = ((images.detach().float() * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+
+
+def _dump(engine: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ds.state_snapshot(engine), path)
+
+
+def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+    out["image"] = _model_range(out["image"])
+    if "mask" in out:
+        out["mask"] = out["mask"].float()
+    return out
+
+
+def _model_range(pixels: torch.Tensor) -> torch.Tensor:
+    from facemae.models.fr import to_model_range
+
+    return to_model_range(pixels)
+
+
+class RayContext(WorkerContext):
+    """Inside a Ray Train worker: the dataset shard, ``ray.train.report`` and Ray's checkpoints."""
+
+    def __init__(self, config: Config, *, num_classes: int, progress_actor: Any = None) -> None:
+        import ray.train
+        import ray.train.torch
+
+        tc = ray.train.get_context()
+        if not config.train.use_gpu:
+            # Workers share the node's cores: one intra-op thread per reserved CPU, not one per core each
+            # (with 2 threads each, 2 workers on 2 cores ran up to 25x slower here).
+            torch.set_num_threads(max(1, round(config.train.cpus_per_worker)))
+        super().__init__(config, rank=tc.get_world_rank(), world_size=tc.get_world_size(),
+                         device=ray.train.torch.get_device(), num_classes=num_classes,
+                         run_dir=Path(config.run_dir()), in_ray=True)
+        self._shard = ray.train.get_dataset_shard("train")
+        self._progress = progress_actor
+
+    def batches(self, epoch: int, *, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        train = self.config.train
+        it = self._shard.iter_batches(batch_size=train.micro_batch, batch_format="numpy", drop_last=True,
+                                      prefetch_batches=train.prefetch_batches,
+                                      local_shuffle_buffer_size=train.shuffle_buffer or None)
+        # Ray Data's streaming split does not replay an epoch in the same order, so a resume skips
+        # as many batches as were trained on: exact in count, not in which rows (see README).
+        for batch in itertools.islice(it, skip, None):
+            yield _to_tensors(batch)
+
+    @contextlib.contextmanager
+    def restore_dir(self) -> Iterator[str | None]:
+        import ray.train
+        import torch.distributed as dist
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield self.config.train.resume_from or None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+            dist.barrier()  # keep the folder until every rank has read it (ray-project/ray#57118)
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self, step: int) -> Iterator[str]:
+        with tempfile.TemporaryDirectory(prefix="facemae-ckpt-") as directory:
+            yield directory
+
+    def report(self, metrics: dict[str, Any], directory: str | None) -> None:
+        import ray.train
+
+        metrics = self.run_metrics(metrics)
+        self.write_metrics_line(metrics)
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+        name = f"{CHECKPOINT_PREFIX}{metrics['step']:08d}" if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def observe(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], *, step: int,
+                step_s: float, wait_s: float) -> None:
+        super().observe(batch, out, step=step, step_s=step_s, wait_s=wait_s)
+        if self._progress is not None and self.rank == 0:
+            self._progress.update.remote(step, {k: float(v.detach().float()) for k, v in out.items()})
+
+
+class LocalContext(WorkerContext):
+    """One process, no Ray: shards read with pyarrow, checkpoints in ``<run_dir>/checkpoint_<step>``."""
+
+    def __init__(self, config: Config, *, files: list[str], num_classes: int, bar: Any = None) -> None:
+        super().__init__(config, rank=0, world_size=1, device=torch.device("cpu"), num_classes=num_classes,
+                         run_dir=Path(config.run_dir()), in_ray=False)
+        columns = [c for c in ("image_id", "identity", "image", "teacher_emb") if c in pq.read_schema(files[0]).names]
+        self._rows = pa.concat_tables([pq.read_table(f, columns=columns) for f in files]).to_pydict()
+        self._bar = bar
+
+    def batches(self, epoch: int, *, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        train, mask = self.config.train, self.config.mask
+        n = len(self._rows["image_id"])
+        order = np.random.default_rng([train.seed, epoch]).permutation(n)
+        for i in range(skip, n // train.micro_batch):
+            rows = order[i * train.micro_batch:(i + 1) * train.micro_batch]
+            picked = {k: [v[j] for j in rows] for k, v in self._rows.items()}
+            yield _to_tensors(training_batch(picked, task=train.task, num_patches=mask.num_patches,
+                                             keep=mask.keep, flip=train.task == "fr",
+                                             seed=[train.seed, epoch, i]))
+
+    @contextlib.contextmanager
+    def restore_dir(self) -> Iterator[str | None]:
+        latest = latest_checkpoint(self.run_dir)
+        yield str(latest) if latest else (self.config.train.resume_from or None)
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self, step: int) -> Iterator[str]:
+        final = self.run_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.run_dir))
+        try:
+            yield str(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # a checkpoint folder appears whole or not at all
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in sorted(self.run_dir.glob(f"{CHECKPOINT_PREFIX}*"))[:-self.config.train.keep_checkpoints]:
+            shutil.rmtree(old)
+
+    def report(self, metrics: dict[str, Any], directory: str | None) -> None:
+        metrics = self.run_metrics(metrics)
+        self.write_metrics_line(metrics)
+        if self._bar is not None:
+            self._bar.update(metrics["step"] - self._bar.n)
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if "loss" in k})
+
+    def observe(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], *, step: int,
+                step_s: float, wait_s: float) -> None:
+        super().observe(batch, out, step=step, step_s=step_s, wait_s=wait_s)
+        if self._bar is not None and step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder of a run (one with ``progress.json``), or None."""
+    done = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / "progress.json").is_file()]
+    return max(done, key=lambda p: p.name) if done else None

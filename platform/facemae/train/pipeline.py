@@ -1,0 +1,63 @@
+"""The main training job end to end: data, owner-side masking, the IRM teacher, FaceMAE.
+
+Every stage reuses what an earlier run with the same settings finished (datasets by their
+manifest's settings, runs by their name), so rerunning the job resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+from facemae.config import Config
+from facemae.data.ingest import ingest
+from facemae.data.owner import mask_dataset
+from facemae.data.shards import Manifest
+from facemae.generate.embed import embed_dataset, embedded_output
+from facemae.train.trainer import TrainResult, train
+
+
+@dataclass
+class JobResult:
+    """What the training job produced."""
+
+    dataset: Manifest
+    masked: Manifest
+    teacher: TrainResult | None
+    result: TrainResult
+
+
+def teacher_config(config: Config) -> Config:
+    """The FR run that trains the IRM teacher on the training identities."""
+    return dataclasses.replace(
+        config, name=f"{config.name}-teacher",
+        train=dataclasses.replace(config.train, task="fr", fr_backbone=config.model.teacher,
+                                  max_steps=config.train.teacher_steps, base_lr=config.train.teacher_base_lr,
+                                  teacher="", debug_state_dir=""))
+
+
+def run_training_job(config: Config, *, overwrite: bool = False,
+                     say: Callable[[str], None] = print) -> JobResult:
+    """Ingests, masks the deployment split, trains a teacher when IRM needs one, then trains."""
+    original = ingest(config, overwrite=overwrite)
+    say(f"dataset  {config.data.output}: {original.num_images('train')} training and "
+        f"{original.num_images('deploy')} deployment images, {original.report.get('corrupt', 0)} refused")
+    masked = mask_dataset(config, overwrite=overwrite)
+    say(f"masked   {config.masked_output()}: {masked.num_images()} faces, {masked.mask['keep']} of "
+        f"{masked.mask['num_patches']} patches visible")
+    teacher, dataset = None, config.data.output
+    if config.train.task == "mae" and config.loss.lambda_irm > 0:
+        if not config.train.teacher:
+            teacher = train(teacher_config(config))
+            say(f"teacher  {teacher.weights} (accuracy {teacher.metrics.get('accuracy', float('nan')):.3f})")
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, teacher=teacher.weights))
+        dataset = embedded_output(config.data.output, config.train.teacher)
+        embedded = embed_dataset(config, source=config.data.output, weights=config.train.teacher, output=dataset)
+        say(f"embedded {dataset}: teacher embeddings of {embedded.num_images()} originals")
+    result = train(config, dataset=dataset)
+    say(f"trained  {config.train.task} run {result.run_dir}: step {result.metrics.get('step')}, "
+        f"loss {result.metrics.get('loss', float('nan')):.4f}")
+    say(f"checkpoint {result.checkpoint}")
+    say(f"weights  {result.weights}")
+    return JobResult(dataset=original, masked=masked, teacher=teacher, result=result)

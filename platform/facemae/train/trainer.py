@@ -1,0 +1,210 @@
+"""The driver side of training: Ray Data + ``TorchTrainer`` (or one local process), then weight export.
+
+Ray Data reads the training shards (``read_parquet``, file order shuffled every epoch), decodes and
+masks them in ``map_batches`` and streams each worker its split; the driver never materialises the
+dataset. Runs live in ``<train.storage_path>/<name>``; rerunning with the same name resumes from the
+run's latest checkpoint (Ray Train V2 keeps the run's state there).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from facemae.config import Config, from_dict
+from facemae.data.shards import verify_dataset
+from facemae.data.transforms import training_batch
+from facemae.train.context import LocalContext, RayContext, latest_checkpoint
+from facemae.train.loop import run
+from facemae.train.tasks import save_weights
+
+EXPORT_DIR = "export"
+
+
+@dataclass
+class TrainResult:
+    """What a training run left behind."""
+
+    run_dir: str
+    checkpoint: str | None  # newest checkpoint folder (DeepSpeed state of every rank)
+    weights: str | None  # exported inference weights (safetensors)
+    metrics: dict[str, Any]  # last reported metrics
+
+
+def train(config: Config, *, dataset: str | None = None) -> TrainResult:
+    """Trains ``config.train.task`` on the ``train`` split of a dataset.
+
+    Args:
+        config: Validated config.
+        dataset: Original dataset folder; defaults to ``config.data.output``.
+    """
+    root = dataset or config.data.output
+    manifest = verify_dataset(root)
+    files = manifest.files(root, "train")
+    if not files:
+        raise ValueError(f"{root} has no training shards; ingest with data.deploy_fraction < 1")
+    num_classes = max(manifest.identities("train")) + 1  # identity labels index the class centres
+    if config.train.num_workers == 0:
+        result = _train_local(config, files, num_classes)
+    else:
+        result = _train_ray(config, files, num_classes)
+    if result.checkpoint:
+        result.weights = str(export_weights(result.checkpoint, config, Path(result.run_dir) / EXPORT_DIR))
+    return result
+
+
+def _train_local(config: Config, files: list[str], num_classes: int) -> TrainResult:
+    from facemae.train.engine import ensure_process_group
+
+    ensure_process_group()
+    run_dir = Path(config.run_dir())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=config.train.max_steps, desc=f"train {config.train.task}", unit="step") as bar:
+        ctx = LocalContext(config, files=files, num_classes=num_classes, bar=bar)
+        run(config, ctx)
+    return TrainResult(run_dir=str(run_dir), checkpoint=_str(latest_checkpoint(run_dir)), weights=None,
+                       metrics=_last_metrics(run_dir))
+
+
+def _train_ray(config: Config, files: list[str], num_classes: int) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from facemae.cluster import ensure_ray
+
+    train = config.train
+    ensure_ray(config.ray)
+    progress = _start_progress_actor()
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"config": config.to_dict(), "num_classes": num_classes, "progress": progress},
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=config.name, storage_path=train.storage_root(),
+                             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=train.max_failures)),
+        datasets={"train": training_dataset(config, files)})
+    result = _fit_with_progress(trainer, progress, total=train.max_steps, desc=f"train {train.task}")
+    ray.kill(progress)
+    checkpoint = _checkpoint_path(result.checkpoint) if result.checkpoint else None
+    return TrainResult(run_dir=config.run_dir(), checkpoint=checkpoint, weights=None,
+                       metrics=dict(result.metrics or {}))
+
+
+def training_dataset(config: Config, files: list[str]) -> Any:
+    """The streaming Ray Dataset of training batches (decoded, flipped or masked afresh every epoch)."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from facemae.data.transforms import columns_for
+
+    columns = columns_for(pq.read_schema(files[0]).names)
+    # The driver shows one training progress bar; per-operator bars of every epoch would bury it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.read_parquet(files, columns=columns, shuffle="files")
+    return ds.map_batches(training_batch, batch_format="numpy", batch_size=config.train.micro_batch,
+                          fn_kwargs={"task": config.train.task, "num_patches": config.mask.num_patches,
+                                     "keep": config.mask.keep, "flip": config.train.task == "fr"})
+
+
+def _worker_entry(loop_config: dict[str, Any]) -> None:
+    config = from_dict(Config, loop_config["config"]).validate()
+    ctx = RayContext(config, num_classes=loop_config["num_classes"], progress_actor=loop_config["progress"])
+    run(config, ctx)
+
+
+def _fit_with_progress(trainer: Any, progress: Any, *, total: int, desc: str) -> Any:
+    """Runs ``trainer.fit()`` in a thread while the driver shows a progress bar fed by rank 0."""
+    import ray
+
+    box: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: box.update(result=_capture(trainer.fit)), daemon=True)
+    thread.start()
+    with tqdm(total=total, desc=desc, unit="step", mininterval=1.0) as bar:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            step, losses = ray.get(progress.get.remote())
+            if step > bar.n:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items() if "loss" in k}, refresh=False)
+                bar.update(step - bar.n)
+    outcome = box["result"]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _capture(fn: Any) -> Any:
+    try:
+        return fn()
+    except BaseException as exc:  # re-raised on the driver's main thread
+        return exc
+
+
+def _checkpoint_path(checkpoint: Any) -> str:
+    return str(checkpoint.path)
+
+
+def _last_metrics(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _str(path: Path | None) -> str | None:
+    return str(path) if path else None
+
+
+def export_weights(checkpoint: str | Path, config: Config, out_dir: Path) -> Path:
+    """Writes inference weights (fp32 safetensors) from a DeepSpeed checkpoint of any ZeRO stage."""
+    state = consolidated_state(checkpoint)
+    prefix = "mae." if config.train.task == "mae" else "backbone."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    name = config.model.mae if config.train.task == "mae" else (config.train.fr_backbone or config.model.fr)
+    from facemae.models.registry import build_fr, build_mae
+
+    module = build_mae(name, norm_pix_loss=config.loss.norm_pix_loss) if config.train.task == "mae" \
+        else build_fr(name, embedding_size=config.model.embedding_size)
+    module.load_state_dict(weights)
+    info = {"task": config.train.task, "model": name, "embedding_size": config.model.embedding_size,
+            "norm_pix_loss": config.loss.norm_pix_loss, "run": config.name, "checkpoint": str(checkpoint)}
+    return save_weights(module, out_dir, info)
+
+
+def consolidated_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The full fp32 module state of a DeepSpeed checkpoint folder (ZeRO shards merged)."""
+    checkpoint = Path(checkpoint)
+    tag = (checkpoint / "latest").read_text().strip()
+    states = checkpoint / tag / "mp_rank_00_model_states.pt"
+    if not list((checkpoint / tag).glob("*optim_states.pt")) and states.exists():  # ZeRO stage 0
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag))
+
+
+def _start_progress_actor() -> Any:
+    """A tiny actor holding rank 0's latest step and losses, polled by the driver's progress bar."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Progress:
+        def __init__(self) -> None:
+            self.step, self.losses = 0, {}
+
+        def update(self, step: int, losses: dict[str, float]) -> None:
+            self.step, self.losses = step, losses
+
+        def get(self) -> tuple[int, dict[str, float]]:
+            return self.step, self.losses
+
+    return Progress.remote()

@@ -1,0 +1,238 @@
+"""Distributed training: real Ray Train workers with real DeepSpeed engines on synthetic shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from facemae.config import Config, load_config
+from facemae.data.ingest import ingest
+from facemae.data.shards import iter_rows, read_manifest
+from facemae.data.transforms import image_uid
+from facemae.train.tasks import load_mae, save_weights
+
+TINY = ["model.mae=facemae_vit_tiny_p8", "model.fr=fr_tiny", "model.teacher=fr_tiny", "model.embedding_size=64",
+        "train.micro_batch=8", "train.metrics_port=0", "train.base_lr=0.016", "train.warmup_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("train-data") / "ds"
+    ingest(load_config(None, [f"data.output={root}", "data.num_identities=16", "data.images_per_identity=8",
+                              "data.deploy_fraction=0.25", "data.rows_per_shard=32", "data.workers=1"]))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory) -> str:
+    """A frozen fr_tiny with its initial weights: enough for IRM's mechanics, made in milliseconds."""
+    from facemae.models.registry import build_fr
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("teacher")
+    return str(save_weights(build_fr("fr_tiny", embedding_size=64), folder,
+                            {"task": "fr", "model": "fr_tiny", "embedding_size": 64}))
+
+
+def _config(tmp_path: Path, dataset: str, teacher: str, *overrides: str) -> Config:
+    return load_config(None, [*TINY, f"data.output={dataset}", f"train.teacher={teacher}",
+                              f"train.storage_path={tmp_path / 'runs'}", *overrides])
+
+
+def _metrics(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.ray
+def test_two_workers_zero2_learn_on_disjoint_data_and_checkpoint(tmp_path, dataset, teacher, ray_cluster):
+    from facemae.train.trainer import train
+
+    config = _config(tmp_path, dataset, teacher, "name=two-workers", "train.num_workers=2", "train.zero_stage=2",
+                     "train.max_steps=30", "train.log_every=2", "train.checkpoint_every=15",
+                     "train.log_sample_ids=true")
+    result = train(config)
+
+    history = _metrics(result.run_dir)
+    assert [m["step"] for m in history] == sorted({*range(2, 31, 2), 15})  # logs and checkpoints
+    first, last = history[0]["recon_loss"], np.mean([m["recon_loss"] for m in history[-2:]])
+    print(f"recon loss {first:.4f} -> {last:.4f}; irm {history[0]['irm_loss']:.4f} -> {history[-1]['irm_loss']:.4f}")
+    assert last < 0.7 * first
+    assert all(m["irm_loss"] > 0 for m in history)
+
+    # Ray Data's streaming split gives each worker its own rows: 72 training images, 36 each,
+    # 4 batches of 8 per epoch; the first epoch of the two ranks is disjoint.
+    train_uids = {image_uid(r["image_id"]) for r in iter_rows(read_manifest(dataset).files(dataset, "train"))}
+    seen = [[int(x) for x in (Path(result.run_dir) / "sample_ids" / f"rank{r:03d}.txt").read_text().split()]
+            for r in (0, 1)]
+    epoch0 = [set(ids[:32]) for ids in seen]
+    assert len(epoch0[0]) == len(epoch0[1]) == 32 and not epoch0[0] & epoch0[1]
+    assert epoch0[0] | epoch0[1] <= train_uids
+    assert len(seen[0]) == len(seen[1]) == 30 * 8
+
+    ckpt = Path(result.checkpoint)
+    assert ckpt.name == "checkpoint_00000030"
+    tag = (ckpt / "latest").read_text().strip()
+    files = {p.name for p in (ckpt / tag).iterdir()}
+    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank000.pt", "rng_rank001.pt"} <= files
+    assert json.loads((ckpt / "progress.json").read_text())["step"] == 30
+    assert (ckpt / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kept = sorted(p.name for p in Path(result.run_dir).glob("checkpoint_0*"))
+    assert kept == ["checkpoint_00000015", "checkpoint_00000030"]
+
+    mae = load_mae(result.weights)
+    images = torch.zeros(2, 3, 112, 112)
+    loss, pred, mask = mae(images, mask_ratio=0.75)
+    assert pred.shape == (2, 196, 192) and torch.isfinite(loss)
+
+
+def _assert_same(saved, restored, where: str = "state") -> int:
+    """Compares nested training states tensor by tensor; returns the number of tensors compared."""
+    if isinstance(saved, torch.Tensor):
+        torch.testing.assert_close(restored, saved, rtol=0, atol=0, msg=lambda m: f"{where}: {m}")
+        return 1
+    if isinstance(saved, np.ndarray):
+        np.testing.assert_array_equal(restored, saved, err_msg=where)
+        return 1
+    if isinstance(saved, dict):
+        assert saved.keys() == restored.keys(), where
+        return sum(_assert_same(saved[k], restored[k], f"{where}.{k}") for k in saved)
+    if isinstance(saved, (list, tuple)):
+        assert len(saved) == len(restored), where
+        return sum(_assert_same(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(saved, restored)))
+    if hasattr(saved, "__dict__"):  # e.g. DeepSpeed's loss scaler object
+        assert type(saved) is type(restored), where
+        return _assert_same(vars(saved), vars(restored), where)
+    assert saved == restored, f"{where}: {saved!r} != {restored!r}"
+    return 0
+
+
+@pytest.mark.ray
+def test_resume_restores_exact_state_and_continues_at_the_next_step(tmp_path, dataset, teacher, ray_cluster):
+    from facemae.train.trainer import train
+
+    common = ["name=resume", "train.num_workers=2", "train.zero_stage=2", "train.log_every=1",
+              "train.checkpoint_every=5", f"train.debug_state_dir={tmp_path / 'states'}"]
+    first = train(_config(tmp_path, dataset, teacher, *common, "train.max_steps=5"))
+    assert Path(first.checkpoint).name == "checkpoint_00000005"
+    # The same run name and storage: Ray Train V2 hands the workers the run's latest checkpoint.
+    second = train(_config(tmp_path, dataset, teacher, *common, "train.max_steps=8"))
+
+    compared = 0
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / "states" / f"saved_step00000005_rank{rank}.pt", weights_only=False)
+        restored = torch.load(tmp_path / "states" / f"restored_step00000005_rank{rank}.pt", weights_only=False)
+        assert restored["global_steps"] == 5
+        for part in ("module", "optimizer", "scheduler", "global_steps", "global_samples", "rng"):
+            compared += _assert_same(saved[part], restored[part], f"rank{rank}.{part}")
+        moments = [s for s in restored["optimizer"]["base_optimizer_state"]["state"].values()]
+        assert moments and all(float(s["exp_avg_sq"].abs().sum()) > 0 for s in moments)  # real Adam moments
+    print(f"resume: {compared} tensors and values identical across 2 ranks")
+    steps = [m["step"] for m in _metrics(second.run_dir)]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # 6 follows 5: the second run did not start at step 0
+    assert Path(second.checkpoint).name == "checkpoint_00000008"
+    progress = json.loads((Path(second.checkpoint) / "progress.json").read_text())
+    assert progress["step"] == 8 and progress["epoch"] == 1  # 4 batches per epoch per worker
+
+
+@pytest.mark.ray
+def test_teacher_embeddings_from_an_actor_pool_match_a_direct_computation(tmp_path, dataset, teacher, ray_cluster):
+    from facemae.data.images import decode_rgb
+    from facemae.generate.embed import embed_dataset
+    from facemae.models.fr import to_model_range
+    from facemae.train.tasks import load_fr_backbone
+
+    config = _config(tmp_path, dataset, teacher, "train.num_workers=2")
+    out = str(tmp_path / "embedded")
+    manifest = embed_dataset(config, source=dataset, weights=teacher, output=out)
+    original = read_manifest(dataset)
+    assert manifest.num_images() == original.num_images()
+    assert [s.file for s in manifest.splits["train"]] == [s.file for s in original.splits["train"]]
+    rows = [r for split in manifest.splits for r in iter_rows(manifest.files(out, split))]
+    model = load_fr_backbone(teacher)
+    pixels = torch.from_numpy(np.stack([decode_rgb(r["image"]) for r in rows[:16]]))
+    with torch.no_grad():
+        direct = model(to_model_range(pixels)).numpy()
+    stored = np.stack([np.asarray(r["teacher_emb"], np.float32) for r in rows[:16]])
+    np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5)
+    assert embed_dataset(config, source=dataset, weights=teacher, output=out).to_json() == manifest.to_json()
+
+
+@pytest.mark.parametrize("stage, precision, task", [(0, "fp32", "fr"), (1, "fp32", "mae"), (2, "bf16", "mae"),
+                                                     (3, "fp32", "mae"), (3, "fp32", "fr")])
+def test_local_mode_trains_each_zero_stage_and_exports_weights(tmp_path, dataset, teacher, stage, precision, task):
+    """One process, no Ray: the debugging path, through the same loop and a real DeepSpeed engine."""
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from facemae.config import load_config\n"
+        "from facemae.train.trainer import train\n"
+        "r = train(load_config(None, sys.argv[1:]))\n"
+        "print(json.dumps({'checkpoint': r.checkpoint, 'weights': r.weights, 'metrics': r.metrics}))\n")
+    args = [*TINY, f"data.output={dataset}", f"train.teacher={teacher}", f"train.storage_path={tmp_path}",
+            "name=local", "train.num_workers=0", f"train.zero_stage={stage}", f"train.precision={precision}",
+            f"train.task={task}", "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1"]
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["metrics"]["step"] == 4 and np.isfinite(result["metrics"]["loss"])
+    assert Path(result["checkpoint"]).name == "checkpoint_00000004"
+    from facemae.train.tasks import load_fr_backbone, read_weights
+
+    state, info = read_weights(result["weights"])
+    assert info["task"] == task and all(v.dtype == torch.float32 for v in state.values())
+    if task == "fr":
+        assert load_fr_backbone(result["weights"])(torch.zeros(2, 3, 112, 112)).shape == (2, 64)
+    else:
+        assert load_mae(result["weights"])(torch.zeros(1, 3, 112, 112))[1].shape == (1, 196, 192)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_endpoint_is_scraped_over_http_while_training(tmp_path, dataset):
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    args = [*TINY, f"data.output={dataset}", f"train.storage_path={tmp_path}", "name=metrics", "train.task=fr",
+            "train.num_workers=0", "train.max_steps=60", "train.checkpoint_every=60", f"train.metrics_port={port}"]
+    script = "import sys\nfrom facemae.config import load_config\nfrom facemae.train.trainer import train\n" \
+             "train(load_config(None, sys.argv[1:]))\n"
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    steps, text = [], ""
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.2)  # not serving yet (DeepSpeed still starting) or just finished
+                continue
+            found = re.search(r'^facemae_train_step\{run="metrics"\} (\S+)$', text, re.M)
+            if found and (not steps or float(found.group(1)) != steps[-1]):
+                steps.append(float(found.group(1)))
+            time.sleep(0.1)
+    finally:
+        proc.wait(timeout=300)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    print(f"scraped step values: {steps}")
+    assert len(steps) >= 3 and steps == sorted(steps) and steps[-1] > steps[0]
+    assert re.search(r'^facemae_train_images_total\{run="metrics"\} [1-9]', text, re.M)
+    assert 'facemae_train_data_wait_seconds_bucket{le="0.01",run="metrics"}' in text
+    assert re.search(r'^facemae_train_loss\{component="loss",run="metrics"\} \d', text, re.M)
