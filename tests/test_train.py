@@ -162,25 +162,38 @@ def test_teacher_embeddings_from_an_actor_pool_match_a_direct_computation(tmp_pa
     assert embed_dataset(config, source=dataset, weights=teacher, output=out).to_json() == manifest.to_json()
 
 
+def _train_in_subprocess(overrides: list[str]) -> dict:
+    """Local mode sets up a process group, so it runs in a process of its own."""
+    import subprocess
+    import sys
+
+    script = ("import json, sys\nfrom facemae.config import load_config\nfrom facemae.train.trainer import train\n"
+              "r = train(load_config(None, sys.argv[1:]))\n"
+              "print(json.dumps({'checkpoint': r.checkpoint, 'weights': r.weights, 'metrics': r.metrics}))\n")
+    out = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_new_run_starts_from_an_explicit_checkpoint(tmp_path, dataset, teacher):
+    common = [*TINY, f"data.output={dataset}", f"train.teacher={teacher}", f"train.storage_path={tmp_path}",
+              "train.num_workers=0", "train.checkpoint_every=2", "train.log_every=1"]
+    first = _train_in_subprocess([*common, "name=first", "train.max_steps=4"])
+    second = _train_in_subprocess([*common, "name=second", "train.max_steps=6",
+                                   f"train.resume_from={first['checkpoint']}"])
+    steps = [m["step"] for m in _metrics(str(tmp_path / "second"))]
+    assert steps == [5, 6]  # continued from step 4 of the other run
+    assert Path(second["checkpoint"]).parent.name == "second"
+
+
 @pytest.mark.parametrize("stage, precision, task", [(0, "fp32", "fr"), (1, "fp32", "mae"), (2, "bf16", "mae"),
                                                      (3, "fp32", "mae"), (3, "fp32", "fr")])
 def test_local_mode_trains_each_zero_stage_and_exports_weights(tmp_path, dataset, teacher, stage, precision, task):
     """One process, no Ray: the debugging path, through the same loop and a real DeepSpeed engine."""
-    import subprocess
-    import sys
-
-    script = (
-        "import json, sys\n"
-        "from facemae.config import load_config\n"
-        "from facemae.train.trainer import train\n"
-        "r = train(load_config(None, sys.argv[1:]))\n"
-        "print(json.dumps({'checkpoint': r.checkpoint, 'weights': r.weights, 'metrics': r.metrics}))\n")
-    args = [*TINY, f"data.output={dataset}", f"train.teacher={teacher}", f"train.storage_path={tmp_path}",
-            "name=local", "train.num_workers=0", f"train.zero_stage={stage}", f"train.precision={precision}",
-            f"train.task={task}", "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1"]
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = _train_in_subprocess([*TINY, f"data.output={dataset}", f"train.teacher={teacher}",
+                                   f"train.storage_path={tmp_path}", "name=local", "train.num_workers=0",
+                                   f"train.zero_stage={stage}", f"train.precision={precision}", f"train.task={task}",
+                                   "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1"])
     assert result["metrics"]["step"] == 4 and np.isfinite(result["metrics"]["loss"])
     assert Path(result["checkpoint"]).name == "checkpoint_00000004"
     from facemae.train.tasks import load_fr_backbone, read_weights
@@ -236,3 +249,39 @@ def test_metrics_endpoint_is_scraped_over_http_while_training(tmp_path, dataset)
     assert re.search(r'^facemae_train_images_total\{run="metrics"\} [1-9]', text, re.M)
     assert 'facemae_train_data_wait_seconds_bucket{le="0.01",run="metrics"}' in text
     assert re.search(r'^facemae_train_loss\{component="loss",run="metrics"\} \d', text, re.M)
+
+
+@pytest.mark.ray
+def test_a_lost_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, dataset, teacher, ray_cluster):
+    import threading
+    import time
+
+    import psutil
+
+    from facemae.train.trainer import train
+
+    config = _config(tmp_path, dataset, teacher, "name=failover", "train.num_workers=2", "train.max_steps=24",
+                     "train.checkpoint_every=5", "train.log_every=1", "train.max_failures=1")
+    started = time.time()
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=train(config)), daemon=True)
+    thread.start()
+    log = Path(config.run_dir()) / "metrics.jsonl"
+    while thread.is_alive() and not (log.exists() and max((m["step"] for m in _metrics(config.run_dir())),
+                                                            default=0) >= 7):
+        time.sleep(0.2)
+    workers = [p for p in psutil.process_iter(["cmdline", "create_time"])
+               if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.info["create_time"] >= started - 1]
+    assert len(workers) == 2, [p.info["cmdline"] for p in workers]
+    killed_at = max(m["step"] for m in _metrics(config.run_dir()))
+    workers[-1].kill()  # a worker lost mid-run, as a preempted node would lose it
+    thread.join(timeout=600)
+    assert "result" in box, "training did not finish after the worker group restart"
+
+    steps = [m["step"] for m in _metrics(config.run_dir())]
+    drops = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    assert len(drops) == 1, steps  # exactly one restart
+    resumed = steps[drops[0]]
+    print(f"killed a worker at step {killed_at}; the group restarted at step {resumed}: {steps}")
+    assert (resumed - 1) % 5 == 0 and resumed - 1 <= steps[drops[0] - 1]  # from the last checkpoint
+    assert steps[-1] == 24 and Path(box["result"].checkpoint).name == "checkpoint_00000024"

@@ -86,6 +86,11 @@ class TrainMetrics:
         seconds = sum(s + w for _, s, w in self._recent)
         return self._world * sum(i for i, _, _ in self._recent) / seconds if seconds > 0 else 0.0
 
+    def median_step_seconds(self) -> float:
+        """Median compute time of the last batches (data wait excluded)."""
+        times = sorted(s for _, s, _ in self._recent)
+        return times[len(times) // 2] if times else 0.0
+
     def data_wait_fraction(self) -> float:
         """Share of the last batches' wall time spent waiting for data."""
         total = sum(s + w for _, s, w in self._recent)

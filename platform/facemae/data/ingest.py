@@ -7,7 +7,6 @@ large inputs run as Ray tasks and an interrupted ingest resumes where it stopped
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence

@@ -289,7 +289,7 @@ def _draw_hair_back(canvas: _Canvas, traits: IdentityTraits) -> None:
 
 def _draw_hair_front(canvas: _Canvas, traits: IdentityTraits) -> None:
     """The part of the hair that covers the top of the forehead (drawn after the face)."""
-    w, h, style = traits.face_width, traits.face_height, traits.hair_style
+    h, style = traits.face_height, traits.hair_style
     if style == "bald":
         return
     # Hairline height as a fraction of the face half-height above the centre.

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -81,7 +82,8 @@ class WorkerContext:
 
     def run_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         return {**metrics, "images_per_s": round(self.metrics.images_per_second(), 2),
-                "data_wait_fraction": round(self.metrics.data_wait_fraction(), 4)}
+                "step_time_s": round(self.metrics.median_step_seconds(), 4),
+                "data_wait_fraction": round(self.metrics.data_wait_fraction(), 4), "time": round(time.time(), 3)}
 
     def saved(self, engine: Any, directory: str, step: int) -> None:
         """After a checkpoint: with ``train.debug_state_dir``, snapshot what was saved (resume audits)."""
@@ -126,17 +128,18 @@ def _dump(engine: Any, path: Path) -> None:
 
 
 def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-    out["image"] = _model_range(out["image"])
+    return _model_inputs({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()})
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """uint8 pixels to the model range ``[N, 3, H, W]`` in [-1, 1]; masks to float."""
+    from facemae.models.fr import to_model_range
+
+    out = dict(batch)
+    out["image"] = to_model_range(batch["image"])
     if "mask" in out:
         out["mask"] = out["mask"].float()
     return out
-
-
-def _model_range(pixels: torch.Tensor) -> torch.Tensor:
-    from facemae.models.fr import to_model_range
-
-    return to_model_range(pixels)
 
 
 class RayContext(WorkerContext):
@@ -159,13 +162,13 @@ class RayContext(WorkerContext):
 
     def batches(self, epoch: int, *, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         train = self.config.train
-        it = self._shard.iter_batches(batch_size=train.micro_batch, batch_format="numpy", drop_last=True,
-                                      prefetch_batches=train.prefetch_batches,
-                                      local_shuffle_buffer_size=train.shuffle_buffer or None)
+        it = self._shard.iter_torch_batches(batch_size=train.micro_batch, drop_last=True,
+                                            prefetch_batches=train.prefetch_batches,
+                                            local_shuffle_buffer_size=train.shuffle_buffer or None)
         # Ray Data's streaming split does not replay an epoch in the same order, so a resume skips
         # as many batches as were trained on: exact in count, not in which rows (see README).
         for batch in itertools.islice(it, skip, None):
-            yield _to_tensors(batch)
+            yield _model_inputs(batch)
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[str | None]:

@@ -8,7 +8,6 @@ serves clusters, :class:`facemae.train.context.LocalContext` one process with no
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,8 +127,3 @@ def _restore(engine: Any, ctx: WorkerContext) -> Progress:
         ctx.restored(engine, progress.step)
         return progress
 
-
-def effective_epochs(rows: int, *, world_size: int, micro_batch: int, max_steps: int, grad_accum: int) -> float:
-    """Epochs ``max_steps`` covers (logged once by the driver)."""
-    per_epoch = (rows // world_size) // micro_batch // grad_accum
-    return math.inf if per_epoch == 0 else max_steps / per_epoch

@@ -9,7 +9,6 @@ run's latest checkpoint (Ray Train V2 keeps the run's state there).
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
