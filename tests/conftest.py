@@ -56,10 +56,16 @@ def make_folder(root: Path, identities: int, images: int, *, seed: int = 0) -> d
     return out
 
 
-@pytest.fixture
-def tmp_cwd(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on this 2-core box, shared with other work, two OpenMP threads that wait on
+    each other made a 2 s training loop take 50 s; one thread stays within about 2x of its best."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # tests talk only to clusters they start (REFERENCE row F)

@@ -18,16 +18,6 @@ from facemae.models.registry import build_fr
 from facemae.train.steps import freeze_teacher
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on this 2-core box, shared with other work, two OpenMP threads that wait on
-    each other made a 2 s training loop take 50 s; one thread stays within about 2x of its best."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_masked_mse_equals_a_hand_computation():
     pred = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, -1.0]]])  # (N=1, L=3, 2)
     target = torch.tensor([[[0.0, 0.0], [5.0, 5.0], [1.0, 1.0]]])

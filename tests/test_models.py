@@ -22,16 +22,6 @@ from facemae.losses.reconstruction import masked_mse
 TINY_VIT = dict(embed_dim=32, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on this 2-core box, shared with other work, two OpenMP threads that wait on
-    each other made a 2 s training loop take 50 s; one thread stays within about 2x of its best."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _faces(n: int, *, seed: int = 0) -> torch.Tensor:
     pixels = np.stack([generate_image(i, 0, seed=seed) for i in range(n)])
     return to_model_range(torch.from_numpy(pixels))  # (N, 3, 112, 112)
@@ -204,9 +194,9 @@ def test_model_config_names_the_fix():
         load_config(None, ["model.judge=r50"])
     with pytest.raises(ValueError, match="uses patch size 8 but mask.patch_size=16; set model.mae to one of "
                                          "facemae_vit_tiny_p16"):
-        load_config(None, ["model.mae=facemae_vit_tiny_p8", "mask.patch_size=16"])
+        load_config(None, ["model.mae=facemae_vit_tiny_p8", "mask.patch_size=16"]).check_mae_patch_size()
     with pytest.raises(ValueError, match="no registered FaceMAE uses it; set mask.patch_size to one of 8, 16"):
-        load_config(None, ["mask.patch_size=14"])
+        load_config(None, ["mask.patch_size=14"]).check_mae_patch_size()
 
 
 def test_loading_a_config_imports_neither_torch_nor_timm():

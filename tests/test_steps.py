@@ -15,16 +15,6 @@ from facemae.models.registry import build_fr, build_mae
 from facemae.train.steps import fr_step, freeze_teacher, mae_irm_step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on this 2-core box, shared with other work, two OpenMP threads that wait on
-    each other made a 2 s training loop take 50 s; one thread stays within about 2x of its best."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(*overrides: str) -> Config:
     return load_config(None, ["mask.patch_size=16", "model.mae=facemae_vit_tiny_p16", "model.teacher=fr_tiny",
                               "model.fr=fr_tiny", *overrides])

@@ -360,11 +360,16 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate()
-        self._check_patch_size()
         return self
 
-    def _check_patch_size(self) -> None:
-        # The model reads the owner's masked shards token for token, so both must cut the same patches.
+    def check_mae_patch_size(self) -> None:
+        """Jobs that run FaceMAE call this: the model reads the owner's masked shards token for token,
+        so both must cut the same patches. (Masking alone does not need a model, so ``validate``
+        leaves it out.)
+
+        Raises:
+            ValueError: The sizes differ; the message names the models that would fit.
+        """
         patch = mae_patch_size(self.model.mae)
         if patch == self.mask.patch_size:
             return

@@ -40,6 +40,8 @@ def teacher_config(config: Config) -> Config:
 def run_training_job(config: Config, *, overwrite: bool = False,
                      say: Callable[[str], None] = print) -> JobResult:
     """Ingests, masks the deployment split, trains a teacher when IRM needs one, then trains."""
+    if config.train.task == "mae":
+        config.check_mae_patch_size()  # before hours of teacher training, not after
     original = ingest(config, overwrite=overwrite)
     say(f"dataset  {config.data.output}: {original.num_images('train')} training and "
         f"{original.num_images('deploy')} deployment images, {original.report.get('corrupt', 0)} refused")

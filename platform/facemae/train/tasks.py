@@ -77,6 +77,7 @@ def build_task(config: Config, *, num_classes: int, device: torch.device) -> nn.
     """
     if config.train.task == "fr":
         return FRTask(config, backbone=config.train.fr_backbone or config.model.fr, num_classes=num_classes)
+    config.check_mae_patch_size()
     teacher = None
     if config.loss.lambda_irm > 0:
         if not config.train.teacher:
