@@ -18,7 +18,7 @@ PURE_MODULES = ["data/images.py", "data/masking.py", "data/synthetic.py", "data/
                 "data/verification_bin.py", "data/shards.py", "config.py",
                 "models/__init__.py", "models/mae.py", "models/fr.py", "models/registry.py",
                 "losses/__init__.py", "losses/irm.py", "losses/margin.py", "losses/reconstruction.py",
-                "train/__init__.py", "train/steps.py"]
+                "train/__init__.py", "train/steps.py", "eval/verification.py", "eval/privacy.py"]
 FORBIDDEN = ("ray", "deepspeed", "torch.distributed")
 
 
