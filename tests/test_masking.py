@@ -89,7 +89,7 @@ def test_masked_pixels_are_never_written(tmp_path, patch_size, ratio):
                 shown += 1
     assert hidden == len(pixels) * (cfg.mask.num_patches - cfg.mask.keep) and shown == len(pixels) * cfg.mask.keep
     schema = pq.read_schema(next(out.rglob("*.parquet")))
-    assert schema.names == ["image_id", "identity", "visible", "mask"]
+    assert schema.names == ["image_id", "source_id", "identity", "visible", "mask"]
 
 
 def test_masked_records_rebuild_the_visible_view(tmp_path):
@@ -112,3 +112,22 @@ def test_masking_is_deterministic_and_refuses_a_non_original_source(tmp_path):
     assert [s.sha256 for s in first.splits["train"]] == [s.sha256 for s in again.splits["train"]]
     with pytest.raises(ValueError, match="is a masked dataset; `facemae mask` reads an original one"):
         mask_dataset(cfg, source=str(tmp_path / "masked"), output=str(tmp_path / "twice"))
+
+
+def test_several_masked_copies_per_face_each_with_its_own_mask(tmp_path):
+    pixels, cfg = _dataset(tmp_path, identities=2, images=2)
+    cfg.mask.copies = 3
+    manifest = mask_dataset(cfg)
+    rows = [r for split in manifest.splits for r in iter_rows(manifest.files(tmp_path / "masked", split))]
+    assert len(rows) == 3 * len(pixels) and manifest.mask["copies"] == 3
+    by_source: dict[str, list] = {}
+    for r in rows:
+        by_source.setdefault(r["source_id"], []).append(r)
+    assert set(by_source) == set(pixels)
+    for source, copies in by_source.items():
+        assert sorted(r["image_id"] for r in copies) == [f"{source}#m{j}" for j in range(3)]
+        assert len({r["mask"] for r in copies}) == 3  # three different masks of one face
+        for r in copies:
+            m = np.frombuffer(r["mask"], np.uint8)
+            view = patchify(unmask(r["visible"], r["mask"], patch_size=8), 8)
+            np.testing.assert_array_equal(view[m == 0], patchify(pixels[source], 8)[m == 0])

@@ -87,11 +87,14 @@ class MaskConfig:
         seed: Mask seed; each image's mask depends only on this seed and its ``image_id``.
         splits: Dataset splits to mask.
         output: Folder of the masked dataset; empty means ``<data.output>-masked``.
+        copies: Masked versions of each face, each with its own mask (``image_id#m<j>``), so that
+            generation can release several reconstructions per face.
     """
 
     patch_size: int = 8
     ratio: float = 0.75
     seed: int = 0
+    copies: int = 1
     splits: list[str] = field(default_factory=lambda: ["train", "deploy"])
     output: str = ""
 
@@ -114,6 +117,8 @@ class MaskConfig:
         if self.keep < 1:
             raise ValueError(f"mask.ratio={self.ratio} with mask.patch_size={self.patch_size} keeps no patch "
                              f"of the {self.num_patches}; lower the ratio or the patch size")
+        if self.copies < 1:
+            raise ValueError(f"mask.copies={self.copies} must be >= 1")
         unknown = sorted(set(self.splits) - {"train", "deploy"})
         if unknown or not self.splits:
             raise ValueError(f"mask.splits={self.splits} must be a non-empty subset of ['train', 'deploy']")
@@ -313,6 +318,38 @@ class TrainConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Deployment: reconstructing the owner's masked faces into the released dataset.
+
+    Attributes:
+        weights: FaceMAE ``weights.safetensors``; empty means this run's export,
+            ``<train.storage_path>/<name>/export/weights.safetensors``.
+        method: ``reconstruct`` (FaceMAE) or ``masked`` (release the masked view itself: a baseline).
+        masked: Masked dataset to read; empty means ``mask.output`` / ``<data.output>-masked``.
+        output: Released dataset folder; empty means ``<masked>-<method>``.
+        batch_size: Faces per actor call.
+        actors: Actors in the pool (one model each).
+        cpus_per_actor: CPUs each actor reserves (below 1 on small machines, REFERENCE.md row B).
+        use_gpu: One GPU per actor.
+    """
+
+    weights: str = ""
+    method: str = "reconstruct"
+    masked: str = ""
+    output: str = ""
+    batch_size: int = 64
+    actors: int = 2
+    cpus_per_actor: float = 0.5
+    use_gpu: bool = False
+
+    def validate(self) -> None:
+        if self.method not in ("reconstruct", "masked"):
+            raise ValueError(f"generate.method={self.method!r} must be 'reconstruct' or 'masked'")
+        if self.batch_size < 1 or self.actors < 1 or self.cpus_per_actor <= 0:
+            raise ValueError("generate.batch_size and generate.actors must be >= 1, generate.cpus_per_actor > 0")
+
+
+@dataclass
 class RayConfig:
     """How a job reaches Ray.
 
@@ -342,6 +379,7 @@ class Config:
         model: Named models.
         loss: Loss settings.
         train: Distributed training settings.
+        generate: Deployment (released dataset) settings.
         ray: Cluster connection.
     """
 
@@ -351,6 +389,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> "Config":

@@ -43,7 +43,7 @@ def mask_dataset(config: Config, *, source: str | None = None, output: str | Non
     m = config.mask
     units = [Unit(root=output, split=split, rel=shard.file,
                   payload={"src": str(Path(source) / shard.file), "patch_size": m.patch_size,
-                           "keep": m.keep, "seed": m.seed})
+                           "keep": m.keep, "seed": m.seed, "copies": m.copies})
              for split in m.splits for shard in original.splits.get(split, [])]
     fingerprint = {"stage": "mask", "mask": asdict(m) | {"output": ""},
                    "source_manifest": sha256_file(Path(source) / MANIFEST)}
@@ -57,24 +57,30 @@ def mask_dataset(config: Config, *, source: str | None = None, output: str | Non
         splits={s: [r.shard for r in results if r.split == s] for s in m.splits},
         report={"images": sum(r.shard.rows for r in results)},
         mask={"patch_size": m.patch_size, "ratio": m.ratio, "keep": m.keep,
-              "num_patches": m.num_patches, "seed": m.seed, "layout": "visible=[keep,p,p,3] uint8; mask=L bytes, 1=removed"},
+              "num_patches": m.num_patches, "seed": m.seed, "copies": m.copies,
+              "layout": "visible=[keep,p,p,3] uint8; mask=L bytes, 1=removed"},
         identity_names=original.identity_names, image_size=original.image_size)
     manifest.write(output)
     finish(output)
     return manifest
 
 
+def masked_id(image_id: str, copy: int, copies: int) -> str:
+    """Id of one masked version of a face: the face's own id when there is one version."""
+    return image_id if copies == 1 else f"{image_id}#m{copy}"
+
+
 def mask_unit(unit: Unit) -> UnitResult:
-    """Masks one original shard into one masked shard."""
+    """Masks one original shard into one masked shard (``copies`` rows per face, each its own mask)."""
     p = unit.payload
     table = pq.read_table(p["src"], columns=["image_id", "identity", "image"])
-    visible, masks = [], []
-    for image_id, image in zip(table.column("image_id").to_pylist(), table.column("image").to_pylist()):
-        vis, mask = mask_face(decode_rgb(image), image_id=image_id, patch_size=p["patch_size"],
-                              keep=p["keep"], seed=p["seed"])
-        visible.append(vis)
-        masks.append(mask)
-    out = pa.table({"image_id": table.column("image_id"), "identity": table.column("identity"),
-                    "visible": pa.array(visible, pa.binary()), "mask": pa.array(masks, pa.binary())},
-                   schema=MASKED_SCHEMA)
+    columns: dict[str, list] = {"image_id": [], "source_id": [], "identity": [], "visible": [], "mask": []}
+    for image_id, identity, image in zip(*(table.column(c).to_pylist() for c in ("image_id", "identity", "image"))):
+        pixels = decode_rgb(image)
+        for copy in range(p["copies"]):
+            name = masked_id(image_id, copy, p["copies"])
+            vis, mask = mask_face(pixels, image_id=name, patch_size=p["patch_size"], keep=p["keep"], seed=p["seed"])
+            for key, value in zip(columns, (name, image_id, identity, vis, mask)):
+                columns[key].append(value)
+    out = pa.table(columns, schema=MASKED_SCHEMA)
     return UnitResult(split=unit.split, shard=write_shard(unit.root, unit.rel, out))

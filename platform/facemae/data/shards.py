@@ -35,9 +35,10 @@ ORIGINAL_SCHEMA = pa.schema([
 
 # A masked shard holds no pixel of a masked patch: `visible` is the kept patches' raw pixels,
 # [keep, p, p, 3] uint8 in ascending patch order, and `mask` is L bytes (1 = removed, 0 = visible),
-# the MAE convention.
+# the MAE convention. `source_id` is the original face's id (several masked copies may share it).
 MASKED_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
+    pa.field("source_id", pa.string(), nullable=False),
     pa.field("identity", pa.int64(), nullable=False),
     pa.field("visible", pa.binary(), nullable=False),
     pa.field("mask", pa.binary(), nullable=False),
@@ -56,6 +57,15 @@ class ShardInfo:
     rows: int
     sha256: str
     identities: list[int] = field(default_factory=list)
+
+
+# A released shard: the face the platform publishes (reconstructed or masked view), PNG-encoded.
+RELEASED_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("source_id", pa.string(), nullable=False),
+    pa.field("identity", pa.int64(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+])
 
 
 def sha256_file(path: str | os.PathLike) -> str:

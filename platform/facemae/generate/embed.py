@@ -8,7 +8,6 @@ names and rows, plus ``teacher_emb``), written shard by shard, atomically and re
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pyarrow as pa
 from facemae.config import Config
 from facemae.data.runner import Journal, UnitResult, prepare_output, reusable
 from facemae.data.shards import MANIFEST, ORIGINAL_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
+from facemae.generate.streaming import write_as_shards_complete
 
 EMBEDDED_SCHEMA = ORIGINAL_SCHEMA.append(pa.field("teacher_emb", pa.list_(pa.float32()), nullable=False))
 
@@ -99,23 +99,9 @@ def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, o
     ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs={"weights": weights, "use_gpu": use_gpu},
                         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=config.train.micro_batch,
                         batch_format="numpy", **({"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}))
-    pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for i, path in enumerate(batch["path"]):
-            path = _source_path(str(path), todo)
-            pending[path].append({k: batch[k][i] for k in ("image_id", "identity", "image", "teacher_emb")})
-            split, shard = todo[path]
-            if len(pending[path]) == shard.rows:
-                _write(pending.pop(path), split=split, rel=shard.file, output=output, journal=journal)
-    if pending:
-        raise RuntimeError(f"teacher embedding lost rows of {sorted(pending)}; rerun to finish the shards")
-
-
-def _source_path(path: str, todo: dict[str, Any]) -> str:
-    """Ray Data reports paths without the filesystem scheme; map back to the key we passed."""
-    if path in todo:
-        return path
-    return next(p for p in todo if p.endswith(path) or path.endswith(p.lstrip("/")))
+    write_as_shards_complete(ds, todo, columns=("image_id", "identity", "image", "teacher_emb"),
+                             write=lambda rows, split, rel: _write(rows, split=split, rel=rel, output=output,
+                                                                   journal=journal))
 
 
 def _write(rows: list[dict[str, Any]], *, split: str, rel: str, output: str, journal: Journal) -> None:

@@ -1,0 +1,143 @@
+"""Deployment: the released dataset from the owner's masked shards, by a real Ray Data actor pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from facemae.config import load_config
+from facemae.data.images import decode_rgb
+from facemae.data.ingest import ingest
+from facemae.data.masking import patchify
+from facemae.data.owner import mask_dataset
+from facemae.data.recordio import RecordIOReader
+from facemae.data.runner import JOURNAL
+from facemae.data.shards import iter_rows, read_manifest, verify_dataset
+from facemae.generate.export import export_image_folder, export_recordio
+from facemae.generate.release import generate_released
+from facemae.train.tasks import save_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory):
+    """Originals, the owner's masked deployment split (2 masks per face), and an untrained tiny FaceMAE."""
+    from facemae.models.registry import build_mae
+
+    root = tmp_path_factory.mktemp("owner")
+    args = [f"data.output={root / 'orig'}", "data.num_identities=8", "data.images_per_identity=4",
+            "data.deploy_fraction=0.5", "data.rows_per_shard=4", "data.workers=1", f"mask.output={root / 'masked'}",
+            "mask.splits=[deploy]", "mask.copies=2", "model.mae=facemae_vit_tiny_p8"]
+    config = load_config(None, args)
+    ingest(config)
+    mask_dataset(config)
+    torch.manual_seed(0)
+    weights = save_weights(build_mae("facemae_vit_tiny_p8"), root / "mae",
+                           {"task": "mae", "model": "facemae_vit_tiny_p8", "norm_pix_loss": False})
+    return root, args + [f"generate.weights={weights}", "generate.batch_size=8"]
+
+
+def _rows(root: Path) -> list[dict]:
+    manifest = read_manifest(root)
+    return [r for split in manifest.splits for r in iter_rows(manifest.files(root, split))]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("paste", [True, False])
+def test_release_pastes_the_owners_pixels_bit_exact_and_lists_every_row_once(tmp_path, owner, paste, ray_cluster):
+    root, args = owner
+    out = tmp_path / "released"
+    manifest = generate_released(load_config(None, [*args, f"generate.output={out}", f"loss.paste_visible={paste}"]))
+    verify_dataset(out)
+    masked = {r["image_id"]: r for r in _rows(root / "masked")}
+    released = _rows(out)
+    assert manifest.kind == "released" and manifest.num_images() == len(masked) == 2 * 16
+    assert sorted(r["image_id"] for r in released) == sorted(masked)  # every input row once
+    exact = []
+    for r in released:
+        m = masked[r["image_id"]]
+        assert (r["source_id"], r["identity"]) == (m["source_id"], m["identity"])
+        mask = np.frombuffer(m["mask"], np.uint8)
+        patches = patchify(decode_rgb(r["image"]), 8)  # (196, 192)
+        owner_visible = np.frombuffer(m["visible"], np.uint8).reshape(-1, 192)
+        exact.append(np.array_equal(patches[mask == 0], owner_visible))
+        assert np.ptp(patches[mask == 1]) > 0  # predicted, not a flat fill
+    assert all(exact) if paste else not any(exact)
+
+
+@pytest.mark.ray
+def test_masked_baseline_releases_the_masked_view(tmp_path, owner, ray_cluster):
+    root, args = owner
+    out = tmp_path / "masked-view"
+    generate_released(load_config(None, [*args, f"generate.output={out}", "generate.method=masked"]))
+    masked = {r["image_id"]: r for r in _rows(root / "masked")}
+    for r in _rows(out):
+        mask = np.frombuffer(masked[r["image_id"]]["mask"], np.uint8)
+        patches = patchify(decode_rgb(r["image"]), 8)
+        assert np.array_equal(patches[mask == 0], np.frombuffer(masked[r["image_id"]]["visible"], np.uint8).reshape(-1, 192))
+        assert (patches[mask == 1] == 128).all()  # removed patches at mid-grey
+
+
+def test_a_killed_generation_reruns_to_exactly_the_input_rows(tmp_path, owner):
+    root, args = owner
+    # One face per shard (16 masked shards of 2 rows), so the kill lands between shards.
+    args = [a.replace(str(root / "orig"), str(tmp_path / "orig")).replace(str(root / "masked"), str(tmp_path / "masked"))
+            .replace("data.rows_per_shard=4", "data.rows_per_shard=1") for a in args]
+    config = load_config(None, args)
+    ingest(config)
+    mask_dataset(config)
+    root, out = tmp_path, tmp_path / "released"
+    cmd = [sys.executable, str(ROOT / "jobs" / "generate.py"), "--config", str(ROOT / "jobs/configs/train_smoke.yaml"),
+           *[x for a in args for x in ("--set", a)], "--set", f"generate.output={out}", "--set", "generate.actors=1",
+           "--set", "generate.batch_size=1", "--set", "ray.num_cpus=2"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)  # its own process group: the kill takes its Ray too
+    journal = out / JOURNAL
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 3:  # header + 2 finished shards
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "generation finished before it could be killed; make the test input larger"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    done = {json.loads(line)["shard"]["file"]: (out / json.loads(line)["shard"]["file"]).stat().st_mtime_ns
+            for line in journal.read_text().splitlines()[1:]}
+    assert 2 <= len(done) < len(read_manifest(root / "masked").splits["deploy"])
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    manifest = verify_dataset(out)  # every shard's checksum and row count
+    ids = [r["image_id"] for r in _rows(out)]
+    assert len(ids) == len(set(ids)) == manifest.num_images() == 32
+    assert sorted(ids) == sorted(r["image_id"] for r in _rows(root / "masked"))
+    for rel, mtime in done.items():
+        assert (out / rel).stat().st_mtime_ns == mtime, f"{rel} was complete and must not be rewritten"
+
+
+@pytest.mark.ray
+def test_exports_read_back_as_folder_and_recordio(tmp_path, owner, ray_cluster):
+    root, args = owner
+    released = tmp_path / "released"
+    generate_released(load_config(None, [*args, f"generate.output={released}"]))
+    rows = _rows(released)
+    assert export_image_folder(str(released), str(tmp_path / "folder")) == len(rows)
+    files = sorted((tmp_path / "folder").rglob("*.png"))
+    assert len(files) == len(rows) and {f.read_bytes() for f in files} == {r["image"] for r in rows}
+    assert export_recordio(str(released), str(tmp_path / "pack" / "train.rec")) == len(rows)
+    with RecordIOReader(tmp_path / "pack" / "train.rec") as reader:
+        assert reader.has_header and len(reader) == len(rows)
+        got = sorted((img.label, img.image) for img in reader)
+    assert got == sorted((r["identity"], r["image"]) for r in rows)
