@@ -29,7 +29,7 @@ pip_install() {
 "${pip[@]}" torch torchvision
 # 2. everything DeepSpeed needs at build time and the rest of the stack.
 "${pip[@]}" "ray[default,train,tune,data]" timm pyarrow prometheus-client numpy pillow pyyaml \
-  safetensors tqdm ninja pytest pytest-timeout hjson psutil py-cpuinfo pydantic packaging msgpack einops
+  safetensors tqdm matplotlib ninja pytest pytest-timeout hjson psutil py-cpuinfo pydantic packaging msgpack einops
 # 3. DeepSpeed builds from source and imports torch in its setup.py: no build isolation, or pip builds
 #    it against a second, freshly downloaded torch.
 "${pip[@]}" --no-build-isolation deepspeed

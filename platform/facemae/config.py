@@ -350,6 +350,56 @@ class GenerateConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Verification and privacy evaluation.
+
+    Attributes:
+        bins: InsightFace verification ``.bin`` files (LFW, CFP-FP, AgeDB-30 format) to report.
+        pairs: Pairs the platform draws from held-out identities (the ``train`` split's originals, which
+            downstream FR models trained on deployment identities never saw); 0 turns them off.
+        pair_seed: Seed of those pairs.
+        far: False-accept rate of the TAR@FAR figure.
+        batch_size: Images per embedding batch.
+        ray_threshold: Sets with more images than this are embedded by a Ray Data actor pool.
+    """
+
+    bins: list[str] = field(default_factory=list)
+    pairs: int = 600
+    pair_seed: int = 0
+    far: float = 1e-3
+    batch_size: int = 64
+    ray_threshold: int = 20_000
+
+    def validate(self) -> None:
+        if self.pairs < 0 or self.pairs % 20:
+            raise ValueError(f"eval.pairs={self.pairs} must be a multiple of 20 (10 folds of positives and "
+                             "negatives), or 0")
+        if not 0 < self.far < 1:
+            raise ValueError(f"eval.far={self.far} must be in (0, 1)")
+
+
+@dataclass
+class ExperimentConfig:
+    """The paper's comparison (``jobs/experiment.py``).
+
+    Attributes:
+        output: Report folder (``report.md``, ``report.json``, PNGs).
+        judge_steps: Steps of the privacy judge, an FR model trained apart from the teacher.
+        fr_steps: Steps of each downstream FR model; identical for every row of the table.
+        fr_base_lr: Base learning rate of those FR runs.
+    """
+
+    output: str = "reports/experiment"
+    judge_steps: int = 200
+    fr_steps: int = 200
+    fr_base_lr: float = 0.02
+
+    def validate(self) -> None:
+        if self.judge_steps < 1 or self.fr_steps < 1:
+            raise ValueError("experiment.judge_steps and experiment.fr_steps must be >= 1")
+
+
+@dataclass
 class RayConfig:
     """How a job reaches Ray.
 
@@ -380,6 +430,8 @@ class Config:
         loss: Loss settings.
         train: Distributed training settings.
         generate: Deployment (released dataset) settings.
+        eval: Verification and privacy evaluation.
+        experiment: The paper's comparison.
         ray: Cluster connection.
     """
 
@@ -390,6 +442,8 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> "Config":

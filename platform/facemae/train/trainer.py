@@ -36,19 +36,21 @@ class TrainResult:
     metrics: dict[str, Any]  # last reported metrics
 
 
-def train(config: Config, *, dataset: str | None = None) -> TrainResult:
-    """Trains ``config.train.task`` on the ``train`` split of a dataset.
+def train(config: Config, *, dataset: str | None = None, split: str = "train") -> TrainResult:
+    """Trains ``config.train.task`` on one split of a dataset.
 
     Args:
         config: Validated config.
-        dataset: Original dataset folder; defaults to ``config.data.output``.
+        dataset: Original or released dataset folder; defaults to ``config.data.output``.
+        split: ``train`` (FaceMAE, the teacher, the judge) or ``deploy`` (FR models trained on a
+            released dataset of the deployment identities).
     """
     root = dataset or config.data.output
     manifest = verify_dataset(root)
-    files = manifest.files(root, "train")
+    files = manifest.files(root, split)
     if not files:
-        raise ValueError(f"{root} has no training shards; ingest with data.deploy_fraction < 1")
-    num_classes = max(manifest.identities("train")) + 1  # identity labels index the class centres
+        raise ValueError(f"{root} has no {split} shards; ingest with 0 < data.deploy_fraction < 1")
+    num_classes = max(manifest.identities(split)) + 1  # identity labels index the class centres
     if config.train.num_workers == 0:
         result = _train_local(config, files, num_classes)
     else:

@@ -1,0 +1,54 @@
+"""Evaluation job: verification accuracy of an FR model, and the privacy of a released dataset.
+
+    python jobs/evaluate.py --fr runs/x/export/weights.safetensors --set eval.bins=[data/lfw.bin]
+    python jobs/evaluate.py --fr W --pairs-from data/synthetic          # pairs drawn from held-out identities
+    python jobs/evaluate.py --judge J --released data/synthetic-masked-facemae --originals data/synthetic
+
+Prints one JSON object: {"verification": {target: {accuracy, accuracy_std, tar, far, ...}},
+"privacy": {image_leak@1, image_leak@5, identity_leak@1, identity_leak@5, ...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from facemae.config import load_config
+from facemae.eval.evaluate import privacy, verify
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "train.yaml"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set eval.pairs=1200 (repeatable)")
+    parser.add_argument("--fr", help="weights.safetensors of the FR model to verify")
+    parser.add_argument("--pairs-from", help="dataset whose train-split originals the pairs are drawn from")
+    parser.add_argument("--judge", help="weights.safetensors of the privacy judge (never the IRM teacher)")
+    parser.add_argument("--released", help="released dataset to score")
+    parser.add_argument("--originals", help="original dataset the release came from (default data.output)")
+    args = parser.parse_args()
+    try:
+        config = load_config(args.config, args.overrides)
+        out = {}
+        if args.fr:
+            out["verification"] = {k: {m: v for m, v in r.items() if m not in ("tpr", "fpr")}
+                                   for k, r in verify(config, args.fr, pairs_from=args.pairs_from).items()}
+        if args.judge and args.released:
+            out["privacy"] = privacy(config, args.judge, released=args.released,
+                                     originals=args.originals or config.data.output)
+        if not out:
+            raise ValueError("nothing to evaluate: pass --fr (verification) and/or --judge with --released (privacy)")
+    except ValueError as exc:
+        print(f"evaluate.py: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

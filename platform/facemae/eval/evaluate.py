@@ -1,0 +1,131 @@
+"""Evaluation jobs: verification accuracy of an FR model and the privacy of a released dataset.
+
+Embedding is the only heavy part; sets above ``eval.ray_threshold`` images are embedded by a Ray
+Data actor pool (one model per actor), smaller ones in this process. The metrics themselves are the
+plain functions of :mod:`facemae.eval.verification` and :mod:`facemae.eval.privacy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facemae.config import Config
+from facemae.data.images import decode_face, decode_rgb
+from facemae.data.shards import iter_rows, verify_dataset
+from facemae.data.verification_bin import load_verification_bin
+from facemae.eval.privacy import retrieval_leak
+from facemae.eval.verification import draw_pairs, embed_images, tar_at_far, verification_accuracy
+
+
+@dataclass
+class Embeddings:
+    """Flip-sum embeddings of one split of a dataset, rows sorted by ``image_id``."""
+
+    image_id: np.ndarray  # [N] str
+    source_id: np.ndarray  # [N] str: the original face a released row came from (itself for originals)
+    identity: np.ndarray  # [N] int64
+    emb: np.ndarray  # [N, D] float32, unit rows
+
+
+class FlipSumEmbedder:
+    """Ray Data callable class: an FR backbone loaded once per actor; encoded faces in, embeddings out."""
+
+    def __init__(self, weights: str, batch_size: int = 64) -> None:
+        from facemae.train.tasks import load_fr_backbone
+
+        self.model, self.batch_size = load_fr_backbone(weights), batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        pixels = np.stack([decode_rgb(b) for b in batch["image"]])
+        emb = embed_images(self.model, pixels, batch_size=self.batch_size)
+        source = batch["source_id"] if "source_id" in batch else batch["image_id"]
+        return {"image_id": batch["image_id"], "source_id": source, "identity": batch["identity"], "emb": list(emb)}
+
+
+def embed_split(config: Config, weights: str, root: str, split: str) -> Embeddings:
+    """Embeds every image of ``root``'s ``split`` with the FR backbone ``weights``."""
+    manifest = verify_dataset(root)
+    files = manifest.files(root, split)
+    if manifest.num_images(split) > config.eval.ray_threshold:
+        out = _embed_on_ray(config, weights, files)
+    else:
+        embedder = FlipSumEmbedder(weights, config.eval.batch_size)
+        rows = list(iter_rows(files))
+        out = embedder({k: np.array([r.get(k, r["image_id"]) for r in rows], dtype=object)
+                        for k in ("image_id", "source_id", "identity", "image")})
+    order = np.argsort(np.asarray(out["image_id"], dtype=str))
+    return Embeddings(image_id=np.asarray(out["image_id"], dtype=str)[order],
+                      source_id=np.asarray(out["source_id"], dtype=str)[order],
+                      identity=np.asarray(out["identity"], dtype=np.int64)[order],
+                      emb=np.stack(out["emb"]).astype(np.float32)[order])
+
+
+def _embed_on_ray(config: Config, weights: str, files: list[str]) -> dict[str, list]:
+    import ray.data
+
+    from facemae.cluster import ensure_ray
+
+    ensure_ray(config.ray)
+    ds = ray.data.read_parquet(files)
+    ds = ds.map_batches(FlipSumEmbedder, fn_constructor_kwargs={"weights": weights,
+                                                                "batch_size": config.eval.batch_size},
+                        batch_size=config.eval.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=config.generate.actors),
+                        num_cpus=config.generate.cpus_per_actor)
+    out: dict[str, list] = {"image_id": [], "source_id": [], "identity": [], "emb": []}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for key in out:
+            out[key].extend(batch[key])
+    return out
+
+
+def verify(config: Config, weights: str, *, pairs_from: str | None = None) -> dict[str, dict[str, Any]]:
+    """Verification accuracy (10-fold, flip-sum) and TAR@FAR of an FR backbone.
+
+    Args:
+        config: ``eval.bins`` and ``eval.pairs`` say on what.
+        weights: The backbone's ``weights.safetensors``.
+        pairs_from: Dataset whose ``train`` split originals the platform draws ``eval.pairs`` pairs from.
+
+    Returns:
+        ``{target name: {accuracy, accuracy_std, tar, tar_std, far, n_pairs, tpr, fpr}}``.
+    """
+    from facemae.train.tasks import load_fr_backbone
+
+    model, results = load_fr_backbone(weights), {}
+    for path in config.eval.bins:
+        pairs = load_verification_bin(path)
+        pixels = np.stack([decode_face(b, where=f"{path} image {i}", resize=True, convert_rgb=True)
+                           for i, b in enumerate(pairs.images)])
+        emb = embed_images(model, pixels, batch_size=config.eval.batch_size)
+        results[Path(path).stem] = _scores(emb[0::2], emb[1::2], np.asarray(pairs.issame), far=config.eval.far)
+    if pairs_from and config.eval.pairs:
+        embedded = embed_split(config, weights, pairs_from, "train")
+        idx1, idx2, issame = draw_pairs(embedded.identity, n_pairs=config.eval.pairs, seed=config.eval.pair_seed)
+        results["heldout_pairs"] = _scores(embedded.emb[idx1], embedded.emb[idx2], issame, far=config.eval.far)
+    return results
+
+
+def _scores(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray, *, far: float) -> dict[str, Any]:
+    acc = verification_accuracy(emb1, emb2, issame)
+    tar = tar_at_far(emb1, emb2, issame, far=far)
+    return {**acc.summary(), "tar": float(tar.tar), "tar_std": float(tar.std), "far": float(tar.far),
+            "tpr": acc.tpr.tolist(), "fpr": acc.fpr.tolist()}
+
+
+def privacy(config: Config, judge: str, *, released: str, originals: str, split: str = "deploy") -> dict[str, float]:
+    """``image_leak@k`` and ``identity_leak@k`` of a released set against its originals, by the judge."""
+    gallery = embed_split(config, judge, originals, split)
+    queries = embed_split(config, judge, released, split)
+    position = {image_id: i for i, image_id in enumerate(gallery.image_id)}
+    missing = [s for s in queries.source_id if s not in position]
+    if missing:
+        raise ValueError(f"{released} holds faces whose originals are not in {originals}/{split} "
+                         f"(e.g. {missing[:3]}); compare a release with the dataset it came from")
+    source = np.array([position[s] for s in queries.source_id])
+    return retrieval_leak(queries.emb, gallery.emb, query_source=source, query_identity=queries.identity,
+                          gallery_identity=gallery.identity, ks=(1, 5))

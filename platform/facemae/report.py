@@ -1,0 +1,75 @@
+"""Figures of the experiment report: reconstruction grid, ROC curves, privacy-utility plane."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from facemae.data.images import decode_rgb
+from facemae.data.shards import iter_rows, read_manifest
+
+GRID_ROWS = ("masked", "mae", "facemae", "originals")
+
+
+def _deploy_rows(root: str) -> list[dict[str, Any]]:
+    manifest = read_manifest(root)
+    return list(iter_rows(manifest.files(root, "deploy")))
+
+
+def reconstruction_grid(sets: dict[str, str], path: Path, *, faces: int = 8) -> None:
+    """One column per deployment face, one row per released set (masked, MAE, FaceMAE, original)."""
+    originals = sorted(_deploy_rows(sets["originals"]), key=lambda r: r["image_id"])
+    step = max(1, len(originals) // faces)
+    picked = [r["image_id"] for r in originals[::step][:faces]]
+    rows = []
+    for name in (n for n in GRID_ROWS if n in sets):
+        by_source: dict[str, bytes] = {}
+        for r in sorted(_deploy_rows(sets[name]), key=lambda r: r["image_id"]):
+            by_source.setdefault(r.get("source_id", r["image_id"]), r["image"])  # first masked copy
+        rows.append(np.concatenate([decode_rgb(by_source[i]) for i in picked], axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def plot_roc(table: dict[str, dict[str, Any]], path: Path) -> None:
+    """ROC (mean over the 10 folds) of each row's FR model on the first verification target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for row, r in table.items():
+        target, scores = next(iter(r["verification"].items()))
+        ax.plot(scores["fpr"], scores["tpr"], label=f"{row} ({scores['accuracy']:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC on {target}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_privacy_utility(table: dict[str, dict[str, Any]], path: Path) -> None:
+    """Each row as a point: identity_leak@1 (privacy, lower is better) against verification accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for row, r in table.items():
+        acc = next(iter(r["verification"].values()))["accuracy"]
+        leak = r["privacy"]["identity_leak@1"]
+        ax.scatter([leak], [acc])
+        ax.annotate(row, (leak, acc), textcoords="offset points", xytext=(5, 5))
+    chance = next(iter(table.values()))["privacy"]["identity_chance@1"]
+    ax.axvline(chance, linestyle=":", color="grey", label="chance leak")
+    ax.set(xlabel="identity_leak@1 (lower is more private)", ylabel="verification accuracy",
+           title="privacy-utility plane", xlim=(0, 1.05))  # leak is a fraction; keep the chance line in view
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
