@@ -243,6 +243,12 @@ class TrainConfig:
             ``<run>/sample_ids/rank<r>.txt`` (data lineage audits).
         debug_state_dir: Write each rank's full training state after every save and restore there
             (resume audits; large).
+        val_every: FaceMAE runs: optimizer steps between validations on held-out identities (the
+            ``deploy`` split of ``data.output``), also run at the last step; 0 turns it off. Each
+            validation joins that step's report, so a Tune sweep has its objective at every report.
+        val_images: Held-out faces of each validation (a seeded draw, masked as the owner would).
+        judge: ``weights.safetensors`` of the privacy judge (an FR run apart from the teacher); with
+            it, validation also reports the retrieval leak of the reconstructions.
     """
 
     task: str = "mae"
@@ -276,6 +282,9 @@ class TrainConfig:
     seed: int = 0
     log_sample_ids: bool = False
     debug_state_dir: str = ""
+    val_every: int = 0
+    val_images: int = 64
+    judge: str = ""
 
     def global_batch(self, world_size: int) -> int:
         """Images per optimizer step over all workers."""
@@ -313,6 +322,9 @@ class TrainConfig:
             raise ValueError("train.use_gpu needs Ray Train workers: set train.num_workers >= 1")
         if self.base_lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("train.base_lr must be > 0 and train.min_lr_ratio in [0, 1]")
+        if self.val_every < 0 or self.val_images < 2:
+            raise ValueError(f"train.val_every={self.val_every} must be >= 0 (0 = off) and train.val_images="
+                             f"{self.val_images} >= 2")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"train.metrics_port={self.metrics_port} must be a port number, or 0 to turn it off")
 
@@ -399,6 +411,74 @@ class ExperimentConfig:
             raise ValueError("experiment.judge_steps and experiment.fr_steps must be >= 1")
 
 
+SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+OBJECTIVES = ("utility", "privacy_utility")
+
+
+@dataclass
+class TuneConfig:
+    """A Ray Tune sweep over FaceMAE training (``jobs/tune.py``).
+
+    Attributes:
+        space: Search space, ``{dotted config key: {kind: values}}`` with kind ``choice`` / ``grid``
+            (a list of values), ``uniform`` / ``loguniform`` / ``randint`` (``[low, high]``), e.g.
+            ``{"mask.ratio": {"choice": [0.5, 0.75]}, "train.base_lr": {"loguniform": [1e-3, 1e-2]}}``.
+        num_samples: Trials drawn from the space (each grid point is repeated this often).
+        max_concurrent: Trials running at once; 0 sizes it to the cluster's CPUs (or GPUs).
+        objective: ``utility`` (minimise ``val_irm``: how much the teacher's relations among held-out
+            faces change in reconstruction) or ``privacy_utility`` (minimise ``val_irm +
+            privacy_weight * val_identity_leak@1``, which needs the judge). Both are reported anyway.
+        privacy_weight: Weight of the leak in the ``privacy_utility`` objective.
+        scheduler: ``asha`` (early stopping) or ``fifo`` (every trial runs to ``train.max_steps``).
+        grace_period: Validations every trial gets before ASHA may stop it.
+        reduction_factor: ASHA's halving rate.
+        cpus_per_trial: CPUs each trial's driver function reserves (its Train workers reserve their own).
+        output: Folder of the sweep report (``trials.json``, ``pareto.md``, ``pareto.png``); empty means
+            ``reports/<name>-sweep``.
+        seed: Seed of the search.
+    """
+
+    space: dict[str, dict[str, list]] = field(default_factory=dict)
+    num_samples: int = 4
+    max_concurrent: int = 0
+    objective: str = "utility"
+    privacy_weight: float = 1.0
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    cpus_per_trial: float = 0.25
+    output: str = ""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads "1e-3" (no dot) as a string; the space's numbers are parsed here, once.
+        self.space = {k: {kind: [_number(v) for v in values] if isinstance(values, list) else values
+                          for kind, values in spec.items()} if isinstance(spec, dict) else spec
+                      for k, spec in self.space.items()}
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"tune.objective={self.objective!r} must be one of {OBJECTIVES}")
+        if self.scheduler not in ("asha", "fifo"):
+            raise ValueError(f"tune.scheduler={self.scheduler!r} must be 'asha' or 'fifo'")
+        if self.num_samples < 1 or self.max_concurrent < 0 or self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError("tune.num_samples and tune.grace_period must be >= 1, tune.max_concurrent >= 0 "
+                             "(0 = by cluster size), tune.reduction_factor >= 2")
+        if self.cpus_per_trial < 0 or self.privacy_weight < 0:
+            raise ValueError("tune.cpus_per_trial and tune.privacy_weight must be >= 0")
+        for key, spec in self.space.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+                raise ValueError(f"tune.space.{key} must be one mapping {{kind: values}} with kind one of "
+                                 f"{SPACE_KINDS}, e.g. {{choice: [0.5, 0.75]}}")
+            kind, values = next(iter(spec.items()))
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"tune.space.{key}.{kind} must be a non-empty list")
+            if kind in ("uniform", "loguniform", "randint") and (len(values) != 2 or not values[0] < values[1]):
+                raise ValueError(f"tune.space.{key}.{kind} must be [low, high] with low < high, got {values}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ValueError(f"tune.space.{key}.loguniform needs low > 0, got {values}")
+
+
 @dataclass
 class RayConfig:
     """How a job reaches Ray.
@@ -432,6 +512,7 @@ class Config:
         generate: Deployment (released dataset) settings.
         eval: Verification and privacy evaluation.
         experiment: The paper's comparison.
+        tune: Hyperparameter sweeps.
         ray: Cluster connection.
     """
 
@@ -444,6 +525,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> "Config":
@@ -453,6 +535,8 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate()
+        for key in self.tune.space:
+            _check_dotted_key(key, where="tune.space")
         return self
 
     def check_mae_patch_size(self) -> None:
@@ -530,6 +614,11 @@ def _coerce(hint: Any, value: Any, *, where: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, where=where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        _, inner = typing.get_args(hint)
+        return {str(k): _coerce(inner, v, where=f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"{where} must be a list, got {value!r}")
@@ -547,6 +636,30 @@ def _coerce(hint: Any, value: Any, *, where: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ValueError(f"{where} must be {hint.__name__}, got {value!r}")
     return value
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _check_dotted_key(key: str, *, where: str) -> None:
+    """Raises ``ValueError`` unless ``key`` (``section.name``) names a value of the config tree."""
+    node: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in names:
+            valid = ", ".join(sorted(names)) if names else "(none: it is a value)"
+            raise ValueError(f"{where}.{key}: unknown key {'.'.join(parts[:i + 1])}; valid keys there: {valid}")
+        node = typing.get_type_hints(node)[part]
+    if dataclasses.is_dataclass(node):
+        raise ValueError(f"{where}.{key} is a section; name one of its values, e.g. {key}."
+                         f"{dataclasses.fields(node)[0].name}")
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -23,7 +23,7 @@ from facemae.data.owner import mask_dataset
 from facemae.eval.evaluate import privacy, verify
 from facemae.generate.embed import embed_dataset, embedded_output
 from facemae.generate.release import generate_released, released_paths
-from facemae.train.pipeline import teacher_config
+from facemae.train.pipeline import judge_config, teacher_config
 from facemae.train.trainer import train
 
 ROWS = ("originals", "masked", "mae", "facemae")
@@ -44,9 +44,7 @@ def _with(config: Config, *, name: str, **train: Any) -> Config:
 def _trained_models(config: Config, say: Callable[[str], None]) -> dict[str, str]:
     """Teacher, judge, FaceMAE and MAE weights (each a run of its own name)."""
     teacher = train(teacher_config(config)).weights
-    judge = train(_with(config, name=f"{config.name}-judge", task="fr", fr_backbone=config.model.judge,
-                        max_steps=config.experiment.judge_steps, base_lr=config.train.teacher_base_lr,
-                        seed=config.train.seed + 1000, teacher="")).weights
+    judge = train(judge_config(config)).weights
     say(f"teacher {teacher}\njudge   {judge}")
     embedded = embedded_output(config.data.output, teacher)
     embed_dataset(config, source=config.data.output, weights=teacher, output=embedded)

@@ -19,6 +19,7 @@ from facemae.config import Config
 from facemae.train import engine as ds
 from facemae.train.context import WorkerContext
 from facemae.train.tasks import build_task
+from facemae.train.validation import Validator
 
 PROGRESS = "progress.json"
 
@@ -48,6 +49,7 @@ def run(config: Config, ctx: WorkerContext) -> Progress:
     engine = ds.build_engine(module, train, world_size=ctx.world_size)
     progress = _restore(engine, ctx)
     dtype = ds.engine_dtype(engine)
+    validator = Validator.create(config, teacher=getattr(module, "teacher", None), device=ctx.device)
     last: dict[str, Any] = {}
     while progress.step < train.max_steps:
         seen = 0
@@ -67,9 +69,12 @@ def run(config: Config, ctx: WorkerContext) -> Progress:
             if not boundary:
                 continue
             last = _log_metrics(out, engine, progress)
+            validated = validator is not None and validator.due(progress.step)
+            if validated:
+                last.update(validator(engine.module.mae, dtype=dtype))
             if progress.step % train.checkpoint_every == 0 or progress.step == train.max_steps:
                 _checkpoint(engine, ctx, progress, last, batch)
-            elif progress.step % train.log_every == 0:
+            elif progress.step % train.log_every == 0 or validated:
                 ctx.report(last, None)
             if progress.step >= train.max_steps:
                 break

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tqdm import tqdm
@@ -36,7 +36,8 @@ class TrainResult:
     metrics: dict[str, Any]  # last reported metrics
 
 
-def train(config: Config, *, dataset: str | None = None, split: str = "train") -> TrainResult:
+def train(config: Config, *, dataset: str | None = None, split: str = "train",
+          callbacks: Sequence[Any] = (), show_progress: bool = True) -> TrainResult:
     """Trains ``config.train.task`` on one split of a dataset.
 
     Args:
@@ -44,6 +45,8 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train") -
         dataset: Original or released dataset folder; defaults to ``config.data.output``.
         split: ``train`` (FaceMAE, the teacher, the judge) or ``deploy`` (FR models trained on a
             released dataset of the deployment identities).
+        callbacks: Ray Train ``UserCallback``s (a Tune trial passes ``TuneReportCallback``).
+        show_progress: The driver's progress bar (Tune trials turn it off: their logs are files).
     """
     root = dataset or config.data.output
     manifest = verify_dataset(root)
@@ -54,7 +57,7 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train") -
     if config.train.num_workers == 0:
         result = _train_local(config, files, num_classes)
     else:
-        result = _train_ray(config, files, num_classes)
+        result = _train_ray(config, files, num_classes, callbacks=list(callbacks), show_progress=show_progress)
     if result.checkpoint:
         result.weights = str(export_weights(result.checkpoint, config, Path(result.run_dir) / EXPORT_DIR))
     return result
@@ -73,7 +76,8 @@ def _train_local(config: Config, files: list[str], num_classes: int) -> TrainRes
                        metrics=_last_metrics(run_dir))
 
 
-def _train_ray(config: Config, files: list[str], num_classes: int) -> TrainResult:
+def _train_ray(config: Config, files: list[str], num_classes: int, *, callbacks: list[Any],
+               show_progress: bool) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -91,9 +95,11 @@ def _train_ray(config: Config, files: list[str], num_classes: int) -> TrainResul
                                      resources_per_worker=resources),
         run_config=RunConfig(name=config.name, storage_path=train.storage_root(),
                              checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=train.max_failures)),
+                             failure_config=FailureConfig(max_failures=train.max_failures),
+                             callbacks=callbacks or None),
         datasets={"train": training_dataset(config, files)})
-    result = _fit_with_progress(trainer, progress, total=train.max_steps, desc=f"train {train.task}")
+    result = _fit_with_progress(trainer, progress, total=train.max_steps, desc=f"train {train.task}",
+                                disable=not show_progress)
     ray.kill(progress)
     checkpoint = _checkpoint_path(result.checkpoint) if result.checkpoint else None
     return TrainResult(run_dir=config.run_dir(), checkpoint=checkpoint, weights=None,
@@ -122,14 +128,14 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
     run(config, ctx)
 
 
-def _fit_with_progress(trainer: Any, progress: Any, *, total: int, desc: str) -> Any:
+def _fit_with_progress(trainer: Any, progress: Any, *, total: int, desc: str, disable: bool = False) -> Any:
     """Runs ``trainer.fit()`` in a thread while the driver shows a progress bar fed by rank 0."""
     import ray
 
     box: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: box.update(result=_capture(trainer.fit)), daemon=True)
     thread.start()
-    with tqdm(total=total, desc=desc, unit="step", mininterval=1.0) as bar:
+    with tqdm(total=total, desc=desc, unit="step", mininterval=1.0, disable=disable) as bar:
         while thread.is_alive():
             thread.join(timeout=0.5)
             step, losses = ray.get(progress.get.remote())

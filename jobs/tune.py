@@ -1,0 +1,45 @@
+"""Tune sweep: many FaceMAE trainings (each a Ray Train run with DeepSpeed workers), ASHA early stopping.
+
+    python jobs/tune.py                                              # jobs/configs/tune.yaml
+    python jobs/tune.py --config jobs/configs/tune_smoke.yaml
+    python jobs/tune.py --set 'tune.space={mask.ratio: {choice: [0.5, 0.75, 0.9]}}' --set tune.num_samples=6
+    ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tune.yaml
+
+Rerunning the same config restores the sweep (Tuner.restore): finished trials are kept, unfinished ones
+resume from their own checkpoints; --fresh starts a new sweep under the same name instead.
+Writes <tune.output>/pareto.md (every trial, the privacy-utility Pareto front marked), pareto.png and
+trials.json, and prints the best trial's values, checkpoint and weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from facemae.config import load_config
+from facemae.tune import run_sweep
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tune.yaml"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set tune.num_samples=8 (repeatable)")
+    parser.add_argument("--fresh", action="store_true", help="do not restore an earlier sweep of the same name")
+    args = parser.parse_args()
+    try:
+        result = run_sweep(load_config(args.config, args.overrides), restore=not args.fresh)
+    except ValueError as exc:
+        print(f"tune.py: {exc}", file=sys.stderr)
+        return 2
+    print(f"checkpoint {result.best_checkpoint}")
+    print(f"weights  {result.best_weights}")
+    print(Path(result.report).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Validation of a FaceMAE run on held-out identities: the numbers a Tune sweep optimises.
+
+The faces are a seeded draw of ``train.val_images`` from the ``deploy`` split of ``data.output``
+(identities the run never trains on), each masked exactly as the owner's ``facemae mask`` would
+(``mask.seed`` and the image id fix the mask), so every trial of a sweep with the same mask ratio
+is scored on the same inputs. Reported, with ``val_`` names:
+
+- ``val_recon_loss``: masked-patch MSE of the reconstructions;
+- ``val_irm``: IRM between the frozen teacher's embeddings of the originals and of the released
+  images at the fixed temperature :data:`VAL_TAU`, so runs with different ``loss.tau`` (or
+  ``lambda_irm = 0``) are compared on one scale. Lower keeps more of the relations that make
+  reconstructions useful for face recognition (utility);
+- ``val_identity_leak@1`` / ``val_image_leak@1`` with ``train.judge``: how often the judge's nearest
+  original to a released face is of the same identity / the very source image (privacy, lower is
+  more private). The judge is never the teacher (DESIGN.md 1);
+- ``val_objective``: what ``tune.objective`` minimises (:func:`validation_objective`).
+
+Every rank runs the same forward passes (ZeRO-3 gathers parameters collectively), rank 0 reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from facemae.config import Config
+from facemae.data.images import decode_rgb
+from facemae.data.masking import image_mask_seed, random_keep
+from facemae.data.shards import read_manifest
+from facemae.losses.irm import irm_loss
+from facemae.models.fr import to_model_range
+
+VAL_TAU = 0.1  # fixed, whatever loss.tau a run trains with
+
+
+@dataclass
+class ValidationSet:
+    """Held-out faces with the owner's masks."""
+
+    image_id: list[str]
+    images: torch.Tensor  # [N, 3, 112, 112] model range
+    mask: torch.Tensor  # [N, L] float, 1 = removed
+    identity: torch.Tensor  # [N] int64
+
+
+def load_validation_set(config: Config, *, device: torch.device) -> ValidationSet:
+    """Draws ``train.val_images`` faces of the ``deploy`` split of ``data.output`` and masks them.
+
+    Raises:
+        ValueError: The dataset has no deployment split to validate on.
+    """
+    root = config.data.output
+    files = read_manifest(root).files(root, "deploy")
+    if not files:
+        raise ValueError(f"train.val_every needs held-out identities, but {root} has no deploy split; ingest with "
+                         "data.deploy_fraction > 0 or set train.val_every=0")
+    index = [(f, i, image_id, identity) for f in files
+             for i, (image_id, identity) in enumerate(zip(*pq.read_table(f, columns=["image_id", "identity"])
+                                                          .to_pydict().values()))]
+    n = min(config.train.val_images, len(index))
+    picked = sorted(np.random.default_rng(config.train.seed).choice(len(index), n, replace=False))
+    chosen = [index[j] for j in picked]
+    pixels = []
+    for f in dict.fromkeys(c[0] for c in chosen):  # read each file's image column once
+        images = pq.read_table(f, columns=["image"]).column("image")
+        pixels += [decode_rgb(images[i].as_py()) for file, i, _, _ in chosen if file == f]
+    mask = config.mask
+    keep = np.stack([random_keep(mask.num_patches, mask.keep,
+                                 rng=np.random.default_rng(image_mask_seed(c[2], mask.seed))) for c in chosen])
+    removed = np.ones((n, mask.num_patches), dtype=np.float32)
+    np.put_along_axis(removed, keep, 0.0, axis=1)
+    return ValidationSet(image_id=[c[2] for c in chosen],
+                         images=to_model_range(torch.from_numpy(np.stack(pixels))).to(device),
+                         mask=torch.from_numpy(removed).to(device),
+                         identity=torch.tensor([c[3] for c in chosen], dtype=torch.int64, device=device))
+
+
+class Validator:
+    """Scores a FaceMAE on the validation set every ``train.val_every`` steps and at the last step."""
+
+    def __init__(self, config: Config, *, teacher: nn.Module | None, judge: nn.Module | None,
+                 device: torch.device) -> None:
+        self.config = config
+        self.teacher, self.judge = teacher, judge
+        self.data = load_validation_set(config, device=device)
+
+    @classmethod
+    def create(cls, config: Config, *, teacher: nn.Module | None, device: torch.device) -> "Validator | None":
+        """A validator for FaceMAE runs with ``train.val_every``, else None; loads the teacher and judge
+        it needs that the run itself does not hold (plain MAE runs train without a teacher)."""
+        train = config.train
+        if train.task != "mae" or train.val_every == 0:
+            return None
+        from facemae.train.tasks import FP32Teacher, load_fr_backbone
+
+        if teacher is None and train.teacher:
+            teacher = FP32Teacher(load_fr_backbone(train.teacher)).to(device)
+        judge = FP32Teacher(load_fr_backbone(train.judge)).to(device) if train.judge else None
+        return cls(config, teacher=teacher, judge=judge, device=device)
+
+    def due(self, step: int) -> bool:
+        return step % self.config.train.val_every == 0 or step == self.config.train.max_steps
+
+    @torch.no_grad()
+    def __call__(self, mae: nn.Module, *, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+        """``val_*`` metrics of ``mae`` (the engine's module: every rank calls this at the same step).
+
+        Args:
+            mae: The FaceMAE inside the engine.
+            dtype: The engine's compute dtype (bf16 / fp16 engines take inputs in it).
+        """
+        was_training = mae.training
+        mae.eval()
+        try:
+            losses, released = [], []
+            chunk = self.config.train.micro_batch
+            for start in range(0, len(self.data.images), chunk):
+                imgs = self.data.images[start:start + chunk]
+                mask = self.data.mask[start:start + chunk]
+                loss, pred, _ = mae(imgs.to(dtype), mask=mask)
+                losses.append(float(loss) * len(imgs))
+                released.append(mae.compose(imgs, pred.float(), mask, paste_visible=self.config.loss.paste_visible))
+        finally:
+            mae.train(was_training)
+        out = {"val_recon_loss": sum(losses) / len(self.data.images)}
+        recon = torch.cat(released)
+        if self.teacher is not None:
+            out["val_irm"] = float(irm_loss(self.teacher(self.data.images), self.teacher(recon), tau=VAL_TAU))
+        if self.judge is not None:
+            out.update(retrieval_at_1(self.judge(recon), self.judge(self.data.images), identity=self.data.identity))
+        objective = validation_objective(out, self.config)
+        if objective is not None:
+            out["val_objective"] = objective
+        return out
+
+
+def validation_objective(metrics: dict[str, float], config: Config) -> float | None:
+    """The number a sweep minimises (``tune.objective``), or None when its inputs were not measured.
+
+    ``utility``: ``val_irm``. ``privacy_utility``: ``val_irm + tune.privacy_weight * val_identity_leak@1``.
+    """
+    if "val_irm" not in metrics:
+        return None
+    if config.tune.objective == "utility":
+        return metrics["val_irm"]
+    if "val_identity_leak@1" not in metrics:
+        return None
+    return metrics["val_irm"] + config.tune.privacy_weight * metrics["val_identity_leak@1"]
+
+
+def retrieval_at_1(queries: torch.Tensor, gallery: torch.Tensor, *, identity: torch.Tensor) -> dict[str, float]:
+    """Leak@1 of queries ``i`` (released faces) against a gallery whose row ``i`` is their source.
+
+    Returns:
+        ``val_image_leak@1`` (nearest original is the source) and ``val_identity_leak@1`` (it has
+        the source's identity).
+    """
+    sim = F.normalize(queries.float(), dim=1) @ F.normalize(gallery.float(), dim=1).T  # (N, N)
+    nearest = sim.argmax(dim=1)
+    own = torch.arange(len(queries), device=queries.device)
+    return {"val_image_leak@1": float((nearest == own).float().mean()),
+            "val_identity_leak@1": float((identity[nearest] == identity).float().mean())}
