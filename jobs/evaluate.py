@@ -15,8 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from facemae.config import load_config
-from facemae.eval.evaluate import privacy, verify
+from facemae.sdk import evaluate
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "train.yaml"
 
@@ -33,20 +32,12 @@ def main() -> int:
     parser.add_argument("--originals", help="original dataset the release came from (default data.output)")
     args = parser.parse_args()
     try:
-        config = load_config(args.config, args.overrides)
-        out = {}
-        if args.fr:
-            out["verification"] = {k: {m: v for m, v in r.items() if m not in ("tpr", "fpr")}
-                                   for k, r in verify(config, args.fr, pairs_from=args.pairs_from).items()}
-        if args.judge and args.released:
-            out["privacy"] = privacy(config, args.judge, released=args.released,
-                                     originals=args.originals or config.data.output)
-        if not out:
-            raise ValueError("nothing to evaluate: pass --fr (verification) and/or --judge with --released (privacy)")
-    except ValueError as exc:
+        result = evaluate(args.config, overrides=args.overrides, fr=args.fr, pairs_from=args.pairs_from,
+                          judge=args.judge, released=args.released, originals=args.originals)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"evaluate.py: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(out, indent=1))
+    print(json.dumps(result.summary(), indent=1))
     return 0
 
 

@@ -14,8 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from facemae.config import load_config
-from facemae.experiment import run_experiment
+from facemae.sdk import experiment
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "experiment.yaml"
 
@@ -27,8 +26,8 @@ def main() -> int:
                         help="override a config value, e.g. --set experiment.fr_steps=100 (repeatable)")
     args = parser.parse_args()
     try:
-        result = run_experiment(load_config(args.config, args.overrides))
-    except ValueError as exc:
+        result = experiment(args.config, overrides=args.overrides)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"experiment.py: {exc}", file=sys.stderr)
         return 2
     print(Path(result.report).read_text())

@@ -14,9 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from facemae.config import load_config
-from facemae.generate.export import export_image_folder, export_recordio
-from facemae.generate.release import generate_released, released_paths
+from facemae.sdk import generate
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "train.yaml"
 
@@ -31,17 +29,16 @@ def main() -> int:
     parser.add_argument("--export-recordio", help="also write the release as an InsightFace train.rec/.idx")
     args = parser.parse_args()
     try:
-        config = load_config(args.config, args.overrides)
-        released = generate_released(config, overwrite=args.overwrite)
-        _, output = released_paths(config)
-        print(f"released {released.num_images()} faces ({released.source['method']}) into {output}")
-        if args.export_folder:
-            print(f"exported {export_image_folder(output, args.export_folder)} images to {args.export_folder}")
-        if args.export_recordio:
-            print(f"exported {export_recordio(output, args.export_recordio)} records to {args.export_recordio}")
-    except ValueError as exc:
+        out = generate(args.config, overrides=args.overrides, overwrite=args.overwrite,
+                       export_folder=args.export_folder, export_recordio=args.export_recordio)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"generate.py: {exc}", file=sys.stderr)
         return 2
+    print(f"released {out.manifest.num_images()} faces ({out.manifest.source['method']}) into {out.output}")
+    if out.folder:
+        print(f"exported {out.folder_images} images to {out.folder}")
+    if out.recordio:
+        print(f"exported {out.recordio_records} records to {out.recordio}")
     return 0
 
 

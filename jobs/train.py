@@ -14,8 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from facemae.config import load_config
-from facemae.train.pipeline import run_training_job
+from facemae.sdk import train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "train.yaml"
 
@@ -28,9 +27,8 @@ def main() -> int:
     parser.add_argument("--overwrite", action="store_true", help="rebuild datasets made with other settings")
     args = parser.parse_args()
     try:
-        config = load_config(args.config, args.overrides)
-        run_training_job(config, overwrite=args.overwrite)
-    except ValueError as exc:
+        train(args.config, overrides=args.overrides, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return 2
     return 0

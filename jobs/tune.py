@@ -17,8 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from facemae.config import load_config
-from facemae.tune import run_sweep
+from facemae.sdk import tune
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tune.yaml"
 
@@ -31,8 +30,8 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="do not restore an earlier sweep of the same name")
     args = parser.parse_args()
     try:
-        result = run_sweep(load_config(args.config, args.overrides), restore=not args.fresh)
-    except ValueError as exc:
+        result = tune(args.config, overrides=args.overrides, restore=not args.fresh)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"tune.py: {exc}", file=sys.stderr)
         return 2
     print(f"checkpoint {result.best_checkpoint}")

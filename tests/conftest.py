@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +37,73 @@ def ray_cluster():
     ray.init(address="local", num_cpus=4, _temp_dir=temp_dir, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports that were free a moment ago."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _start_head(env: dict[str, str]) -> tuple[subprocess.Popen | None, str, Path]:
+    """One `ray start --head --block`; ``(process, dashboard address, log)``, the process ``None`` if it
+    did not come up."""
+    gcs, dashboard, agent, agent_grpc, runtime_env, metrics = free_ports(6)
+    temp_dir = tempfile.mkdtemp(prefix="fm-head-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    log_path = Path(temp_dir) / "head.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+             f"--metrics-export-port={metrics}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while head.poll() is None and time.monotonic() < deadline:
+        # The dashboard can answer while the node is still starting (or failing): wait for both.
+        if "Ray runtime started" in log_path.read_text():
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                return head, address, log_path
+            except OSError:
+                pass
+        time.sleep(1)
+    _stop(head)
+    return None, address, log_path
+
+
+def _stop(head: subprocess.Popen) -> None:
+    head.terminate()  # `ray start --block` stops the processes it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A head node of the test module's own, with the job submission API: own temp dir and ports,
+    token auth off for server and client (REFERENCE.md table, rows F and G). `--block` keeps
+    `ray start` in the foreground, so ending it stops exactly the processes it started; `ray stop`
+    would kill every Ray on the machine. On a loaded machine the raylet can give up waiting for the
+    dashboard agent (15 s), so a failed start is retried. Yields ``(dashboard address, environment
+    for clients)``."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PYTHONUNBUFFERED": "1"}
+    for _ in range(3):
+        head, address, log = _start_head(env)
+        if head is not None:
+            break
+    else:
+        pytest.fail(f"ray start --head did not come up in 3 tries; the last said:\n{log.read_text()[-3000:]}")
+    yield address, env
+    _stop(head)
 
 
 def png_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:

@@ -1,65 +1,20 @@
-"""`ray job submit` of the main job against a `ray start --head` started (and stopped) by the test."""
+"""Job submission against a `ray start --head` that this module starts and stops (conftest's `ray_head`):
+`ray job submit` of the main job, `facemae.submit` and `facemae submit`, all on the one head."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 
+import facemae
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@pytest.fixture
-def ray_head():
-    """A head node of its own: own temp dir and ports, token auth off for server and client
-    (REFERENCE.md table, rows F and G). `--block` keeps `ray start` in the foreground, so ending it
-    stops exactly the processes it started; `ray stop` would kill every Ray on the machine."""
-    gcs, dashboard, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
-    temp_dir = tempfile.mkdtemp(prefix="fm-head-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-         f"--metrics-export-port={metrics}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except OSError:
-            if head.poll() is not None or time.monotonic() > deadline:
-                head.kill()
-                pytest.fail("ray start --head did not come up")
-            time.sleep(1)
-    yield address, env
-    head.terminate()
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        head.kill()
 
 
 @pytest.mark.ray
@@ -80,3 +35,49 @@ def test_ray_job_submit_runs_the_main_job_and_leaves_a_checkpoint(tmp_path, ray_
     assert f"checkpoint {checkpoint}" in out.stdout  # the job's own log, followed by the CLI
     assert (checkpoint / "latest").is_file() and (checkpoint / "progress.json").is_file()
     assert (run_dir / "export" / "weights.safetensors").is_file()
+
+
+def _working_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "job"
+    folder.mkdir()
+    (folder / "greeting.txt").write_text("hello from the cluster\n")
+    return folder
+
+
+@pytest.mark.ray
+def test_submit_uploads_the_working_dir_and_follows_the_log(tmp_path, ray_head):
+    address, _ = ray_head
+    lines: list[str] = []
+    submission_id = f"facemae-sdk-{uuid.uuid4().hex[:8]}"
+    result = facemae.submit(["python", "-c", "print(open('greeting.txt').read().strip())"], address=address,
+                            working_dir=_working_dir(tmp_path), submission_id=submission_id, on_log=lines.append)
+    assert (result.submission_id, result.status) == (submission_id, "SUCCEEDED")
+    assert "hello from the cluster" in lines and "hello from the cluster" in result.logs
+
+
+@pytest.mark.ray
+def test_a_failing_submitted_job_raises_with_its_last_log_lines(tmp_path, ray_head):
+    address, _ = ray_head
+    with pytest.raises(facemae.JobFailedError) as failed:
+        facemae.submit("python -c \"import sys; print('about to fail'); sys.exit(3)\"", address=address,
+                       working_dir=_working_dir(tmp_path), on_log=lambda line: None)
+    assert failed.value.status == "FAILED" and "about to fail" in str(failed.value)
+    assert failed.value.summary == (f"job {failed.value.submission_id} FAILED: Job entrypoint command failed "
+                                    "with exit code 3")
+
+
+@pytest.mark.ray
+def test_facemae_submit_command_follows_the_log_and_fails_clearly(tmp_path, ray_head):
+    address, env = ray_head
+    cli = [str(BIN / "facemae"), "submit", "--address", address, "--working-dir", str(_working_dir(tmp_path)), "--"]
+    out = subprocess.run([*cli, "python", "-c", "print(open('greeting.txt').read().strip())"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert "hello from the cluster" in lines and json.loads(lines[-1])["status"] == "SUCCEEDED"
+    out = subprocess.run([*cli, "python", "-c", "import sys; sys.exit(3)"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]  # after Ray's own INFO lines (upload, end of the log stream)
+    assert last.startswith("facemae submit: error: job ") and last.endswith(" FAILED: Job entrypoint command "
+                                                                             "failed with exit code 3")

@@ -1,0 +1,199 @@
+"""The Python SDK (``import facemae``): each entry point on the smoke configs, results checked on disk.
+
+The training stages run in the single-process local mode (``train.num_workers=0``) to keep the suite
+fast; the same smoke job on Ray Train workers runs in test_cli.py and test_job_submit.py.
+``facemae.submit`` is tested in test_job_submit.py, beside ``ray job submit``, sharing its head node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import facemae
+from facemae.config import load_config
+from facemae.data.shards import verify_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "jobs" / "configs"
+SMOKE = CONFIGS / "train_smoke.yaml"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_import_facemae_is_cheap():
+    code = """
+import sys, facemae
+assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'import facemae pulled in ray or torch'
+entry = [facemae.ingest, facemae.mask, facemae.evaluate, facemae.submit, facemae.train, facemae.resolve_config]
+assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'looking up the SDK pulled in ray or torch'
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_entry_points_that_share_a_subpackage_name_are_that_subpackage_made_callable():
+    import facemae.generate.release as release  # binds facemae.generate to the subpackage
+    from facemae.train import trainer
+
+    for name in ("train", "generate", "experiment"):
+        assert callable(getattr(facemae, name)), name
+    assert facemae.train.trainer is trainer and facemae.generate.release is release
+    assert facemae.train.trainer.TrainResult.__module__ == "facemae.train.trainer"
+    with pytest.raises(ValueError, match="unknown key"):
+        facemae.train(SMOKE, overrides=["train.bogus=1"])  # the SDK function, not the module
+
+
+def test_config_from_a_path_an_object_overrides_and_an_address():
+    config = facemae.resolve_config(SMOKE, overrides=["train.max_steps=3"])
+    assert (config.name, config.train.max_steps, config.ray.num_cpus) == ("facemae-synthetic-smoke", 3, 2)
+    changed = facemae.resolve_config(config, overrides=["mask.ratio=0.5", "data.num_identities=20"])
+    assert (changed.mask.ratio, changed.data.num_identities, changed.train.max_steps) == (0.5, 20, 3)
+    assert config.mask.ratio == 0.75  # the caller's object is left alone
+    remote = facemae.resolve_config(config, address="ray://head:10001")
+    assert (remote.ray.address, remote.ray.num_cpus) == ("ray://head:10001", None)
+    assert facemae.resolve_config(None).name == load_config(None).name
+    with pytest.raises(ValueError, match=r"unknown key\(s\) train.max_step;"):
+        facemae.resolve_config(SMOKE, overrides=["train.max_step=3"])
+    with pytest.raises(FileNotFoundError, match="config file nowhere.yaml does not exist"):
+        facemae.resolve_config("nowhere.yaml")
+    with pytest.raises(TypeError, match="list of 'section.key=value' strings"):
+        facemae.resolve_config(SMOKE, overrides="train.max_steps=3")
+
+
+def test_ingest_and_mask_write_the_datasets(tmp_path):
+    args = [f"data.output={tmp_path / 'syn'}", "data.workers=1", f"mask.output={tmp_path / 'masked'}"]
+    original = facemae.ingest(SMOKE, overrides=args)
+    masked = facemae.mask(SMOKE, overrides=args)
+    assert original.kind == "original" and original.num_images() == 12 * 6
+    assert original.num_images("deploy") == 3 * 6  # deploy_fraction 0.25 of 12 identities
+    assert verify_dataset(tmp_path / "syn").num_images() == 72
+    on_disk = verify_dataset(tmp_path / "masked")
+    assert masked.kind == on_disk.kind == "masked" and list(on_disk.splits) == ["deploy"]
+    assert on_disk.num_images() == 18 and on_disk.mask["keep"] == 49  # 196 patches of 8 px, 75% removed
+
+
+@pytest.fixture(scope="module")
+def smoke_job(tmp_path_factory, ray_cluster):
+    """The main job on the smoke config, once per module: data, masked deploy split, teacher, FaceMAE."""
+    root = tmp_path_factory.mktemp("sdk")
+    overrides = [f"data.output={root / 'syn'}", f"train.storage_path={root / 'runs'}", "train.metrics_port=0",
+                 "train.num_workers=0", "eval.pairs=80", "generate.batch_size=16"]
+    said: list[str] = []
+    job = facemae.train(SMOKE, overrides=overrides, say=said.append)
+    return root, overrides, job, said
+
+
+@pytest.mark.ray
+def test_train_runs_the_main_job_and_returns_its_checkpoint(smoke_job):
+    root, _, job, said = smoke_job
+    run_dir = root / "runs" / "facemae-synthetic-smoke"
+    assert job.result.checkpoint == str(run_dir / "checkpoint_00000006")
+    assert (run_dir / "checkpoint_00000006" / "latest").is_file()
+    assert Path(job.result.weights).is_file() and job.result.weights == str(run_dir / "export" / "weights.safetensors")
+    assert job.result.metrics["step"] == 6 and math.isfinite(job.result.metrics["loss"])
+    teacher = root / "runs" / "facemae-synthetic-smoke-teacher" / "export" / "weights.safetensors"
+    assert job.teacher is not None and job.teacher.weights == str(teacher) and teacher.is_file()
+    assert job.dataset.num_images() == 72 and job.masked.num_images() == job.dataset.num_images("deploy")
+    assert f"checkpoint {job.result.checkpoint}" in said and f"teacher  {teacher}" in "\n".join(said)
+
+
+@pytest.fixture(scope="module")
+def released(smoke_job):
+    root, overrides, job, _ = smoke_job
+    return facemae.generate(SMOKE, overrides=overrides, export_folder=str(root / "faces"))
+
+
+@pytest.mark.ray
+def test_generate_releases_the_masked_deploy_split_with_the_trained_weights(smoke_job, released):
+    root, _, job, _ = smoke_job
+    assert released.output == str(root / "syn-masked-reconstruct")
+    manifest = verify_dataset(released.output)
+    assert manifest.kind == released.manifest.kind == "released"
+    assert manifest.num_images() == job.masked.num_images() == 18
+    assert manifest.source["weights"] == job.result.weights and manifest.source["method"] == "reconstruct"
+    pngs = sorted((root / "faces").rglob("*.png"))
+    assert released.folder_images == len(pngs) == 18 and pngs[0].read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.ray
+def test_evaluate_verifies_an_fr_model_and_scores_a_release(smoke_job, released):
+    root, overrides, job, _ = smoke_job
+    # The teacher is the only FR model of the smoke job; the platform's judge would be trained apart.
+    result = facemae.evaluate(SMOKE, overrides=overrides, fr=job.teacher.weights, pairs_from=str(root / "syn"),
+                              judge=job.teacher.weights, released=released.output)
+    pairs = result.verification["heldout_pairs"]
+    assert pairs["n_pairs"] == 80 and 0.0 <= pairs["accuracy"] <= 1.0 and len(pairs["tpr"]) == len(pairs["fpr"])
+    leak = result.privacy
+    assert leak["n_queries"] == 18 and leak["n_gallery"] == 18
+    for k in ("image", "identity"):
+        assert 0.0 <= leak[f"{k}_leak@1"] <= leak[f"{k}_leak@5"] <= 1.0
+    summary = result.summary()
+    assert "tpr" not in summary["verification"]["heldout_pairs"] and summary["privacy"] == leak
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        facemae.evaluate(SMOKE, overrides=overrides)
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+@pytest.mark.ray
+def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cluster):
+    said: list[str] = []
+    result = facemae.experiment(CONFIGS / "experiment_smoke.yaml", say=said.append, overrides=[
+        f"data.output={tmp_path / 'syn'}", f"train.storage_path={tmp_path / 'runs'}",
+        f"experiment.output={tmp_path / 'report'}"])
+    out = tmp_path / "report"
+    assert result.report == str(out / "report.md")
+    assert list(result.table) == ["originals", "masked", "mae", "facemae"]
+    text = (out / "report.md").read_text()
+    for row in result.table:
+        assert f"| {row} |" in text
+    numbers = _numbers(json.loads((out / "report.json").read_text()))
+    assert len(numbers) > 100 and all(math.isfinite(n) for n in numbers)
+    for png in ("reconstructions.png", "roc.png", "privacy_utility.png"):
+        assert (out / png).read_bytes().startswith(PNG_MAGIC), png
+    for row, r in result.table.items():
+        assert Path(r["fr_weights"]).is_file() and verify_dataset(r["dataset"]).num_images("deploy") > 0
+        assert r["verification"]["heldout_pairs"]["n_pairs"] == 80
+    # Releasing the originals leaks every image: the ceiling of the table.
+    assert result.table["originals"]["privacy"]["image_leak@1"] == pytest.approx(1.0, abs=0.05)
+    assert any(line.startswith("report ") for line in said)
+
+
+@pytest.mark.ray
+def test_tune_runs_a_one_trial_sweep_and_reports_the_best_trial(tmp_path, smoke_job):
+    # The SDK's share only: one trial on one worker, with the smoke job's teacher and an untrained judge.
+    # Sweeps proper (ASHA, restore, the Pareto front) are test_tune.py's.
+    pytest.importorskip("facemae.tune", reason="facemae.tune (the Tune layer) is not in this checkout yet")
+    import torch
+
+    from facemae.models.registry import build_fr
+    from facemae.train.tasks import save_weights
+
+    root, _, job, _ = smoke_job
+    torch.manual_seed(1)
+    judge = save_weights(build_fr("fr_tiny", embedding_size=64), tmp_path / "judge",
+                         {"task": "fr", "model": "fr_tiny", "embedding_size": 64})
+    said: list[str] = []
+    result = facemae.tune(CONFIGS / "tune_smoke.yaml", say=said.append, overrides=[
+        f"data.output={root / 'syn'}", f"train.storage_path={tmp_path / 'runs'}", f"tune.output={tmp_path / 'report'}",
+        f"train.teacher={job.teacher.weights}", f"train.judge={judge}", "train.num_workers=1",
+        "tune.space={loss.lambda_irm: {grid: [1.0]}}", "tune.scheduler=fifo"])
+    assert Path(result.path).is_dir() and Path(result.report) == tmp_path / "report" / "pareto.md"
+    assert Path(result.pareto_png).read_bytes().startswith(PNG_MAGIC)
+    (row,) = result.table
+    assert row["params"]["loss.lambda_irm"] == 1.0 and result.best_config == row["params"]
+    assert result.best_metrics["step"] == 6 and math.isfinite(result.best_metrics["val_objective"])
+    assert (Path(result.best_checkpoint) / "latest").is_file() and Path(result.best_weights).is_file()
+    assert f"teacher  {job.teacher.weights}" in "\n".join(said)
