@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import jsonschema
 import psutil
 import pytest
 import yaml
+
+from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -181,16 +182,6 @@ def test_kuberay_manifests_hold_what_the_operator_requires() -> None:
 # Autoscaling for real, with Ray's fake multi-node provider
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _processes_under(temp_dir: str) -> list[psutil.Process]:
     """Ray processes whose command line names this cluster's temp dir (raylets, GCS, agents)."""
     found = []
@@ -262,7 +253,7 @@ def _start_head(config: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen
     """
     from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
-    gcs, agent, agent_grpc, runtime_env, metrics, client, autoscaler_metrics = _free_ports(7)
+    gcs, agent, agent_grpc, runtime_env, metrics, client, autoscaler_metrics = free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="fm-fake-", dir="/tmp")  # short: Ray's socket paths have a length limit
     config = copy.deepcopy(config)
     config["provider"]["gcs_address"] = f"127.0.0.1:{gcs}"  # the added raylets join this head, not :6379

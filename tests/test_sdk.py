@@ -2,7 +2,8 @@
 
 The training stages run in the single-process local mode (``train.num_workers=0``) to keep the suite
 fast; the same smoke job on Ray Train workers runs in test_cli.py and test_job_submit.py.
-``facemae.submit`` is tested in test_job_submit.py, beside ``ray job submit``, sharing its head node.
+``facemae.submit`` is tested in test_job_submit.py, beside ``ray job submit``, sharing its head node;
+``facemae.tune`` in test_tune.py, where it restores an interrupted sweep.
 """
 
 from __future__ import annotations
@@ -169,31 +170,3 @@ def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cl
     # Releasing the originals leaks every image: the ceiling of the table.
     assert result.table["originals"]["privacy"]["image_leak@1"] == pytest.approx(1.0, abs=0.05)
     assert any(line.startswith("report ") for line in said)
-
-
-@pytest.mark.ray
-def test_tune_runs_a_one_trial_sweep_and_reports_the_best_trial(tmp_path, smoke_job):
-    # The SDK's share only: one trial on one worker, with the smoke job's teacher and an untrained judge.
-    # Sweeps proper (ASHA, restore, the Pareto front) are test_tune.py's.
-    pytest.importorskip("facemae.tune", reason="facemae.tune (the Tune layer) is not in this checkout yet")
-    import torch
-
-    from facemae.models.registry import build_fr
-    from facemae.train.tasks import save_weights
-
-    root, _, job, _ = smoke_job
-    torch.manual_seed(1)
-    judge = save_weights(build_fr("fr_tiny", embedding_size=64), tmp_path / "judge",
-                         {"task": "fr", "model": "fr_tiny", "embedding_size": 64})
-    said: list[str] = []
-    result = facemae.tune(CONFIGS / "tune_smoke.yaml", say=said.append, overrides=[
-        f"data.output={root / 'syn'}", f"train.storage_path={tmp_path / 'runs'}", f"tune.output={tmp_path / 'report'}",
-        f"train.teacher={job.teacher.weights}", f"train.judge={judge}", "train.num_workers=1",
-        "tune.space={loss.lambda_irm: {grid: [1.0]}}", "tune.scheduler=fifo"])
-    assert Path(result.path).is_dir() and Path(result.report) == tmp_path / "report" / "pareto.md"
-    assert Path(result.pareto_png).read_bytes().startswith(PNG_MAGIC)
-    (row,) = result.table
-    assert row["params"]["loss.lambda_irm"] == 1.0 and result.best_config == row["params"]
-    assert result.best_metrics["step"] == 6 and math.isfinite(result.best_metrics["val_objective"])
-    assert (Path(result.best_checkpoint) / "latest").is_file() and Path(result.best_weights).is_file()
-    assert f"teacher  {job.teacher.weights}" in "\n".join(said)

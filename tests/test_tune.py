@@ -126,7 +126,7 @@ def _wait_for(predicate, *, proc: subprocess.Popen, timeout: float, what: str) -
 @pytest.mark.ray
 @pytest.mark.slow
 def test_an_interrupted_asha_sweep_restores_and_runs_only_the_remaining_trials(tmp_path, frozen_nets, ray_cluster):
-    from facemae.tune import run_sweep
+    import facemae
 
     overrides = [f"data.output={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}",
                  f"tune.output={tmp_path / 'report'}", f"train.teacher={frozen_nets['teacher']}",
@@ -151,9 +151,9 @@ def test_an_interrupted_asha_sweep_restores_and_runs_only_the_remaining_trials(t
     assert not (second / "export").exists(), "the second trial finished before the interrupt"
     assert "Tuner.restore" in out or "interrupted" in out.lower(), out[-3000:]
 
-    # 2. Restored in this process: the finished trial is kept as it is, the other one runs to the end.
-    config = load_config(SMOKE, overrides)
-    result = run_sweep(config)
+    # 2. Restored in this process through the SDK: the finished trial is kept as it is, the other one
+    #    runs to the end.
+    result = facemae.tune(SMOKE, overrides=overrides)
     assert (first / "metrics.jsonl").read_text() == first_log  # not trained again
     assert (second / "export" / "weights.safetensors").is_file()
     assert len(result.table) == 2 and {r["params"]["loss.lambda_irm"] for r in result.table} == {0.0, 1.0}
