@@ -15,30 +15,27 @@ import json
 import sys
 from pathlib import Path
 
+from facemae.cli import job_parser, run_job
 from facemae.sdk import evaluate
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "train.yaml"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set eval.pairs=1200 (repeatable)")
+    parser = job_parser(__doc__, default_config=str(DEFAULT_CONFIG), example="eval.pairs=1200")
     parser.add_argument("--fr", help="weights.safetensors of the FR model to verify")
     parser.add_argument("--pairs-from", help="dataset whose train-split originals the pairs are drawn from")
     parser.add_argument("--judge", help="weights.safetensors of the privacy judge (never the IRM teacher)")
     parser.add_argument("--released", help="released dataset to score")
     parser.add_argument("--originals", help="original dataset the release came from (default data.output)")
     args = parser.parse_args()
-    try:
-        result = evaluate(args.config, overrides=args.overrides, fr=args.fr, pairs_from=args.pairs_from,
-                          judge=args.judge, released=args.released, originals=args.originals)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"evaluate.py: {exc}", file=sys.stderr)
-        return 2
+    return run_job("evaluate.py", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
+    result = evaluate(args.config, overrides=args.overrides, fr=args.fr, pairs_from=args.pairs_from,
+                      judge=args.judge, released=args.released, originals=args.originals)
     print(json.dumps(result.summary(), indent=1))
-    return 0
 
 
 if __name__ == "__main__":

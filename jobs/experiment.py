@@ -14,24 +14,21 @@ import argparse
 import sys
 from pathlib import Path
 
+from facemae.cli import job_parser, run_job
 from facemae.sdk import experiment
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "experiment.yaml"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set experiment.fr_steps=100 (repeatable)")
+    parser = job_parser(__doc__, default_config=str(DEFAULT_CONFIG), example="experiment.fr_steps=100")
     args = parser.parse_args()
-    try:
-        result = experiment(args.config, overrides=args.overrides)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"experiment.py: {exc}", file=sys.stderr)
-        return 2
+    return run_job("experiment.py", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
+    result = experiment(args.config, overrides=args.overrides)
     print(Path(result.report).read_text())
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,24 +14,21 @@ import argparse
 import sys
 from pathlib import Path
 
+from facemae.cli import job_parser, run_job
 from facemae.sdk import train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "train.yaml"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.max_steps=50 (repeatable)")
+    parser = job_parser(__doc__, default_config=str(DEFAULT_CONFIG), example="train.max_steps=50")
     parser.add_argument("--overwrite", action="store_true", help="rebuild datasets made with other settings")
     args = parser.parse_args()
-    try:
-        train(args.config, overrides=args.overrides, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"train.py: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_job("train.py", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
+    train(args.config, overrides=args.overrides, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -17,27 +17,24 @@ import argparse
 import sys
 from pathlib import Path
 
+from facemae.cli import job_parser, run_job
 from facemae.sdk import tune
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tune.yaml"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set tune.num_samples=8 (repeatable)")
+    parser = job_parser(__doc__, default_config=str(DEFAULT_CONFIG), example="tune.num_samples=8")
     parser.add_argument("--fresh", action="store_true", help="do not restore an earlier sweep of the same name")
     args = parser.parse_args()
-    try:
-        result = tune(args.config, overrides=args.overrides, restore=not args.fresh)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"tune.py: {exc}", file=sys.stderr)
-        return 2
+    return run_job("tune.py", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
+    result = tune(args.config, overrides=args.overrides, restore=not args.fresh)
     print(f"checkpoint {result.best_checkpoint}")
     print(f"weights  {result.best_weights}")
     print(Path(result.report).read_text())
-    return 0
 
 
 if __name__ == "__main__":

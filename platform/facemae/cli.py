@@ -276,3 +276,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def job_parser(doc: str, *, default_config: str, example: str) -> argparse.ArgumentParser:
+    """The arguments every script in ``jobs/`` shares: ``--config`` (with the job's default YAML) and
+    repeatable ``--set``; the job adds its own.
+
+    Args:
+        doc: The job's module docstring (usage examples).
+        default_config: The YAML the job reads without ``--config``.
+        example: One override shown in ``--set``'s help, e.g. ``train.max_steps=50``.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, e.g. --set {example} (repeatable)")
+    return parser
+
+
+def run_job(name: str, body: Callable[[], None]) -> int:
+    """Runs a job's body; a mistake in the user's input prints one line and gives exit status 2."""
+    try:
+        body()
+    except USER_ERRORS as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    return 0
