@@ -74,8 +74,8 @@ def test_search_space_becomes_tune_domains_and_bad_values_fail_before_training()
 
 
 def test_validation_metrics_match_a_direct_computation_from_the_exported_weights(tmp_path, frozen_nets):
-    """The loop's val_* numbers at the last step, recomputed from the exported weights with the
-    numpy retrieval of facemae.eval (a separate implementation of leak@1)."""
+    """The loop's val_* numbers at the last step (computed inside the DeepSpeed engine), recomputed
+    outside it from the exported weights."""
     from facemae.eval.privacy import retrieval_leak
     from facemae.losses.irm import irm_loss
     from facemae.train.tasks import load_fr_backbone, load_mae

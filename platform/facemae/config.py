@@ -626,11 +626,8 @@ def _coerce(hint: Any, value: Any, *, where: str) -> Any:
         return [_coerce(inner, v, where=f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
-        except ValueError:
-            pass
+    if hint is float and isinstance(value, str) and isinstance(_number(value), float):
+        return _number(value)
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -639,6 +636,7 @@ def _coerce(hint: Any, value: Any, *, where: str) -> Any:
 
 
 def _number(value: Any) -> Any:
+    """A string that reads as a number, as a float (YAML 1.1 reads "1e-3", no dot, as a string)."""
     if isinstance(value, str):
         try:
             return float(value)
@@ -662,14 +660,26 @@ def _check_dotted_key(key: str, *, where: str) -> None:
                          f"{dataclasses.fields(node)[0].name}")
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"override {item!r} must look like section.key=value")
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Sets ``section.name`` in a nested config mapping, making the sections it needs.
+
+    Raises:
+        ValueError: A part of ``key`` before the last names a value, not a section.
+    """
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {item!r}: {part} is a value, not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+            raise ValueError(f"{key}: {part} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    try:
+        set_dotted(raw, key, yaml.safe_load(text) if text.strip() else None)
+    except ValueError as exc:
+        raise ValueError(f"override {item!r}: {exc}") from None

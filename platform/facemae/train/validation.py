@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from facemae.config import Config
 from facemae.data.images import decode_rgb
 from facemae.data.masking import image_mask_seed, random_keep
 from facemae.data.shards import read_manifest
+from facemae.eval.privacy import retrieval_leak
 from facemae.losses.irm import irm_loss
 from facemae.models.fr import to_model_range
 
@@ -132,7 +132,11 @@ class Validator:
         if self.teacher is not None:
             out["val_irm"] = float(irm_loss(self.teacher(self.data.images), self.teacher(recon), tau=VAL_TAU))
         if self.judge is not None:
-            out.update(retrieval_at_1(self.judge(recon), self.judge(self.data.images), identity=self.data.identity))
+            ids = self.data.identity.cpu().numpy()  # query i's source is gallery row i
+            queries, gallery = (self.judge(x).float().cpu().numpy() for x in (recon, self.data.images))
+            leak = retrieval_leak(queries, gallery, query_source=np.arange(len(ids)), query_identity=ids,
+                                  gallery_identity=ids, ks=(1,))
+            out.update({f"val_{k}": leak[k] for k in ("image_leak@1", "identity_leak@1")})
         objective = validation_objective(out, self.config)
         if objective is not None:
             out["val_objective"] = objective
@@ -151,17 +155,3 @@ def validation_objective(metrics: dict[str, float], config: Config) -> float | N
     if "val_identity_leak@1" not in metrics:
         return None
     return metrics["val_irm"] + config.tune.privacy_weight * metrics["val_identity_leak@1"]
-
-
-def retrieval_at_1(queries: torch.Tensor, gallery: torch.Tensor, *, identity: torch.Tensor) -> dict[str, float]:
-    """Leak@1 of queries ``i`` (released faces) against a gallery whose row ``i`` is their source.
-
-    Returns:
-        ``val_image_leak@1`` (nearest original is the source) and ``val_identity_leak@1`` (it has
-        the source's identity).
-    """
-    sim = F.normalize(queries.float(), dim=1) @ F.normalize(gallery.float(), dim=1).T  # (N, N)
-    nearest = sim.argmax(dim=1)
-    own = torch.arange(len(queries), device=queries.device)
-    return {"val_image_leak@1": float((nearest == own).float().mean()),
-            "val_identity_leak@1": float((identity[nearest] == identity).float().mean())}

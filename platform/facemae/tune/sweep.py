@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from facemae.config import Config, RayConfig, from_dict
+from facemae.config import Config, RayConfig, from_dict, set_dotted
 from facemae.tune.report import pareto_front, write_sweep_report
 
 METRIC, MODE = "val_objective", "min"
@@ -109,11 +109,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], *, trial_id: str)
     """A trial's config: the base with the sampled values, under the trial's own run name."""
     raw = copy.deepcopy(base)
     for key, value in params.items():
-        node = raw
-        *sections, leaf = key.split(".")
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = value
+        set_dotted(raw, key, value)
     raw["name"] = f"{raw['name']}-sweep-{trial_id}"
     config = from_dict(Config, raw).validate()
     config.check_mae_patch_size()
