@@ -156,12 +156,20 @@ def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cl
         f"experiment.output={tmp_path / 'report'}"])
     out = tmp_path / "report"
     assert result.report == str(out / "report.md")
-    assert list(result.table) == ["originals", "masked", "mae", "facemae"]
+    assert result.seeds == [0] and list(result.table) == ["originals", "masked", "mae", "facemae"]
     text = (out / "report.md").read_text()
     for row in result.table:
         assert f"| {row} |" in text
-    numbers = _numbers(json.loads((out / "report.json").read_text()))
+    assert "| facemae - mae |" in text and "psnr_masked" in text and "hf_ratio" in text
+    numbers = _numbers(json.loads((out / "report.json").read_text())["runs"])
     assert len(numbers) > 100 and all(math.isfinite(n) for n in numbers)
+    science = json.loads((out / "science.json").read_text())
+    assert science["seeds"] == [0] and set(science["rows"]) == set(result.table)
+    for row in ("masked", "mae", "facemae"):  # the new fidelity columns, finite, one value per seed
+        values = science["rows"][row]
+        assert set(values) == {"accuracy", "identity_leak@1", "image_leak@1", "psnr_masked", "hf_ratio"}
+        assert all(len(v) == 1 and math.isfinite(v[0]) for v in values.values())
+        assert 0 < values["hf_ratio"][0] < 50 and 0 < values["psnr_masked"][0] < 60
     for png in ("reconstructions.png", "roc.png", "privacy_utility.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC), png
     for row, r in result.table.items():

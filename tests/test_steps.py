@@ -32,7 +32,7 @@ def test_mae_irm_step_returns_total_and_components():
     model, teacher, batch = _setup()
     out = mae_irm_step(model, teacher, batch, _config("loss.lambda_irm=2.5"),
                        generator=torch.Generator().manual_seed(0))
-    assert set(out) == {"loss", "recon_loss", "irm_loss"}
+    assert set(out) == {"loss", "recon_loss", "irm_loss", "irm_weight"}
     assert out["loss"].requires_grad and not out["recon_loss"].requires_grad
     assert out["irm_loss"] > 0
     assert_close(out["loss"].detach(), out["recon_loss"] + 2.5 * out["irm_loss"])

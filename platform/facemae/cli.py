@@ -209,11 +209,9 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def _experiment(args: argparse.Namespace) -> dict[str, Any]:
     result = sdk.experiment(_config(args), say=_say)
-    rows = {}
-    for row, r in result.table.items():
-        main = r["verification"].get("heldout_pairs") or next(iter(r["verification"].values()))
-        rows[row] = {"accuracy": main["accuracy"], "identity_leak@1": r["privacy"]["identity_leak@1"]}
-    return {"report": result.report, "rows": rows}
+    rows = {row: {k: float(sum(m[k]) / len(m[k])) for k in ("accuracy", "identity_leak@1")}
+            for row, m in result.rows.items()}
+    return {"report": result.report, "seeds": result.seeds, "rows": rows}
 
 
 def _tune(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,6 +22,7 @@ IMAGE_SIZE = 112
 SOURCES = ("synthetic", "folder", "recordio")
 # The standard margin of each head (ArcFace: radians, CosFace: cosine), used when loss.m is unset.
 DEFAULT_MARGIN_M = {"arcface": 0.5, "cosface": 0.4}
+IRM_VIEWS = ("raw", "blur")
 
 
 @dataclass
@@ -169,6 +170,12 @@ class LossConfig:
         margin: FR margin head, ``arcface`` or ``cosface``.
         s: Logit scale of the margin head.
         m: Margin; unset means the head's standard, ``DEFAULT_MARGIN_M`` (ArcFace 0.5, CosFace 0.4).
+        irm_view: What the teacher sees of both the originals and the released images: ``raw``
+            (DESIGN.md 1's definition) or ``blur`` (a fixed Gaussian low-pass first, so IRM's gradient
+            cannot reach the high frequencies where a frozen teacher is fooled by noise textures).
+        irm_blur_sigma: Standard deviation in pixels of that Gaussian.
+        irm_start: Optimizer steps of pure reconstruction before IRM is switched on.
+        irm_ramp: Steps over which IRM's weight then rises linearly from 0 to ``lambda_irm``.
     """
 
     lambda_irm: float = 1.0
@@ -178,6 +185,20 @@ class LossConfig:
     margin: str = "arcface"
     s: float = 64.0
     m: float | None = None
+    irm_view: str = "raw"
+    irm_blur_sigma: float = 1.5
+    irm_start: int = 0
+    irm_ramp: int = 0
+
+    def irm_weight(self, step: int | None) -> float:
+        """IRM's weight at optimizer step ``step`` (0-based; ``None`` = the schedule's end)."""
+        if step is None or self.lambda_irm == 0:
+            return self.lambda_irm
+        if step < self.irm_start:
+            return 0.0
+        if self.irm_ramp == 0:
+            return self.lambda_irm
+        return self.lambda_irm * min(1.0, (step - self.irm_start + 1) / self.irm_ramp)
 
     @property
     def margin_m(self) -> float:
@@ -192,6 +213,10 @@ class LossConfig:
         if self.norm_pix_loss and self.lambda_irm > 0:
             raise ValueError("loss.norm_pix_loss=true predicts per-patch-normalised values that cannot be "
                              "composed into pixels for IRM; set loss.lambda_irm=0 or loss.norm_pix_loss=false")
+        if self.irm_view not in IRM_VIEWS:
+            raise ValueError(f"loss.irm_view={self.irm_view!r} must be one of {IRM_VIEWS}")
+        if self.irm_blur_sigma <= 0 or self.irm_start < 0 or self.irm_ramp < 0:
+            raise ValueError("loss.irm_blur_sigma must be > 0, loss.irm_start and loss.irm_ramp >= 0")
         if self.margin not in DEFAULT_MARGIN_M:
             raise ValueError(f"loss.margin={self.margin!r} is not one of {sorted(DEFAULT_MARGIN_M)}")
         if self.s <= 0:
@@ -399,16 +424,22 @@ class ExperimentConfig:
         judge_steps: Steps of the privacy judge, an FR model trained apart from the teacher.
         fr_steps: Steps of each downstream FR model; identical for every row of the table.
         fr_base_lr: Base learning rate of those FR runs.
+        seeds: One full repetition per seed: FaceMAE, MAE and every row's FR model are trained with
+            ``train.seed`` = that seed (the teacher and the judge once, with ``train.seed``); the
+            report gives means, 95% intervals and paired differences over them.
     """
 
     output: str = "reports/experiment"
     judge_steps: int = 200
     fr_steps: int = 200
     fr_base_lr: float = 0.02
+    seeds: list[int] = field(default_factory=lambda: [0])
 
     def validate(self) -> None:
         if self.judge_steps < 1 or self.fr_steps < 1:
             raise ValueError("experiment.judge_steps and experiment.fr_steps must be >= 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"experiment.seeds={self.seeds} must be a non-empty list of distinct seeds, e.g. [0, 1, 2]")
 
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")

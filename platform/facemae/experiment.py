@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,116 +22,239 @@ from facemae.config import Config
 from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
 from facemae.eval.evaluate import privacy, verify
+from facemae.eval.fidelity import release_fidelity
+from facemae.eval.stats import mean_ci, paired_difference
 from facemae.generate.embed import embed_dataset, embedded_output
 from facemae.generate.release import generate_released, released_paths
 from facemae.train.pipeline import judge_config, teacher_config
 from facemae.train.trainer import train
 
 ROWS = ("originals", "masked", "mae", "facemae")
+# Per-seed numbers of each row; science.json keeps SCIENCE_METRICS (the issue's schema), report.json all.
+METRICS = ("accuracy", "tar", "identity_leak@1", "identity_leak@5", "image_leak@1", "image_leak@5",
+           "psnr_masked", "hf_ratio")
+SCIENCE_METRICS = ("accuracy", "identity_leak@1", "image_leak@1", "psnr_masked", "hf_ratio")
+# Paired differences the report gives: (method, baseline).
+PAIRS = (("facemae", "mae"), ("facemae", "masked"))
 
 
 @dataclass
 class ExperimentResult:
-    """Where the report went and its numbers, per row."""
+    """Where the report went and its numbers.
+
+    Attributes:
+        report: ``report.md``.
+        seeds: The seeds, in run order.
+        rows: ``row -> metric -> [value per seed]`` (:data:`METRICS`; originals have no fidelity).
+        runs: ``seed -> row -> {verification, privacy, fidelity, fr_weights, dataset}``: every number.
+    """
 
     report: str
-    table: dict[str, dict[str, Any]]
+    seeds: list[int]
+    rows: dict[str, dict[str, list[float]]]
+    runs: dict[int, dict[str, dict[str, Any]]]
+
+    @property
+    def table(self) -> dict[str, dict[str, Any]]:
+        """The first seed's rows (``verification``, ``privacy``, ``fidelity``, ``fr_weights``, ``dataset``)."""
+        return self.runs[self.seeds[0]]
 
 
 def _with(config: Config, *, name: str, **train: Any) -> Config:
     return dataclasses.replace(config, name=name, train=dataclasses.replace(config.train, **train))
 
 
-def _trained_models(config: Config, say: Callable[[str], None]) -> dict[str, str]:
-    """Teacher, judge, FaceMAE and MAE weights (each a run of its own name)."""
+def _shared_models(config: Config, say: Callable[[str], None]) -> dict[str, str]:
+    """The IRM teacher, the judge and the teacher-embedded dataset: trained once, shared by every seed
+    (the judge is part of the evaluation, which must be identical across seeds and rows)."""
     teacher = train(teacher_config(config)).weights
     judge = train(judge_config(config)).weights
     say(f"teacher {teacher}\njudge   {judge}")
     embedded = embedded_output(config.data.output, teacher)
     embed_dataset(config, source=config.data.output, weights=teacher, output=embedded)
-    facemae = train(_with(config, name=f"{config.name}-facemae", task="mae", teacher=teacher), dataset=embedded)
-    mae_config = dataclasses.replace(_with(config, name=f"{config.name}-mae", task="mae", teacher=""),
+    return {"teacher": teacher, "judge": judge, "embedded": embedded}
+
+
+def _autoencoders(config: Config, seed: int, shared: dict[str, str], say: Callable[[str], None]) -> dict[str, str]:
+    """FaceMAE and plain MAE (lambda = 0) weights of one seed (``train.seed`` is that seed)."""
+    facemae = train(_with(config, name=f"{config.name}-facemae-s{seed}", task="mae", teacher=shared["teacher"]),
+                    dataset=shared["embedded"])
+    mae_config = dataclasses.replace(_with(config, name=f"{config.name}-mae-s{seed}", task="mae", teacher=""),
                                      loss=dataclasses.replace(config.loss, lambda_irm=0.0))
     mae = train(mae_config).weights
-    say(f"facemae {facemae.weights}\nmae     {mae}")
-    return {"teacher": teacher, "judge": judge, "facemae": facemae.weights, "mae": mae}
+    say(f"seed {seed}: facemae {facemae.weights}\nseed {seed}: mae     {mae}")
+    return {"facemae": facemae.weights, "mae": mae}
 
 
-def _released_sets(config: Config, models: dict[str, str]) -> dict[str, str]:
-    """Dataset folder of each row's deployment faces."""
-    mask_dataset(dataclasses.replace(config, mask=dataclasses.replace(config.mask, splits=["deploy"])))
+def _released_sets(config: Config, seed: int, models: dict[str, str]) -> dict[str, str]:
+    """Dataset folder of each row's deployment faces (the masked view does not depend on the seed)."""
     sets = {"originals": config.data.output}
     for row, method, weights in (("masked", "masked", ""), ("mae", "reconstruct", models["mae"]),
                                  ("facemae", "reconstruct", models["facemae"])):
         g = dataclasses.replace(config.generate, method=method, weights=weights, output="")
         row_config = dataclasses.replace(config, generate=g)
         masked, _ = released_paths(row_config)
-        out = f"{masked.rstrip('/')}-{row}"
+        out = f"{masked.rstrip('/')}-{row}" + ("" if row == "masked" else f"-s{seed}")
         generate_released(row_config, output=out)
         sets[row] = out
     return sets
 
 
-def run_experiment(config: Config, *, say: Callable[[str], None] = print) -> ExperimentResult:
-    """Runs the comparison and writes the report to ``experiment.output``."""
-    config.check_mae_patch_size()
-    ingest(config)
-    models = _trained_models(config, say)
-    sets = _released_sets(config, models)
+def _row_metrics(detail: dict[str, Any]) -> dict[str, float]:
+    main = detail["verification"].get("heldout_pairs") or next(iter(detail["verification"].values()))
+    out = {"accuracy": main["accuracy"], "tar": main["tar"]}
+    out.update({k: detail["privacy"][k] for k in METRICS if k in detail["privacy"]})
+    out.update(detail.get("fidelity") or {})
+    return {k: float(out[k]) for k in METRICS if k in out}
+
+
+def _run_seed(config: Config, seed: int, shared: dict[str, str],
+              say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Every row of the table for one seed: its autoencoders, releases, FR models and scores."""
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+    sets = _released_sets(config, seed, _autoencoders(config, seed, shared, say))
     table: dict[str, dict[str, Any]] = {}
     for row in ROWS:
-        fr = train(_with(config, name=f"{config.name}-fr-{row}", task="fr", fr_backbone=config.model.fr,
+        fr = train(_with(config, name=f"{config.name}-fr-{row}-s{seed}", task="fr", fr_backbone=config.model.fr,
                          max_steps=config.experiment.fr_steps, base_lr=config.experiment.fr_base_lr,
                          teacher=""), dataset=sets[row], split="deploy")
-        scores = verify(config, fr.weights, pairs_from=config.data.output)
-        leak = privacy(config, models["judge"], released=sets[row], originals=config.data.output)
-        table[row] = {"verification": scores, "privacy": leak, "fr_weights": fr.weights, "dataset": sets[row]}
-        main = scores.get("heldout_pairs") or next(iter(scores.values()))
-        say(f"{row:9s} accuracy {main['accuracy']:.4f} identity_leak@1 {leak['identity_leak@1']:.3f}")
-    report = write_report(config, table, sets)
-    say(f"report  {report}")
-    return ExperimentResult(report=str(report), table=table)
+        fidelity = None if row == "originals" else {
+            k: v for k, v in release_fidelity(sets[row], originals=config.data.output,
+                                              masked=config.masked_output()).items() if k != "images"}
+        table[row] = {"verification": verify(config, fr.weights, pairs_from=config.data.output),
+                      "privacy": privacy(config, shared["judge"], released=sets[row], originals=config.data.output),
+                      "fidelity": fidelity, "fr_weights": fr.weights, "dataset": sets[row]}
+        m = _row_metrics(table[row])
+        say(f"seed {seed}: {row:9s} accuracy {m['accuracy']:.4f} identity_leak@1 {m['identity_leak@1']:.3f}"
+            + (f" psnr_masked {m['psnr_masked']:.2f} dB hf_ratio {m['hf_ratio']:.2f}" if fidelity else ""))
+    return table
 
 
-def write_report(config: Config, table: dict[str, dict[str, Any]], sets: dict[str, str]) -> Path:
-    """``report.md`` (the table), ``report.json`` (every number), and three PNGs."""
+def run_experiment(config: Config, *, say: Callable[[str], None] = print) -> ExperimentResult:
+    """Runs the comparison over ``experiment.seeds`` and writes the report to ``experiment.output``."""
+    config.check_mae_patch_size()
+    ingest(config)
+    shared = _shared_models(config, say)
+    mask_dataset(dataclasses.replace(config, mask=dataclasses.replace(config.mask, splits=["deploy"])))
+    runs: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in config.experiment.seeds:
+        started = time.monotonic()
+        runs[seed] = _run_seed(config, seed, shared, say)
+        say(f"seed {seed} done in {time.monotonic() - started:.0f} s")
+    seeds = list(config.experiment.seeds)
+    rows = {row: {k: [_row_metrics(runs[s][row])[k] for s in seeds] for k in _row_metrics(runs[seeds[0]][row])}
+            for row in ROWS}
+    result = ExperimentResult(report="", seeds=seeds, rows=rows, runs=runs)
+    result.report = str(write_report(config, result))
+    say(f"report  {result.report}")
+    return result
+
+
+def summarise(rows: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """Mean and 95% CI per row and metric, and the paired differences of :data:`PAIRS`."""
+    summary = {row: {k: mean_ci(v).to_dict() for k, v in metrics.items()} for row, metrics in rows.items()}
+    paired = {f"{a} - {b}": {k: paired_difference(rows[a][k], rows[b][k]).to_dict()
+                             for k in rows[a] if k in rows[b]}
+              for a, b in PAIRS if a in rows and b in rows}
+    return {"summary": summary, "paired": paired}
+
+
+def target_checks(rows: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    """The science targets (issue 9) as ``{target, value, goal, met}`` rows, from per-seed values."""
+    mean = {row: {k: float(np.mean(v)) for k, v in m.items()} for row, m in rows.items()}
+    gain = paired_difference(rows["facemae"]["accuracy"], rows["mae"]["accuracy"])
+    error = {row: 1 - mean[row]["accuracy"] for row in ROWS}
+    f, m = mean["facemae"], mean["mae"]
+    return [
+        {"target": "accuracy: FaceMAE - MAE, paired 95% CI above 0", "value": gain.format(),
+         "goal": "CI low > 0", "met": bool(gain.low > 0)},
+        {"target": "error: FaceMAE / masked", "value": f"{error['facemae'] / max(error['masked'], 1e-12):.3f}",
+         "goal": "<= 0.5", "met": error["facemae"] <= 0.5 * error["masked"]},
+        {"target": "identity_leak@1: FaceMAE vs MAE", "value": f"{f['identity_leak@1']:.3f} vs {m['identity_leak@1']:.3f}",
+         "goal": "<=", "met": f["identity_leak@1"] <= m["identity_leak@1"]},
+        {"target": "identity_leak@1: FaceMAE / originals",
+         "value": f"{f['identity_leak@1'] / max(mean['originals']['identity_leak@1'], 1e-12):.3f}",
+         "goal": "<= 1/3", "met": f["identity_leak@1"] <= mean["originals"]["identity_leak@1"] / 3},
+        {"target": "psnr_masked: FaceMAE - MAE (dB)", "value": f"{f['psnr_masked'] - m['psnr_masked']:+.2f}",
+         "goal": ">= -1", "met": f["psnr_masked"] >= m["psnr_masked"] - 1},
+        {"target": "hf_ratio: FaceMAE", "value": f"{f['hf_ratio']:.3f}", "goal": "in [0.5, 2.0]",
+         "met": 0.5 <= f["hf_ratio"] <= 2.0},
+    ]
+
+
+def science_json(config: Config, result: ExperimentResult) -> dict[str, Any]:
+    """The per-seed values in the schema of ``benchmarks/results/science.json``."""
+    return {"config": config.name, "seeds": result.seeds,
+            "rows": {row: {k: v for k, v in m.items() if k in SCIENCE_METRICS} for row, m in result.rows.items()}}
+
+
+def write_report(config: Config, result: ExperimentResult) -> Path:
+    """``report.md`` (means, CIs, paired differences, targets), ``report.json`` (every number, per seed),
+    ``science.json`` (per-seed values), and three PNGs (the first seed's releases and ROC)."""
     from facemae.report import plot_privacy_utility, plot_roc, reconstruction_grid
 
     out = Path(config.experiment.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(table, indent=1, default=float) + "\n")
-    reconstruction_grid(sets, out / "reconstructions.png")
-    plot_roc(table, out / "roc.png")
-    plot_privacy_utility(table, out / "privacy_utility.png")
-    lines = [f"# FaceMAE experiment: {config.name}", "",
-             f"Data: {config.data.output} ({config.data.source}); mask ratio {config.mask.ratio}, patch "
-             f"{config.mask.patch_size}; FaceMAE {config.model.mae}, lambda {config.loss.lambda_irm}, tau "
-             f"{config.loss.tau}; FR {config.model.fr}, {config.experiment.fr_steps} steps per row.", "",
-             "| training data | " + " | ".join(f"{t} acc" for t in _targets(table)) +
-             " | TAR@FAR | image_leak@1 | image_leak@5 | identity_leak@1 | identity_leak@5 |",
-             "|---" * (len(_targets(table)) + 6) + "|"]
-    for row, r in table.items():
-        accs = " | ".join(f"{r['verification'][t]['accuracy']:.4f} ± {r['verification'][t]['accuracy_std']:.4f}"
-                          for t in _targets(table))
-        main = r["verification"][_targets(table)[0]]
-        leak = r["privacy"]
-        lines.append(f"| {row} | {accs} | {main['tar']:.4f} | {leak['image_leak@1']:.3f} | {leak['image_leak@5']:.3f} "
-                     f"| {leak['identity_leak@1']:.3f} | {leak['identity_leak@5']:.3f} |")
-    lines += ["", f"Chance: identity_leak@1 {next(iter(table.values()))['privacy']['identity_chance@1']:.3f}, "
-              f"image_leak@1 {next(iter(table.values()))['privacy']['image_chance@1']:.4f}. Lower leak is more "
-              "private; the judge is an FR model trained apart from the IRM teacher.", "",
-              "![reconstructions](reconstructions.png) ![ROC](roc.png) ![privacy-utility](privacy_utility.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    stats = summarise(result.rows)
+    checks = target_checks(result.rows)
+    everything = {**science_json(config, result), "rows": result.rows, **stats, "targets": checks,
+                  "runs": {str(s): t for s, t in result.runs.items()}}
+    (out / "report.json").write_text(json.dumps(everything, indent=1, default=float) + "\n")
+    (out / "science.json").write_text(json.dumps(science_json(config, result), indent=1) + "\n")
+    first = result.table
+    reconstruction_grid({row: r["dataset"] for row, r in first.items()}, out / "reconstructions.png")
+    plot_roc(first, out / "roc.png")
+    plot_privacy_utility(first, out / "privacy_utility.png")
+    (out / "report.md").write_text("\n".join(report_lines(config, result, stats, checks)))
     return out / "report.md"
 
 
-def _targets(table: dict[str, dict[str, Any]]) -> list[str]:
-    return list(next(iter(table.values()))["verification"])
+def report_lines(config: Config, result: ExperimentResult, stats: dict[str, Any],
+                 checks: list[dict[str, Any]]) -> list[str]:
+    """The Markdown of ``report.md``."""
+    seeds = result.seeds
+    metrics = [k for k in METRICS if k in result.rows["facemae"]]
+    loss = config.loss
+    lines = [f"# FaceMAE experiment: {config.name}", "",
+             f"Data: {config.data.output} ({config.data.source}); mask ratio {config.mask.ratio}, patch "
+             f"{config.mask.patch_size}; FaceMAE {config.model.mae}, lambda {loss.lambda_irm}, tau {loss.tau}, "
+             f"IRM view {loss.irm_view}" + (f" (sigma {loss.irm_blur_sigma})" if loss.irm_view == "blur" else "")
+             + f", IRM from step {loss.irm_start} over {loss.irm_ramp}; FR {config.model.fr}, "
+             f"{config.experiment.fr_steps} steps per row.", "",
+             f"Seeds {seeds}: each seed trains its own FaceMAE, MAE and the four FR models; the IRM teacher and "
+             f"the privacy judge are trained once (seed {config.train.seed}) and shared by every seed and row, so "
+             "the evaluation (judge, pairs, FR recipe) is identical across the table. Cells: mean ± half-width "
+             f"of the 95% t interval over {len(seeds)} seed(s).", "",
+             "| training data | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for row in ROWS:
+        cells = [_cell(stats["summary"][row].get(k)) for k in metrics]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences (same seed), mean ± 95% CI:", "",
+              "| difference | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, diffs in stats["paired"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(diffs.get(k)) for k in metrics) + " |")
+    lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {c['target']} | {c['value']} | {c['goal']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
+    privacy_row = result.table["originals"]["privacy"]
+    lines += ["", f"Chance: identity_leak@1 {privacy_row['identity_chance@1']:.3f}, image_leak@1 "
+              f"{privacy_row['image_chance@1']:.4f}. Lower leak is more private. psnr_masked: dB over the masked "
+              "patches only; hf_ratio: Laplacian variance of released over original faces (1.0 = as sharp as "
+              "real faces, above 2 a noise texture, below 0.5 a blur).", "",
+              f"![reconstructions](reconstructions.png) ![ROC, seed {seeds[0]}](roc.png) "
+              "![privacy-utility](privacy_utility.png)", ""]
+    return lines
 
 
-def finite(table: dict[str, dict[str, Any]]) -> bool:
-    """Every number of the table is finite."""
-    values = [v for r in table.values() for t in r["verification"].values()
-              for k, v in t.items() if isinstance(v, float)]
-    values += [v for r in table.values() for v in r["privacy"].values()]
+def _cell(interval: dict[str, float] | None) -> str:
+    if interval is None:
+        return "-"
+    half = (interval["ci95_high"] - interval["ci95_low"]) / 2
+    if interval["n"] < 2:
+        return f"{interval['mean']:.4f}"
+    return f"{interval['mean']:.4f} ± {half:.4f}"
+
+
+def finite(result: ExperimentResult) -> bool:
+    """Every per-seed number of the table is finite."""
+    values = [v for m in result.rows.values() for vs in m.values() for v in vs]
     return bool(values) and bool(np.isfinite(values).all())

@@ -49,3 +49,22 @@ def irm_loss(emb_orig: torch.Tensor, emb_recon: torch.Tensor, *, tau: float) -> 
     log_q = _relations(emb_recon, tau=tau)
     # kl_div(input=log q, target=log p, log_target) = p (log p - log q); batchmean = sum / N.
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+def gaussian_blur(images: torch.Tensor, *, sigma: float) -> torch.Tensor:
+    """Differentiable separable Gaussian low-pass, reflect-padded: ``[N, C, H, W] -> [N, C, H, W]``.
+
+    IRM's ``blur`` view: the gradient through a fixed low-pass is itself low-passed, so the loss
+    can move only the low frequencies of a reconstruction (shape, layout, colour: where identity
+    lives), never paint the high-frequency textures that fool a frozen teacher.
+    """
+    if sigma <= 0:
+        raise ValueError(f"gaussian_blur sigma={sigma} must be > 0")
+    radius = max(1, int(3 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    k = k / k.sum()  # (K,)
+    c = images.shape[1]
+    out = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)  # rows
+    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # columns

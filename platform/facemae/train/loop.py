@@ -58,6 +58,7 @@ def run(config: Config, ctx: WorkerContext) -> Progress:
             started = time.perf_counter()
             batch = {k: v.to(ctx.device, dtype if v.is_floating_point() and k == "image" else v.dtype)
                      for k, v in batch.items()}
+            module.step = progress.step  # IRM's schedule (loss.irm_start / irm_ramp) reads it
             out = engine(batch)
             _check_finite(out, step=progress.step)
             engine.backward(out["loss"])

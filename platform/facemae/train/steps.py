@@ -15,12 +15,14 @@ Batches are dicts of tensors on the model's device:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from facemae.config import Config
-from facemae.losses.irm import irm_loss
+from facemae.losses.irm import gaussian_blur, irm_loss
 from facemae.losses.margin import MarginHead
 from facemae.models.mae import FaceMAE
 
@@ -43,12 +45,14 @@ def _check_frozen(teacher: nn.Module) -> None:
 
 
 def mae_irm_step(model: FaceMAE, teacher: nn.Module, batch: dict[str, torch.Tensor], config: Config, *,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """FaceMAE loss on one batch: masked-patch reconstruction + ``loss.lambda_irm`` x IRM.
+                 generator: torch.Generator | None = None, step: int | None = None) -> dict[str, torch.Tensor]:
+    """FaceMAE loss on one batch: masked-patch reconstruction + ``loss.irm_weight(step)`` x IRM.
 
     The image IRM scores is the released image (``model.compose``: predicted masked patches, the
     visible ones pasted back unless ``loss.paste_visible`` is false), so IRM's gradient reaches the
-    predictions through the frozen teacher.
+    predictions through the frozen teacher. With ``loss.irm_view: blur`` the teacher sees both the
+    originals and the released images through the same Gaussian low-pass (the stored
+    ``teacher_emb`` of the raw originals is then not used).
 
     Args:
         model: FaceMAE, built with ``norm_pix_loss=config.loss.norm_pix_loss``.
@@ -56,9 +60,10 @@ def mae_irm_step(model: FaceMAE, teacher: nn.Module, batch: dict[str, torch.Tens
         batch: See the module docstring.
         config: Reads ``mask.ratio`` and ``loss``.
         generator: Seeded generator of the random masks.
+        step: The optimizer step (0-based) for IRM's schedule; ``None`` = full weight.
 
     Returns:
-        ``loss`` (with grad), and detached ``recon_loss`` and ``irm_loss`` for logging.
+        ``loss`` (with grad), and detached ``recon_loss``, ``irm_loss`` and ``irm_weight`` for logging.
     """
     if model.norm_pix_loss != config.loss.norm_pix_loss:
         raise ValueError(f"model.norm_pix_loss={model.norm_pix_loss} but loss.norm_pix_loss="
@@ -67,16 +72,30 @@ def mae_irm_step(model: FaceMAE, teacher: nn.Module, batch: dict[str, torch.Tens
     recon_loss, pred, mask = model(imgs, mask_ratio=config.mask.ratio, mask=batch.get("mask"),
                                    generator=generator)
     irm = torch.zeros((), device=imgs.device)
+    weight = config.loss.irm_weight(step)
     if config.loss.lambda_irm > 0:
         _check_frozen(teacher)
         released = model.compose(imgs, pred, mask, paste_visible=config.loss.paste_visible)
-        emb_orig = batch.get("teacher_emb")
+        view = _irm_view(config)
+        emb_orig = batch.get("teacher_emb") if config.loss.irm_view == "raw" else None
         if emb_orig is None:
             with torch.no_grad():
-                emb_orig = teacher(imgs)  # (N, D), constant: the originals do not change
-        irm = irm_loss(emb_orig, teacher(released), tau=config.loss.tau)
-    loss = recon_loss + config.loss.lambda_irm * irm
-    return {"loss": loss, "recon_loss": recon_loss.detach(), "irm_loss": irm.detach()}
+                emb_orig = teacher(view(imgs))  # (N, D), constant: the originals do not change
+        if weight > 0:
+            irm = irm_loss(emb_orig, teacher(view(released)), tau=config.loss.tau)
+        else:  # before the schedule starts: log the loss, spend no backward on it
+            with torch.no_grad():
+                irm = irm_loss(emb_orig, teacher(view(released)), tau=config.loss.tau)
+    loss = recon_loss + weight * irm
+    return {"loss": loss, "recon_loss": recon_loss.detach(), "irm_loss": irm.detach(),
+            "irm_weight": torch.tensor(weight)}
+
+
+def _irm_view(config: Config) -> Callable[[torch.Tensor], torch.Tensor]:
+    if config.loss.irm_view == "blur":
+        sigma = config.loss.irm_blur_sigma
+        return lambda x: gaussian_blur(x, sigma=sigma)
+    return lambda x: x
 
 
 def fr_step(backbone: nn.Module, head: MarginHead, batch: dict[str, torch.Tensor],

@@ -44,9 +44,10 @@ class MAETask(nn.Module):
         self.mae = build_mae(config.model.mae, norm_pix_loss=config.loss.norm_pix_loss)
         self.__dict__["teacher"] = teacher  # not a submodule: see the module docstring
         self.config = config
+        self.step: int | None = None  # the loop sets the optimizer step before each forward (IRM schedule)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return mae_irm_step(self.mae, self.teacher, batch, self.config)
+        return mae_irm_step(self.mae, self.teacher, batch, self.config, step=self.step)
 
     def weights(self) -> nn.Module:
         return self.mae

@@ -6,6 +6,9 @@ The faces are a seeded draw of ``train.val_images`` from the ``deploy`` split of
 is scored on the same inputs. Reported, with ``val_`` names:
 
 - ``val_recon_loss``: masked-patch MSE of the reconstructions;
+- ``val_psnr_masked`` / ``val_hf_ratio``: fidelity of the released images (:mod:`facemae.eval.fidelity`):
+  PSNR over the masked patches, and high-frequency energy against the originals (1.0 = as sharp as
+  real faces; well above 1 is a noise texture);
 - ``val_irm``: IRM between the frozen teacher's embeddings of the originals and of the released
   images at the fixed temperature :data:`VAL_TAU`, so runs with different ``loss.tau`` (or
   ``lambda_irm = 0``) are compared on one scale. Lower keeps more of the relations that make
@@ -13,6 +16,9 @@ is scored on the same inputs. Reported, with ``val_`` names:
 - ``val_identity_leak@1`` / ``val_image_leak@1`` with ``train.judge``: how often the judge's nearest
   original to a released face is of the same identity / the very source image (privacy, lower is
   more private). The judge is never the teacher (DESIGN.md 1);
+- ``val_judge_irm``: the same relation KL as ``val_irm``, under the judge instead of the teacher: an
+  FR network FaceMAE never trained against, so relations kept only by fooling the teacher (noise
+  textures) show as a gap between the two;
 - ``val_objective``: what ``tune.objective`` minimises (:func:`validation_objective`).
 
 Every rank runs the same forward passes (ZeRO-3 gathers parameters collectively), rank 0 reports.
@@ -31,9 +37,10 @@ from facemae.config import Config
 from facemae.data.images import decode_rgb
 from facemae.data.masking import image_mask_seed, random_keep
 from facemae.data.shards import read_manifest
+from facemae.eval.fidelity import hf_ratio, masked_psnr
 from facemae.eval.privacy import retrieval_leak
 from facemae.losses.irm import irm_loss
-from facemae.models.fr import to_model_range
+from facemae.models.fr import to_model_range, to_uint8
 
 VAL_TAU = 0.1  # fixed, whatever loss.tau a run trains with
 
@@ -129,11 +136,17 @@ class Validator:
             mae.train(was_training)
         out = {"val_recon_loss": sum(losses) / len(self.data.images)}
         recon = torch.cat(released)
+        originals, pixels = (to_uint8(x.float().cpu()).numpy() for x in (self.data.images, recon))
+        out["val_psnr_masked"] = masked_psnr(originals, pixels, self.data.mask.cpu().numpy(),
+                                             patch_size=self.config.mask.patch_size)
+        out["val_hf_ratio"] = hf_ratio(pixels, originals)
         if self.teacher is not None:
             out["val_irm"] = float(irm_loss(self.teacher(self.data.images), self.teacher(recon), tau=VAL_TAU))
         if self.judge is not None:
             ids = self.data.identity.cpu().numpy()  # query i's source is gallery row i
-            queries, gallery = (self.judge(x).float().cpu().numpy() for x in (recon, self.data.images))
+            queries, gallery = (self.judge(x).float() for x in (recon, self.data.images))
+            out["val_judge_irm"] = float(irm_loss(gallery, queries, tau=VAL_TAU))
+            queries, gallery = queries.cpu().numpy(), gallery.cpu().numpy()
             leak = retrieval_leak(queries, gallery, query_source=np.arange(len(ids)), query_identity=ids,
                                   gallery_identity=ids, ks=(1,))
             out.update({f"val_{k}": leak[k] for k in ("image_leak@1", "identity_leak@1")})

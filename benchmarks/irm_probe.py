@@ -1,0 +1,107 @@
+"""Why IRM hurts, measured: FaceMAE variants trained on one config, scored on held-out identities.
+
+Every variant trains the experiment's FaceMAE (same data, teacher, steps, seed) with its own loss
+overrides, then the validator scores it on ``train.val_images`` faces of the deployment identities
+(never trained on), masked as the owner would:
+
+- ``val_recon_loss`` / ``val_psnr_masked``: reconstruction of the masked patches;
+- ``val_hf_ratio``: high-frequency energy against the originals (1.0 = real faces, > 2 noise texture);
+- ``val_irm``: relation KL under the IRM teacher (what IRM optimises);
+- ``val_judge_irm``: the same KL under the independent judge: relations kept for real, not by fooling
+  the teacher;
+- ``val_identity_leak@1``: the judge's retrieval of the true identity (privacy, lower is better).
+
+The teacher and the judge are the experiment's own runs (trained once and reused), so the probe and
+``jobs/experiment.py`` share them. Writes ``benchmarks/results/irm_probe.{json,md}``.
+
+    python benchmarks/irm_probe.py [--config jobs/configs/experiment.yaml] [--variants raw_l1 mae ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from facemae.config import load_config
+from facemae.data.ingest import ingest
+from facemae.experiment import _shared_models
+from facemae.train.trainer import train
+
+# name -> loss overrides; "mae" is the baseline (no IRM), "raw_l1" DESIGN.md's definition at lambda 1.
+VARIANTS: dict[str, list[str]] = {
+    "mae": ["loss.lambda_irm=0"],
+    "raw_l1": ["loss.lambda_irm=1.0"],
+    "raw_l0.1": ["loss.lambda_irm=0.1"],
+    "raw_l0.02": ["loss.lambda_irm=0.02"],
+    "raw_l1_late": ["loss.lambda_irm=1.0", "loss.irm_start=200", "loss.irm_ramp=100"],
+    "blur_l1": ["loss.lambda_irm=1.0", "loss.irm_view=blur"],
+    "blur_l0.1": ["loss.lambda_irm=0.1", "loss.irm_view=blur"],
+    "blur_l1_late": ["loss.lambda_irm=1.0", "loss.irm_view=blur", "loss.irm_start=200", "loss.irm_ramp=100"],
+    "blur3_l1": ["loss.lambda_irm=1.0", "loss.irm_view=blur", "loss.irm_blur_sigma=3.0"],
+}
+KEYS = ("val_recon_loss", "val_psnr_masked", "val_hf_ratio", "val_irm", "val_judge_irm", "val_identity_leak@1",
+        "val_image_leak@1")
+RESULTS = Path(__file__).parent / "results"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="jobs/configs/experiment.yaml")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--val-images", type=int, default=256)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra overrides for all")
+    parser.add_argument("--output", default=str(RESULTS / "irm_probe"))
+    args = parser.parse_args()
+    base = load_config(args.config, args.overrides)
+    ingest(base)
+    shared = _shared_models(base, lambda s: print(s, flush=True))
+    out = Path(args.output)
+    done = json.loads(out.with_suffix(".json").read_text())["variants"] if out.with_suffix(".json").is_file() else {}
+    for name in args.variants:
+        cfg = load_config(args.config, [*args.overrides, *VARIANTS[name]])
+        irm = cfg.loss.lambda_irm > 0
+        cfg = dataclasses.replace(cfg, name=f"{base.name}-probe-{name}", train=dataclasses.replace(
+            cfg.train, task="mae", teacher=shared["teacher"], judge=shared["judge"], val_every=cfg.train.max_steps,
+            val_images=args.val_images))
+        started = time.monotonic()
+        result = train(cfg, dataset=shared["embedded"] if irm else None, show_progress=False)
+        row = {k: result.metrics.get(k) for k in KEYS}
+        row.update(overrides=VARIANTS[name], seconds=round(time.monotonic() - started, 1),
+                   preview=str(Path(result.checkpoint or "") / "preview.png"))
+        done[name] = row
+        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        _write(out, args, done)
+
+
+def _write(out: Path, args: argparse.Namespace, variants: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} ({platform.machine()}, 2-core CPU)", "commit": _commit(),
+            "command": "python " + " ".join(sys.argv), "config": args.config}
+    out.with_suffix(".json").write_text(json.dumps({**meta, "variants": variants}, indent=1) + "\n")
+    lines = [f"# IRM probe ({args.config})", "", *(f"- {k}: {v}" for k, v in meta.items()), "",
+             "| variant | overrides | " + " | ".join(k.removeprefix("val_") for k in KEYS) + " | s |",
+             "|---" * (len(KEYS) + 3) + "|"]
+    for name, row in variants.items():
+        cells = " | ".join("-" if row.get(k) is None else f"{row[k]:.4f}" for k in KEYS)
+        lines.append(f"| {name} | {' '.join(row['overrides'])} | {cells} | {row['seconds']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
