@@ -15,6 +15,9 @@ The teacher and the judge are the experiment's own runs (trained once and reused
 ``jobs/experiment.py`` share them. Writes ``benchmarks/results/irm_probe.{json,md}``.
 
     python benchmarks/irm_probe.py [--config jobs/configs/experiment.yaml] [--variants raw_l1 mae ...]
+
+On this 2-core machine two probes with ``OMP_NUM_THREADS=1`` and different ``--variants`` side by side
+finish sooner than one with both threads (the tiny models scale poorly across threads).
 """
 
 from __future__ import annotations
@@ -71,7 +74,6 @@ def main() -> None:
     ingest(base)
     shared = _shared_models(base, lambda s: print(s, flush=True))
     out = Path(args.output)
-    done = json.loads(out.with_suffix(".json").read_text())["variants"] if out.with_suffix(".json").is_file() else {}
     for name in args.variants:
         cfg = load_config(args.config, [*args.overrides, *VARIANTS[name]])
         irm = cfg.loss.lambda_irm > 0
@@ -83,13 +85,16 @@ def main() -> None:
         row = {k: result.metrics.get(k) for k in KEYS}
         row.update(overrides=VARIANTS[name], seconds=round(time.monotonic() - started, 1),
                    preview=str(Path(result.checkpoint or "") / "preview.png"))
-        done[name] = row
         print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-        _write(out, args, done)
+        _write(out, args, name, row)
 
 
-def _write(out: Path, args: argparse.Namespace, variants: dict) -> None:
+def _write(out: Path, args: argparse.Namespace, name: str, row: dict) -> None:
+    """Adds one variant's row to the JSON and table (re-read first: probes of other variants may run
+    beside this one, one thread each, and write to the same files)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    variants = json.loads(out.with_suffix(".json").read_text())["variants"] if out.with_suffix(".json").is_file() else {}
+    variants[name] = row
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} ({platform.machine()}, 2-core CPU)", "commit": _commit(),
             "command": "python " + " ".join(sys.argv), "config": args.config}

@@ -186,6 +186,25 @@ def test_a_new_run_starts_from_an_explicit_checkpoint(tmp_path, dataset, teacher
     assert Path(second["checkpoint"]).parent.name == "second"
 
 
+def test_irm_schedule_reaches_the_loop_and_a_finished_run_is_reused(tmp_path, dataset, teacher):
+    common = [*TINY, f"data.output={dataset}", f"train.teacher={teacher}", f"train.storage_path={tmp_path}",
+              "train.num_workers=0", "train.checkpoint_every=2", "train.log_every=1", "name=sched",
+              "loss.irm_start=2", "loss.irm_ramp=2", "loss.irm_view=blur"]
+    first = _train_in_subprocess([*common, "train.max_steps=4"])
+    lines = _metrics(str(tmp_path / "sched"))
+    # Step s (1-based, logged after the update) trained with the weight of 0-based step s - 1.
+    assert [m["irm_weight"] for m in lines] == [0.0, 0.0, 0.5, 1.0]
+    assert all(m["irm_loss"] > 0 for m in lines)  # logged before the schedule starts too
+    weights = Path(first["weights"])
+    stamp = weights.stat().st_mtime_ns
+    again = _train_in_subprocess([*common, "train.max_steps=4"])  # finished: nothing trained or re-exported
+    assert again["weights"] == first["weights"] and weights.stat().st_mtime_ns == stamp
+    assert len(_metrics(str(tmp_path / "sched"))) == 4
+    longer = _train_in_subprocess([*common, "train.max_steps=6"])  # a higher max_steps resumes the run
+    assert [m["step"] for m in _metrics(str(tmp_path / "sched"))][4:] == [5, 6]
+    assert Path(longer["checkpoint"]).name == "checkpoint_00000006"
+
+
 @pytest.mark.parametrize("stage, precision, task", [(0, "fp32", "fr"), (1, "fp32", "mae"), (2, "bf16", "mae"),
                                                      (3, "fp32", "mae"), (3, "fp32", "fr")])
 def test_local_mode_trains_each_zero_stage_and_exports_weights(tmp_path, dataset, teacher, stage, precision, task):

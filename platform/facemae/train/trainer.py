@@ -20,7 +20,7 @@ from facemae.config import Config, from_dict
 from facemae.data.shards import verify_dataset
 from facemae.data.transforms import training_batch
 from facemae.train.context import LocalContext, RayContext, latest_checkpoint
-from facemae.train.loop import run
+from facemae.train.loop import PROGRESS, run
 from facemae.train.tasks import save_weights
 
 EXPORT_DIR = "export"
@@ -54,6 +54,8 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train",
     if not files:
         raise ValueError(f"{root} has no {split} shards; ingest with 0 < data.deploy_fraction < 1")
     num_classes = max(manifest.identities(split)) + 1  # identity labels index the class centres
+    if (done := finished_run(config)) is not None:
+        return done
     if config.train.num_workers == 0:
         result = _train_local(config, files, num_classes)
     else:
@@ -61,6 +63,24 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train",
     if result.checkpoint:
         result.weights = str(export_weights(result.checkpoint, config, Path(result.run_dir) / EXPORT_DIR))
     return result
+
+
+def finished_run(config: Config) -> TrainResult | None:
+    """The result of a run of this name that already reached ``train.max_steps`` and exported its
+    weights from that last checkpoint, or None. Resuming it would restore, train nothing and export
+    the same weights again; this skips that, whether the run trained on Ray workers or in-process."""
+    import json
+
+    run_dir = Path(config.run_dir())
+    checkpoint = latest_checkpoint(run_dir)
+    info = run_dir / EXPORT_DIR / "weights.json"
+    if checkpoint is None or not info.is_file():
+        return None
+    step = json.loads((checkpoint / PROGRESS).read_text()).get("step", 0)
+    if step < config.train.max_steps or json.loads(info.read_text()).get("checkpoint") != str(checkpoint):
+        return None
+    return TrainResult(run_dir=str(run_dir), checkpoint=str(checkpoint),
+                       weights=str(run_dir / EXPORT_DIR / "weights.safetensors"), metrics=_last_metrics(run_dir))
 
 
 def _train_local(config: Config, files: list[str], num_classes: int) -> TrainResult:
