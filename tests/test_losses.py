@@ -157,7 +157,8 @@ def test_margin_registry_and_config_agree_on_the_standard_margins():
 
 def test_loss_config_defaults_and_errors_name_the_fix():
     loss = load_config().loss
-    assert (loss.lambda_irm, loss.tau, loss.norm_pix_loss, loss.paste_visible) == (1.0, 0.1, False, True)
+    assert (loss.lambda_irm, loss.tau, loss.norm_pix_loss, loss.paste_visible) == (0.1, 0.1, False, True)
+    assert (loss.irm_view, loss.irm_blur_sigma, loss.irm_start, loss.irm_ramp) == ("blur", 1.5, 0.25, 0.25)
     assert (loss.margin, loss.s, loss.margin_m) == ("arcface", 64.0, 0.5)
     assert load_config(None, ["loss.margin=cosface"]).loss.margin_m == 0.4
     assert load_config(None, ["loss.margin=cosface", "loss.m=0.35"]).loss.margin_m == 0.35

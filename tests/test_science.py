@@ -110,16 +110,21 @@ def test_gaussian_blur_preserves_constants_and_low_passes():
 
 
 def test_irm_schedule_and_blur_view_in_the_step():
-    config = load_config(None, ["model.mae=facemae_vit_tiny_p8", "loss.irm_start=5", "loss.irm_ramp=10",
-                                "loss.irm_view=blur", "model.embedding_size=16"])
-    assert [config.loss.irm_weight(s) for s in (0, 4, 5, 9, 14, 100)] == pytest.approx([0, 0, 0.1, 0.5, 1.0, 1.0])
-    assert config.loss.irm_weight(None) == 1.0
+    config = load_config(None, ["model.mae=facemae_vit_tiny_p8", "loss.irm_start=0.05", "loss.irm_ramp=0.1",
+                                "loss.irm_view=blur", "model.embedding_size=16", "loss.lambda_irm=1",
+                                "train.max_steps=100"])
+    # start at step round(0.05 * 100) = 5, full weight after round(0.1 * 100) = 10 more steps.
+    weights = [config.loss.irm_weight(s, max_steps=100) for s in (0, 4, 5, 9, 14, 99)]
+    assert weights == pytest.approx([0, 0, 0.1, 0.5, 1.0, 1.0])
+    assert config.loss.irm_weight(None, max_steps=100) == 1.0
+    with pytest.raises(ValueError, match="fractions of train.max_steps"):
+        load_config(None, ["loss.irm_start=100"])
     from facemae.models.registry import build_fr, build_mae
 
     torch.manual_seed(0)
     model, teacher = build_mae("facemae_vit_tiny_p8"), freeze_teacher(build_fr("fr_tiny", embedding_size=16))
     batch = {"image": torch.rand(4, 3, 112, 112) * 2 - 1, "identity": torch.arange(4)}
-    early = mae_irm_step(model, teacher, batch, config, generator=torch.Generator().manual_seed(0), step=2)
+    early = mae_irm_step(model, teacher, batch, config, generator=torch.Generator().manual_seed(0), step=4)
     late = mae_irm_step(model, teacher, batch, config, generator=torch.Generator().manual_seed(0), step=50)
     assert float(early["irm_weight"]) == 0 and float(early["irm_loss"]) > 0  # logged, not trained
     torch.testing.assert_close(early["loss"], early["recon_loss"])

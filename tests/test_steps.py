@@ -63,12 +63,15 @@ def test_irm_gradient_reaches_the_decoder_and_the_teacher_stays_untouched():
         assert torch.equal(value, state[key]), f"teacher {key} changed (BN statistics must stay frozen)"
 
 
-def test_stored_teacher_embeddings_replace_the_teacher_pass_on_originals():
+@pytest.mark.parametrize("view", ["raw", "blur"])
+def test_stored_teacher_embeddings_replace_the_teacher_pass_on_originals(view):
+    from facemae.losses.irm import irm_view
+
     model, teacher, batch = _setup()
-    config = _config()
+    config = _config(f"loss.irm_view={view}")
     computed = mae_irm_step(model, teacher, batch, config, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        stored = torch.nn.functional.normalize(teacher(batch["image"]), dim=1)  # as ingestion stores it
+    with torch.no_grad():  # as ingestion stores it, in the config's view
+        stored = torch.nn.functional.normalize(teacher(irm_view(batch["image"], view=view, sigma=1.5)), dim=1)
     given = mae_irm_step(model, teacher, {**batch, "teacher_emb": stored}, config,
                          generator=torch.Generator().manual_seed(0))
     assert_close(given["irm_loss"], computed["irm_loss"])

@@ -143,6 +143,7 @@ def test_resume_restores_exact_state_and_continues_at_the_next_step(tmp_path, da
 def test_teacher_embeddings_from_an_actor_pool_match_a_direct_computation(tmp_path, dataset, teacher, ray_cluster):
     from facemae.data.images import decode_rgb
     from facemae.generate.embed import embed_dataset
+    from facemae.losses.irm import gaussian_blur
     from facemae.models.fr import to_model_range
     from facemae.train.tasks import load_fr_backbone
 
@@ -155,11 +156,25 @@ def test_teacher_embeddings_from_an_actor_pool_match_a_direct_computation(tmp_pa
     rows = [r for split in manifest.splits for r in iter_rows(manifest.files(out, split))]
     model = load_fr_backbone(teacher)
     pixels = torch.from_numpy(np.stack([decode_rgb(r["image"]) for r in rows[:16]]))
+    assert manifest.source["teacher_view"] == "blur1.5"  # the default IRM view: embeddings of the low-pass
     with torch.no_grad():
-        direct = model(to_model_range(pixels)).numpy()
+        direct = model(gaussian_blur(to_model_range(pixels), sigma=1.5)).numpy()
     stored = np.stack([np.asarray(r["teacher_emb"], np.float32) for r in rows[:16]])
     np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5)
     assert embed_dataset(config, source=dataset, weights=teacher, output=out).to_json() == manifest.to_json()
+
+
+def test_training_refuses_teacher_embeddings_of_another_view(tmp_path, dataset, teacher):
+    from facemae.train.trainer import _check_teacher_view
+
+    source = {"embedded_from": dataset, "teacher": teacher, "teacher_view": "blur1.5"}
+    _check_teacher_view(_config(tmp_path, dataset, teacher), source, "emb")  # the default view: accepted
+    with pytest.raises(ValueError, match="'blur1.5' IRM view but this run trains with 'raw'"):
+        _check_teacher_view(_config(tmp_path, dataset, teacher, "loss.irm_view=raw"), source, "emb")
+    old = {"embedded_from": dataset, "teacher": teacher}  # embedded before views existed: raw
+    with pytest.raises(ValueError, match="'raw' IRM view but this run trains with 'blur3'"):
+        _check_teacher_view(_config(tmp_path, dataset, teacher, "loss.irm_blur_sigma=3"), old, "emb")
+    _check_teacher_view(_config(tmp_path, dataset, teacher, "loss.lambda_irm=0"), old, "emb")  # no IRM: unused
 
 
 def _train_in_subprocess(overrides: list[str]) -> dict:
@@ -189,10 +204,11 @@ def test_a_new_run_starts_from_an_explicit_checkpoint(tmp_path, dataset, teacher
 def test_irm_schedule_reaches_the_loop_and_a_finished_run_is_reused(tmp_path, dataset, teacher):
     common = [*TINY, f"data.output={dataset}", f"train.teacher={teacher}", f"train.storage_path={tmp_path}",
               "train.num_workers=0", "train.checkpoint_every=2", "train.log_every=1", "name=sched",
-              "loss.irm_start=2", "loss.irm_ramp=2", "loss.irm_view=blur"]
+              "loss.irm_start=0.5", "loss.irm_ramp=0.5", "loss.irm_view=blur", "loss.lambda_irm=1"]
     first = _train_in_subprocess([*common, "train.max_steps=4"])
     lines = _metrics(str(tmp_path / "sched"))
-    # Step s (1-based, logged after the update) trained with the weight of 0-based step s - 1.
+    # IRM from 0-based step round(0.5 * 4) = 2, full after 2 more. Step s (1-based, logged after the
+    # update) trained with the weight of 0-based step s - 1.
     assert [m["irm_weight"] for m in lines] == [0.0, 0.0, 0.5, 1.0]
     assert all(m["irm_loss"] > 0 for m in lines)  # logged before the schedule starts too
     weights = Path(first["weights"])

@@ -70,34 +70,51 @@ def _shared_models(config: Config, say: Callable[[str], None]) -> dict[str, str]
     teacher = train(teacher_config(config)).weights
     judge = train(judge_config(config)).weights
     say(f"teacher {teacher}\njudge   {judge}")
-    embedded = embedded_output(config.data.output, teacher)
+    embedded = embedded_output(config.data.output, teacher, config.loss)
     embed_dataset(config, source=config.data.output, weights=teacher, output=embedded)
     return {"teacher": teacher, "judge": judge, "embedded": embedded}
 
 
+def autoencoder_config(config: Config, seed: int, row: str, *, teacher: str = "") -> Config:
+    """The training run of one seed's ``facemae`` (IRM against ``teacher``) or ``mae`` (lambda 0)."""
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+    if row == "facemae":
+        return _with(config, name=f"{config.name}-facemae-s{seed}", task="mae", teacher=teacher)
+    return dataclasses.replace(_with(config, name=f"{config.name}-mae-s{seed}", task="mae", teacher=""),
+                               loss=dataclasses.replace(config.loss, lambda_irm=0.0))
+
+
+def fr_config(config: Config, seed: int, row: str) -> Config:
+    """The downstream FR run of one row and seed: the same recipe for every row."""
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+    return _with(config, name=f"{config.name}-fr-{row}-s{seed}", task="fr", fr_backbone=config.model.fr,
+                 max_steps=config.experiment.fr_steps, base_lr=config.experiment.fr_base_lr, teacher="")
+
+
 def _autoencoders(config: Config, seed: int, shared: dict[str, str], say: Callable[[str], None]) -> dict[str, str]:
     """FaceMAE and plain MAE (lambda = 0) weights of one seed (``train.seed`` is that seed)."""
-    facemae = train(_with(config, name=f"{config.name}-facemae-s{seed}", task="mae", teacher=shared["teacher"]),
-                    dataset=shared["embedded"])
-    mae_config = dataclasses.replace(_with(config, name=f"{config.name}-mae-s{seed}", task="mae", teacher=""),
-                                     loss=dataclasses.replace(config.loss, lambda_irm=0.0))
-    mae = train(mae_config).weights
+    facemae = train(autoencoder_config(config, seed, "facemae", teacher=shared["teacher"]), dataset=shared["embedded"])
+    mae = train(autoencoder_config(config, seed, "mae")).weights
     say(f"seed {seed}: facemae {facemae.weights}\nseed {seed}: mae     {mae}")
     return {"facemae": facemae.weights, "mae": mae}
 
 
+def release(config: Config, seed: int, row: str, weights: str = "") -> str:
+    """Releases the deployment faces for one row (``masked``: no model; ``mae`` / ``facemae``: the
+    seed's weights) and returns the dataset folder; the masked view does not depend on the seed."""
+    method = "masked" if row == "masked" else "reconstruct"
+    row_config = dataclasses.replace(config, generate=dataclasses.replace(config.generate, method=method,
+                                                                          weights=weights, output=""))
+    masked, _ = released_paths(row_config)
+    out = f"{masked.rstrip('/')}-{row}" + ("" if row == "masked" else f"-s{seed}")
+    generate_released(row_config, output=out)
+    return out
+
+
 def _released_sets(config: Config, seed: int, models: dict[str, str]) -> dict[str, str]:
-    """Dataset folder of each row's deployment faces (the masked view does not depend on the seed)."""
-    sets = {"originals": config.data.output}
-    for row, method, weights in (("masked", "masked", ""), ("mae", "reconstruct", models["mae"]),
-                                 ("facemae", "reconstruct", models["facemae"])):
-        g = dataclasses.replace(config.generate, method=method, weights=weights, output="")
-        row_config = dataclasses.replace(config, generate=g)
-        masked, _ = released_paths(row_config)
-        out = f"{masked.rstrip('/')}-{row}" + ("" if row == "masked" else f"-s{seed}")
-        generate_released(row_config, output=out)
-        sets[row] = out
-    return sets
+    """Dataset folder of each row's deployment faces."""
+    return {"originals": config.data.output, **{row: release(config, seed, row, models.get(row, ""))
+                                                 for row in ("masked", "mae", "facemae")}}
 
 
 def _row_metrics(detail: dict[str, Any]) -> dict[str, float]:
@@ -115,9 +132,7 @@ def _run_seed(config: Config, seed: int, shared: dict[str, str],
     sets = _released_sets(config, seed, _autoencoders(config, seed, shared, say))
     table: dict[str, dict[str, Any]] = {}
     for row in ROWS:
-        fr = train(_with(config, name=f"{config.name}-fr-{row}-s{seed}", task="fr", fr_backbone=config.model.fr,
-                         max_steps=config.experiment.fr_steps, base_lr=config.experiment.fr_base_lr,
-                         teacher=""), dataset=sets[row], split="deploy")
+        fr = train(fr_config(config, seed, row), dataset=sets[row], split="deploy")
         fidelity = None if row == "originals" else {
             k: v for k, v in release_fidelity(sets[row], originals=config.data.output,
                                               masked=config.masked_output()).items() if k != "images"}

@@ -3,7 +3,10 @@
 IRM compares the teacher's embeddings of the originals with those of the reconstructions; the first
 never change, so FaceMAE training reads them from a ``teacher_emb`` column instead of running the
 teacher on every original at every step. The output is a new original dataset (same splits, shard
-names and rows, plus ``teacher_emb``), written shard by shard, atomically and resumably.
+names and rows, plus ``teacher_emb``), written shard by shard, atomically and resumably. The
+embeddings are of the IRM view the config names (``loss.irm_view``: the raw image or its Gaussian
+low-pass), recorded in the manifest as ``source.teacher_view``; training refuses a dataset embedded
+with another view.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from facemae.config import Config
+from facemae.config import Config, LossConfig
 from facemae.data.runner import Journal, UnitResult, prepare_output, reusable
 from facemae.data.shards import MANIFEST, ORIGINAL_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
 from facemae.generate.streaming import write_as_shards_complete
+from facemae.losses.irm import view_name
 
 EMBEDDED_SCHEMA = ORIGINAL_SCHEMA.append(pa.field("teacher_emb", pa.list_(pa.float32()), nullable=False))
 
@@ -25,29 +29,34 @@ EMBEDDED_SCHEMA = ORIGINAL_SCHEMA.append(pa.field("teacher_emb", pa.list_(pa.flo
 class TeacherEmbedder:
     """Ray Data callable class: loads the frozen teacher once per actor, embeds batches of originals."""
 
-    def __init__(self, weights: str, use_gpu: bool = False) -> None:
+    def __init__(self, weights: str, use_gpu: bool = False, view: str = "raw", sigma: float = 1.5) -> None:
         import torch
 
         from facemae.train.tasks import load_fr_backbone
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_fr_backbone(weights).to(self.device)
+        self.view, self.sigma = view, sigma
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
         from facemae.data.images import decode_rgb
+        from facemae.losses.irm import irm_view
         from facemae.models.fr import to_model_range
 
         pixels = torch.from_numpy(np.stack([decode_rgb(b) for b in batch["image"]]))
         with torch.inference_mode():
-            emb = self.model(to_model_range(pixels).to(self.device)).float().cpu().numpy()  # (N, D)
+            x = irm_view(to_model_range(pixels).to(self.device), view=self.view, sigma=self.sigma)
+            emb = self.model(x).float().cpu().numpy()  # (N, D)
         return {**batch, "teacher_emb": list(emb)}
 
 
-def embedded_output(source: str, weights: str) -> str:
-    """Default folder of ``source`` embedded by the teacher ``weights``: one per (dataset, teacher)."""
-    return f"{source.rstrip('/')}-teacher-{sha256_file(weights)[:8]}"
+def embedded_output(source: str, weights: str, loss: LossConfig) -> str:
+    """Default folder of ``source`` embedded by the teacher ``weights`` in ``loss``'s IRM view: one per
+    (dataset, teacher, view); the raw view keeps the plain ``<source>-teacher-<hash>`` name."""
+    view = view_name(loss.irm_view, loss.irm_blur_sigma)
+    return f"{source.rstrip('/')}-teacher-{sha256_file(weights)[:8]}" + ("" if view == "raw" else f"-{view}")
 
 
 def embed_dataset(config: Config, *, source: str, weights: str, output: str | None = None,
@@ -55,19 +64,21 @@ def embed_dataset(config: Config, *, source: str, weights: str, output: str | No
     """Writes ``source`` with the teacher's embedding of every image added.
 
     Args:
-        config: Reads ``ray`` (cluster), ``train.use_gpu`` and ``train.micro_batch`` (batch size).
+        config: Reads ``ray`` (cluster), ``train.use_gpu``, ``train.micro_batch`` (batch size) and
+            ``loss.irm_view`` / ``loss.irm_blur_sigma`` (what the teacher sees).
         source: Original dataset folder.
         weights: The teacher's ``weights.safetensors``.
-        output: Output folder; defaults to ``<source>-teacher-<first 8 hex of the weights' SHA-256>``.
+        output: Output folder; defaults to :func:`embedded_output`.
         overwrite: Rebuild even if ``output`` holds a finished dataset of the same settings.
     """
     original = verify_dataset(source)
     if original.kind != "original":
         raise ValueError(f"{source} is a {original.kind} dataset; teacher embeddings are computed on originals")
     weights_sha = sha256_file(weights)
-    output = output or embedded_output(source, weights)
+    output = output or embedded_output(source, weights, config.loss)
+    view = view_name(config.loss.irm_view, config.loss.irm_blur_sigma)
     fingerprint = {"stage": "embed", "source_manifest": sha256_file(Path(source) / MANIFEST),
-                   "teacher_sha256": weights_sha}
+                   "teacher_sha256": weights_sha, **({} if view == "raw" else {"teacher_view": view})}
     if (done := reusable(output, fingerprint, overwrite=overwrite)) is not None:
         return done
     prepare_output(output, overwrite=overwrite)
@@ -78,7 +89,7 @@ def embed_dataset(config: Config, *, source: str, weights: str, output: str | No
         _stream(config, todo, weights=weights, output=output, journal=journal)
     manifest = Manifest(
         kind="original", settings=fingerprint, report=original.report, identity_names=original.identity_names,
-        source={**original.source, "embedded_from": str(source), "teacher": str(weights)},
+        source={**original.source, "embedded_from": str(source), "teacher": str(weights), "teacher_view": view},
         splits={split: [journal.done[s.file].shard for s in group] for split, group in original.splits.items()})
     manifest.write(output)
     journal.finish()
@@ -96,7 +107,8 @@ def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, o
     use_gpu = config.train.use_gpu
     actors = max(1, config.train.num_workers)
     ds = ray.data.read_parquet(list(todo), columns=["image_id", "identity", "image"], include_paths=True)
-    ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs={"weights": weights, "use_gpu": use_gpu},
+    kwargs = {"weights": weights, "use_gpu": use_gpu, "view": config.loss.irm_view, "sigma": config.loss.irm_blur_sigma}
+    ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs=kwargs,
                         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=config.train.micro_batch,
                         batch_format="numpy", **({"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}))
     write_as_shards_complete(ds, todo, columns=("image_id", "identity", "image", "teacher_emb"),

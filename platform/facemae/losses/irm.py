@@ -68,3 +68,18 @@ def gaussian_blur(images: torch.Tensor, *, sigma: float) -> torch.Tensor:
     out = F.pad(images, (radius, radius, radius, radius), mode="reflect")
     out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)  # rows
     return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # columns
+
+
+def irm_view(images: torch.Tensor, *, view: str, sigma: float) -> torch.Tensor:
+    """What the IRM teacher sees of ``images`` (originals and releases alike): ``raw`` (themselves) or
+    ``blur`` (:func:`gaussian_blur` with ``sigma``). ``[N, C, H, W] -> [N, C, H, W]``."""
+    if view == "raw":
+        return images
+    if view == "blur":
+        return gaussian_blur(images, sigma=sigma)
+    raise ValueError(f"IRM view {view!r} is not 'raw' or 'blur'")
+
+
+def view_name(view: str, sigma: float) -> str:
+    """A short name of a view, as stored with teacher embeddings: ``raw`` or ``blur1.5``."""
+    return "raw" if view == "raw" else f"{view}{sigma:g}"

@@ -65,7 +65,7 @@ def run_training_job(config: Config, *, overwrite: bool = False,
             teacher = train(teacher_config(config))
             say(f"teacher  {teacher.weights} (accuracy {teacher.metrics.get('accuracy', float('nan')):.3f})")
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, teacher=teacher.weights))
-        dataset = embedded_output(config.data.output, config.train.teacher)
+        dataset = embedded_output(config.data.output, config.train.teacher, config.loss)
         embedded = embed_dataset(config, source=config.data.output, weights=config.train.teacher, output=dataset)
         say(f"embedded {dataset}: teacher embeddings of {embedded.num_images()} originals")
     result = train(config, dataset=dataset)

@@ -15,14 +15,12 @@ Batches are dicts of tensors on the model's device:
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from facemae.config import Config
-from facemae.losses.irm import gaussian_blur, irm_loss
+from facemae.losses.irm import irm_loss, irm_view
 from facemae.losses.margin import MarginHead
 from facemae.models.mae import FaceMAE
 
@@ -51,8 +49,9 @@ def mae_irm_step(model: FaceMAE, teacher: nn.Module, batch: dict[str, torch.Tens
     The image IRM scores is the released image (``model.compose``: predicted masked patches, the
     visible ones pasted back unless ``loss.paste_visible`` is false), so IRM's gradient reaches the
     predictions through the frozen teacher. With ``loss.irm_view: blur`` the teacher sees both the
-    originals and the released images through the same Gaussian low-pass (the stored
-    ``teacher_emb`` of the raw originals is then not used).
+    originals and the released images through the same Gaussian low-pass; a stored ``teacher_emb``
+    must then be of that view too (``facemae.generate.embed`` stores the view the config names, and
+    training refuses a dataset embedded with another).
 
     Args:
         model: FaceMAE, built with ``norm_pix_loss=config.loss.norm_pix_loss``.
@@ -72,30 +71,22 @@ def mae_irm_step(model: FaceMAE, teacher: nn.Module, batch: dict[str, torch.Tens
     recon_loss, pred, mask = model(imgs, mask_ratio=config.mask.ratio, mask=batch.get("mask"),
                                    generator=generator)
     irm = torch.zeros((), device=imgs.device)
-    weight = config.loss.irm_weight(step)
-    if config.loss.lambda_irm > 0:
+    cfg = config.loss
+    weight = cfg.irm_weight(step, max_steps=config.train.max_steps)
+    if cfg.lambda_irm > 0:
         _check_frozen(teacher)
-        released = model.compose(imgs, pred, mask, paste_visible=config.loss.paste_visible)
-        view = _irm_view(config)
-        emb_orig = batch.get("teacher_emb") if config.loss.irm_view == "raw" else None
+        released = model.compose(imgs, pred, mask, paste_visible=cfg.paste_visible)
+        emb_orig = batch.get("teacher_emb")
         if emb_orig is None:
-            with torch.no_grad():
-                emb_orig = teacher(view(imgs))  # (N, D), constant: the originals do not change
-        if weight > 0:
-            irm = irm_loss(emb_orig, teacher(view(released)), tau=config.loss.tau)
-        else:  # before the schedule starts: log the loss, spend no backward on it
-            with torch.no_grad():
-                irm = irm_loss(emb_orig, teacher(view(released)), tau=config.loss.tau)
+            with torch.no_grad():  # (N, D), constant: the originals do not change
+                emb_orig = teacher(irm_view(imgs, view=cfg.irm_view, sigma=cfg.irm_blur_sigma))
+        # Before the schedule starts the loss is only logged: no graph, no backward through the teacher.
+        with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
+            emb_recon = teacher(irm_view(released, view=cfg.irm_view, sigma=cfg.irm_blur_sigma))
+            irm = irm_loss(emb_orig, emb_recon, tau=cfg.tau)
     loss = recon_loss + weight * irm
     return {"loss": loss, "recon_loss": recon_loss.detach(), "irm_loss": irm.detach(),
             "irm_weight": torch.tensor(weight)}
-
-
-def _irm_view(config: Config) -> Callable[[torch.Tensor], torch.Tensor]:
-    if config.loss.irm_view == "blur":
-        sigma = config.loss.irm_blur_sigma
-        return lambda x: gaussian_blur(x, sigma=sigma)
-    return lambda x: x
 
 
 def fr_step(backbone: nn.Module, head: MarginHead, batch: dict[str, torch.Tensor],

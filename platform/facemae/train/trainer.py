@@ -19,6 +19,7 @@ from tqdm import tqdm
 from facemae.config import Config, from_dict
 from facemae.data.shards import verify_dataset
 from facemae.data.transforms import training_batch
+from facemae.losses.irm import view_name
 from facemae.train.context import LocalContext, RayContext, latest_checkpoint
 from facemae.train.loop import PROGRESS, run
 from facemae.train.tasks import save_weights
@@ -54,6 +55,7 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train",
     if not files:
         raise ValueError(f"{root} has no {split} shards; ingest with 0 < data.deploy_fraction < 1")
     num_classes = max(manifest.identities(split)) + 1  # identity labels index the class centres
+    _check_teacher_view(config, manifest.source, root)
     if (done := finished_run(config)) is not None:
         return done
     if config.train.num_workers == 0:
@@ -63,6 +65,17 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train",
     if result.checkpoint:
         result.weights = str(export_weights(result.checkpoint, config, Path(result.run_dir) / EXPORT_DIR))
     return result
+
+
+def _check_teacher_view(config: Config, source: dict[str, Any], root: str) -> None:
+    """Stored teacher embeddings must be of the IRM view this run trains with (``loss.irm_view``)."""
+    if config.train.task != "mae" or config.loss.lambda_irm == 0 or "embedded_from" not in source:
+        return
+    stored, wanted = source.get("teacher_view", "raw"), view_name(config.loss.irm_view, config.loss.irm_blur_sigma)
+    if stored != wanted:
+        raise ValueError(f"{root} holds teacher embeddings of the {stored!r} IRM view but this run trains with "
+                         f"{wanted!r} (loss.irm_view / loss.irm_blur_sigma); train on {source['embedded_from']} "
+                         "re-embedded with this config (facemae.generate.embed.embed_dataset), or match the loss")
 
 
 def finished_run(config: Config) -> TrainResult | None:

@@ -91,7 +91,7 @@ def prepare(config: Config, say: Callable[[str], None]) -> tuple[Config, str]:
     teacher = config.train.teacher or train(teacher_config(config)).weights
     judge = config.train.judge or train(judge_config(config)).weights
     say(f"teacher  {teacher}\njudge    {judge}")
-    dataset = embedded_output(config.data.output, teacher)
+    dataset = embedded_output(config.data.output, teacher, config.loss)
     embed_dataset(config, source=config.data.output, weights=teacher, output=dataset)
     t = config.train
     every = t.val_every or max(1, t.max_steps // 4)
