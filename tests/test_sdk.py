@@ -153,10 +153,23 @@ def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cl
     said: list[str] = []
     result = facemae.experiment(CONFIGS / "experiment_smoke.yaml", say=said.append, overrides=[
         f"data.output={tmp_path / 'syn'}", f"train.storage_path={tmp_path / 'runs'}",
-        f"experiment.output={tmp_path / 'report'}"])
+        f"experiment.output={tmp_path / 'report'}", "experiment.seeds=[0, 1]"])
     out = tmp_path / "report"
     assert result.report == str(out / "report.md")
-    assert result.seeds == [0] and list(result.table) == ["originals", "masked", "mae", "facemae"]
+    assert result.seeds == [0, 1] and list(result.table) == ["originals", "masked", "mae", "facemae"]
+    # The seeds loop: each seed trains its own FaceMAE, MAE and FR models; teacher and judge are shared.
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert [r for r in runs if r.endswith(("-teacher", "-judge"))] == [
+        "facemae-experiment-smoke-judge", "facemae-experiment-smoke-teacher"]
+    for seed in (0, 1):
+        assert {f"facemae-experiment-smoke-{k}-s{seed}" for k in ("facemae", "mae", "fr-originals", "fr-masked",
+                                                                   "fr-mae", "fr-facemae")} <= set(runs)
+    assert result.runs[0]["mae"]["fr_weights"] != result.runs[1]["mae"]["fr_weights"]
+    for row, metrics in result.rows.items():  # per-seed values in seed order, as the runs hold them
+        for seed_index, seed in enumerate(result.seeds):
+            run = result.runs[seed][row]
+            assert metrics["identity_leak@1"][seed_index] == run["privacy"]["identity_leak@1"]
+            assert metrics["accuracy"][seed_index] == run["verification"]["heldout_pairs"]["accuracy"]
     text = (out / "report.md").read_text()
     for row in result.table:
         assert f"| {row} |" in text
@@ -164,12 +177,18 @@ def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cl
     numbers = _numbers(json.loads((out / "report.json").read_text())["runs"])
     assert len(numbers) > 100 and all(math.isfinite(n) for n in numbers)
     science = json.loads((out / "science.json").read_text())
-    assert science["seeds"] == [0] and set(science["rows"]) == set(result.table)
+    assert science["seeds"] == [0, 1] and set(science["rows"]) == set(result.table)
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    acc = result.rows["facemae"]["accuracy"]
+    assert summary["facemae"]["accuracy"]["mean"] == pytest.approx(sum(acc) / 2)
+    half = 12.7062 * abs(acc[0] - acc[1]) / math.sqrt(2) / math.sqrt(2)  # t_{0.975,1} * s / sqrt(n), s = |d|/sqrt(2)
+    assert summary["facemae"]["accuracy"]["ci95_high"] - summary["facemae"]["accuracy"]["mean"] == \
+        pytest.approx(half, abs=1e-9)
     for row in ("masked", "mae", "facemae"):  # the new fidelity columns, finite, one value per seed
         values = science["rows"][row]
         assert set(values) == {"accuracy", "identity_leak@1", "image_leak@1", "psnr_masked", "hf_ratio"}
-        assert all(len(v) == 1 and math.isfinite(v[0]) for v in values.values())
-        assert 0 < values["hf_ratio"][0] < 50 and 0 < values["psnr_masked"][0] < 60
+        assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in values.values())
+        assert all(0 < x < 50 for x in values["hf_ratio"]) and all(0 < x < 60 for x in values["psnr_masked"])
     for png in ("reconstructions.png", "roc.png", "privacy_utility.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC), png
     for row, r in result.table.items():
@@ -177,4 +196,13 @@ def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cl
         assert r["verification"]["heldout_pairs"]["n_pairs"] == 80
     # Releasing the originals leaks every image: the ceiling of the table.
     assert result.table["originals"]["privacy"]["image_leak@1"] == pytest.approx(1.0, abs=0.05)
+    # A rerun reuses every finished run and every row's scores (kept beside each FR run under a
+    # fingerprint of their inputs): the same numbers, nothing retrained.
+    scores = sorted((tmp_path / "runs").glob("*-fr-*-s*/experiment_scores.json"))
+    assert len(scores) == 8
+    stamps = {p: p.stat().st_mtime_ns for p in scores}
+    again = facemae.experiment(CONFIGS / "experiment_smoke.yaml", say=said.append, overrides=[
+        f"data.output={tmp_path / 'syn'}", f"train.storage_path={tmp_path / 'runs'}",
+        f"experiment.output={tmp_path / 'report'}", "experiment.seeds=[0, 1]"])
+    assert again.rows == result.rows and {p: p.stat().st_mtime_ns for p in scores} == stamps
     assert any(line.startswith("report ") for line in said)

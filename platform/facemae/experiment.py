@@ -3,8 +3,11 @@
 Train the IRM teacher and, apart from it, the privacy judge on the training identities; train
 FaceMAE and plain MAE (lambda = 0); release the deployment identities as masked faces, MAE
 reconstructions and FaceMAE reconstructions (originals are the ceiling); train one identical FR model
-on each; report verification accuracy and retrieval leak per row, with a reconstruction grid, ROC
-curves and the privacy-utility plane. Every stage reuses finished work, so a rerun resumes.
+on each; report verification accuracy, retrieval leak and release fidelity per row, with a
+reconstruction grid, ROC curves and the privacy-utility plane. ``experiment.seeds`` repeats all but
+the teacher and the judge per seed; the report gives means with 95% t intervals and the paired
+differences FaceMAE - MAE and FaceMAE - masked. Every stage reuses finished work (runs by name,
+datasets by their settings), so a rerun resumes and a run of more seeds trains only the new ones.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from facemae.config import Config
 from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
+from facemae.data.shards import MANIFEST, atomic_write_text, sha256_file
 from facemae.eval.evaluate import privacy, verify
 from facemae.eval.fidelity import release_fidelity
 from facemae.eval.stats import mean_ci, paired_difference
@@ -64,7 +68,7 @@ def _with(config: Config, *, name: str, **train: Any) -> Config:
     return dataclasses.replace(config, name=name, train=dataclasses.replace(config.train, **train))
 
 
-def _shared_models(config: Config, say: Callable[[str], None]) -> dict[str, str]:
+def shared_models(config: Config, say: Callable[[str], None]) -> dict[str, str]:
     """The IRM teacher, the judge and the teacher-embedded dataset: trained once, shared by every seed
     (the judge is part of the evaluation, which must be identical across seeds and rows)."""
     teacher = train(teacher_config(config)).weights
@@ -133,23 +137,39 @@ def _run_seed(config: Config, seed: int, shared: dict[str, str],
     table: dict[str, dict[str, Any]] = {}
     for row in ROWS:
         fr = train(fr_config(config, seed, row), dataset=sets[row], split="deploy")
-        fidelity = None if row == "originals" else {
-            k: v for k, v in release_fidelity(sets[row], originals=config.data.output,
-                                              masked=config.masked_output()).items() if k != "images"}
-        table[row] = {"verification": verify(config, fr.weights, pairs_from=config.data.output),
-                      "privacy": privacy(config, shared["judge"], released=sets[row], originals=config.data.output),
-                      "fidelity": fidelity, "fr_weights": fr.weights, "dataset": sets[row]}
+        table[row] = {**_scores(config, row, fr.weights, dataset=sets[row], judge=shared["judge"], cache=fr.run_dir),
+                      "fr_weights": fr.weights, "dataset": sets[row]}
         m = _row_metrics(table[row])
         say(f"seed {seed}: {row:9s} accuracy {m['accuracy']:.4f} identity_leak@1 {m['identity_leak@1']:.3f}"
-            + (f" psnr_masked {m['psnr_masked']:.2f} dB hf_ratio {m['hf_ratio']:.2f}" if fidelity else ""))
+            + (f" psnr_masked {m['psnr_masked']:.2f} dB hf_ratio {m['hf_ratio']:.2f}" if row != "originals" else ""))
     return table
+
+
+def _scores(config: Config, row: str, weights: str, *, dataset: str, judge: str, cache: str) -> dict[str, Any]:
+    """Verification, privacy and fidelity of one row, kept in ``<cache>/experiment_scores.json`` under a
+    fingerprint of everything they depend on (the FR weights, the judge, the datasets, ``eval``), so a
+    rerun or a run of more seeds scores only what changed."""
+    masked = config.masked_output()
+    inputs = {"fr": sha256_file(weights), "judge": sha256_file(judge), "eval": dataclasses.asdict(config.eval),
+              **{k: sha256_file(Path(d) / MANIFEST) for k, d in (("released", dataset),
+                                                                   ("originals", config.data.output),
+                                                                   ("masked", masked))}}
+    path = Path(cache) / "experiment_scores.json"
+    if path.is_file() and (kept := json.loads(path.read_text())).get("inputs") == inputs:
+        return kept["scores"]
+    fidelity = None if row == "originals" else {
+        k: v for k, v in release_fidelity(dataset, originals=config.data.output, masked=masked).items() if k != "images"}
+    scores = {"verification": verify(config, weights, pairs_from=config.data.output),
+              "privacy": privacy(config, judge, released=dataset, originals=config.data.output), "fidelity": fidelity}
+    atomic_write_text(path, json.dumps({"inputs": inputs, "scores": scores}, default=float) + "\n")
+    return scores
 
 
 def run_experiment(config: Config, *, say: Callable[[str], None] = print) -> ExperimentResult:
     """Runs the comparison over ``experiment.seeds`` and writes the report to ``experiment.output``."""
     config.check_mae_patch_size()
     ingest(config)
-    shared = _shared_models(config, say)
+    shared = shared_models(config, say)
     mask_dataset(dataclasses.replace(config, mask=dataclasses.replace(config.mask, splits=["deploy"])))
     runs: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in config.experiment.seeds:
