@@ -2,8 +2,9 @@
 
 Writes ``benchmarks/results/science.json`` (per-seed values of every row, the schema of issue 9, plus
 the date, machine, commit and command), ``science.md`` (the report's tables: means with 95% intervals,
-paired differences, the targets) and ``science_reconstructions.png`` (the first seed's releases:
-masked, MAE, FaceMAE, originals, one column per deployment face).
+paired differences, the targets), ``science_reconstructions.png`` (the first seed's releases:
+masked, MAE, FaceMAE, originals, one column per deployment face), ``science_roc.png`` and
+``science_privacy_utility.png``.
 
     python benchmarks/science.py [--config jobs/configs/experiment.yaml] [--set key=value ...]
 """
@@ -54,9 +55,11 @@ def main() -> None:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({**science, **meta, "config": args.config}, indent=1) + "\n")
+    body = report.read_text()
+    for figure in ("reconstructions.png", "roc.png", "privacy_utility.png"):
+        shutil.copyfile(report.parent / figure, out.parent / f"{out.name}_{figure}")
+        body = body.replace(f"({figure})", f"({out.name}_{figure})")
     png = out.parent / f"{out.name}_reconstructions.png"
-    shutil.copyfile(report.parent / "reconstructions.png", png)
-    body = report.read_text().replace("reconstructions.png", png.name)
     header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
     out.with_suffix(".md").write_text(body.replace("\n", f"\n\n{header}\n", 1))
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {png} ({meta['wall_minutes']} min)")

@@ -254,7 +254,8 @@ def report_lines(config: Config, result: ExperimentResult, stats: dict[str, Any]
              f"Data: {config.data.output} ({config.data.source}); mask ratio {config.mask.ratio}, patch "
              f"{config.mask.patch_size}; FaceMAE {config.model.mae}, lambda {loss.lambda_irm}, tau {loss.tau}, "
              f"IRM view {loss.irm_view}" + (f" (sigma {loss.irm_blur_sigma})" if loss.irm_view == "blur" else "")
-             + f", IRM from step {loss.irm_start} over {loss.irm_ramp}; FR {config.model.fr}, "
+             + f", IRM on from {loss.irm_start:.0%} of the steps, at full weight from "
+             f"{loss.irm_start + loss.irm_ramp:.0%}; FR {config.model.fr}, "
              f"{config.experiment.fr_steps} steps per row.", "",
              f"Seeds {seeds}: each seed trains its own FaceMAE, MAE and the four FR models; the IRM teacher and "
              f"the privacy judge are trained once (seed {config.train.seed}) and shared by every seed and row, so "
