@@ -104,7 +104,14 @@ def _write(out: Path, args: argparse.Namespace, name: str, row: dict) -> None:
             "command": "python " + " ".join(sys.argv), "config": args.config}
     variants[name] = {**row, "commit": meta["commit"], "date": meta["date"]}  # rows may come from several runs
     out.with_suffix(".json").write_text(json.dumps({**meta, "variants": variants}, indent=1) + "\n")
-    lines = [f"# IRM probe ({args.config})", "", "Last run:", "", *(f"- {k}: {v}" for k, v in meta.items()), "",
+    render(out)
+
+
+def render(out: Path) -> None:
+    """Writes ``<out>.md`` from ``<out>.json``."""
+    saved = json.loads(out.with_suffix(".json").read_text())
+    meta, variants = {k: v for k, v in saved.items() if k != "variants"}, saved["variants"]
+    lines = [f"# IRM probe ({meta.get('config')})", "", "Last run:", "", *(f"- {k}: {v}" for k, v in meta.items()), "",
              "Each variant trains experiment.yaml's FaceMAE (400 steps, seed 0, the shared teacher) with the "
              "overrides shown; scored on held-out faces. Lower recon_loss / irm / judge_irm / leak is better; "
              "hf_ratio 1.0 is as sharp as real faces.", "",
