@@ -16,7 +16,7 @@ FACEMAE = [str(Path(sys.executable).parent / "facemae")]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([*args], capture_output=True, text=True, cwd=cwd, timeout=900)  # a slow machine is not a failure
 
 
 SUBCOMMAND_FLAGS = {
