@@ -3,16 +3,23 @@
 On a machine without a GPU DeepSpeed picks its CPU accelerator and gloo by itself; with GPUs, nccl.
 The optimizer is always a torch ``AdamW`` handed to DeepSpeed (a config optimizer without
 ``torch_adam`` JIT-compiles a fused CPU op for minutes; REFERENCE.md table, row E).
+
+DeepSpeed unpickles checkpoints with ``weights_only=False``, so a crafted ``.pt`` file would run its
+code on load. :func:`check_checkpoint` reads every file of a folder with ``weights_only=True`` first
+and refuses any that holds more than tensors, containers and the few types a checkpoint is made of.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import pickle
 import random
+import re
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -24,6 +31,16 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LATEST = "latest"  # DeepSpeed's file naming the checkpoint's tag folder
+_TAG = re.compile(r"[\w.-]+")  # a tag DeepSpeed or this platform writes: one folder name, no separators
+_GLOBAL = re.compile(r"GLOBAL (\S+)")  # how torch's weights-only unpickler names a refused global
+_ZIP_MAGIC = b"PK\x03\x04"
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.save's archive format; DeepSpeed writes it too (checkpoint_serialization)
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint file that is not what DeepSpeed or this platform writes, so loading it could run
+    code; or a ``latest`` tag or link that leads out of the checkpoint folder. The message names the file."""
 
 
 def deepspeed_config(train: TrainConfig, *, world_size: int) -> dict[str, Any]:
@@ -101,14 +118,18 @@ def engine_dtype(engine: "DeepSpeedEngine") -> torch.dtype:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (python, numpy, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states (python, numpy, torch CPU and CUDA), as ints, lists and tensors only:
+    ``torch.load(weights_only=True)`` reads them back without allowing any other type."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what :func:`rng_state` returned (numpy's keys as a list, or as an array in older files)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -126,20 +147,138 @@ def save(engine: "DeepSpeedEngine", directory: str | os.PathLike, *, tag: str, r
 def load(engine: "DeepSpeedEngine", directory: str | os.PathLike, *, rank: int) -> dict[str, Any]:
     """Restores weights, optimizer moments, scheduler, step counter and this rank's RNG.
 
+    Every file of the folder is checked (:func:`check_checkpoint`) before DeepSpeed unpickles any.
+
     Returns:
         The ``client_state`` saved with the checkpoint.
 
     Raises:
+        UntrustedCheckpointError: A file of the folder could run code when loaded (the message names it).
         ValueError: ``directory`` holds no DeepSpeed checkpoint.
     """
-    path, client_state = engine.load_checkpoint(str(directory))
+    tag_dir = check_checkpoint(directory)
+    # The checked folder and tag, not `latest` read again: the files loaded are the files checked.
+    with weights_only_loads():  # and DeepSpeed's own loads allow no more: a file swapped since is refused too
+        path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
-        raise ValueError(f"{directory} holds no DeepSpeed checkpoint (no 'latest' tag file); pass the folder "
-                         "of a checkpoint this platform wrote")
-    rng_file = Path(path).parent / f"rng_rank{rank:03d}.pt"  # path is the tag's model-states file
+        raise ValueError(f"{tag_dir} holds no DeepSpeed model states; pass the folder of a checkpoint this "
+                         "platform wrote")
+    rng_file = tag_dir / f"rng_rank{rank:03d}.pt"
     if rng_file.exists():  # a checkpoint of another world size has no file for the new ranks
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(read_checkpoint_file(rng_file))
     return client_state or {}
+
+
+def _checkpoint_globals() -> list[Any]:
+    """The only non-tensor types a checkpoint file of this platform holds; the allow-list of every load.
+
+    Found by writing checkpoints of ZeRO 0-3 in fp32 and bf16 and listing what
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` names; fp16 (GPU only) adds its loss scaler.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler,  # ZeRO 1-3 optimizer states: the static scaler of fp32 and bf16 runs
+            DynamicLossScaler,  # ZeRO 1-3 optimizer states of fp16 runs (fp16/loss_scaler.py, CreateLossScaler)
+            ZeroStageEnum,  # ZeRO 1-3 optimizer states: the stage that wrote them
+            fragment_address,  # ZeRO 1-2 optimizer states: each parameter's slice of the flat partition
+            # RNG files written before rng_state() kept numpy's keys as a list held a uint32 array:
+            np.empty(0).__reduce__()[0],  # numpy's array reconstructor (numpy._core; numpy.core before 2.0)
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def read_checkpoint_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """``torch.load`` of one checkpoint file that builds tensors, containers and the types of
+    :func:`_checkpoint_globals` only, so the file cannot run code.
+
+    Args:
+        mmap: Leave tensor data on disk (zip archives only); checking a file then costs its pickle, not its size.
+    """
+    with torch.serialization.safe_globals(_checkpoint_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside, DeepSpeed's included (which pass ``weights_only=False``), builds only
+    what :func:`read_checkpoint_file` allows. Closes the window between :func:`check_checkpoint` and the
+    load, in which a file could be swapped. ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` is read at each load."""
+    before = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = before
+
+
+def check_checkpoint(directory: str | os.PathLike) -> Path:
+    """Refuses a checkpoint folder whose files could run code when DeepSpeed or this module loads them.
+
+    Every ``*.pt`` file of the tag folder that ``latest`` names is read with :func:`read_checkpoint_file`.
+    DeepSpeed itself unpickles with ``weights_only=False``: call this before every load of a folder.
+
+    Returns:
+        The tag folder.
+
+    Raises:
+        UntrustedCheckpointError: A file names a global no checkpoint holds, is not a torch.save archive,
+            or links out of the folder; or ``latest`` names no plain folder of it.
+        ValueError: ``directory`` has no ``latest`` tag file, or no folder of that tag.
+    """
+    root = Path(directory).resolve()
+    tag_dir = _inside(root / _read_tag(root), root)
+    for path in sorted(tag_dir.rglob("*.pt")):
+        _check_file(_inside(path, root))
+    return tag_dir
+
+
+def _inside(path: Path, root: Path) -> Path:
+    """``path``, unless it is a link that leads out of ``root``."""
+    if not path.resolve().is_relative_to(root):
+        raise UntrustedCheckpointError(f"{path}: links to {path.resolve()}, outside the checkpoint folder {root}; "
+                                       "do not load it, resume from another checkpoint")
+    return path
+
+
+def _read_tag(root: Path) -> str:
+    latest = root / LATEST
+    if not latest.is_file():
+        raise ValueError(f"{root} holds no DeepSpeed checkpoint (no '{LATEST}' tag file); pass the folder of a "
+                         "checkpoint this platform wrote")
+    tag = latest.read_text().strip()
+    if not _TAG.fullmatch(tag) or tag in (".", ".."):
+        raise UntrustedCheckpointError(f"{latest}: names the tag {tag[:80]!r}, not a folder name like "
+                                       "step00000100; do not load it, resume from another checkpoint")
+    if not (root / tag).is_dir():
+        raise ValueError(f"{latest}: names the tag {tag!r} but {root} has no such folder; the checkpoint is "
+                         "incomplete, resume from another one")
+    return tag
+
+
+def _check_file(path: Path) -> None:
+    """Raises :class:`UntrustedCheckpointError` unless ``path`` loads as a checkpoint file without code."""
+    refuse, advice = f"{path}: not a checkpoint this platform wrote", "do not load it, resume from another checkpoint"
+    if not path.is_file() or _head(path) != _ZIP_MAGIC:
+        raise UntrustedCheckpointError(f"{refuse}: a bare pickle or other bytes, not a torch.save archive; {advice}")
+    try:
+        read_checkpoint_file(path, mmap=True)
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler met something it may not build
+        found = _GLOBAL.search(str(exc))
+        what = f"it names {found.group(1)}, which" if found else "it holds an object that"
+        raise UntrustedCheckpointError(f"{refuse}: {what} a checkpoint never holds; {advice}") from None
+    except (RuntimeError, EOFError) as exc:  # torch's zip reader on a truncated or damaged archive
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UntrustedCheckpointError(f"{path}: not a readable checkpoint file ({reason}); {advice}") from None
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(len(_ZIP_MAGIC))
 
 
 def state_snapshot(engine: "DeepSpeedEngine") -> dict[str, Any]:

@@ -21,6 +21,7 @@ from facemae.data.shards import verify_dataset
 from facemae.data.transforms import training_batch
 from facemae.losses.irm import view_name
 from facemae.train.context import LocalContext, RayContext, latest_checkpoint
+from facemae.train.engine import check_checkpoint, read_checkpoint_file, weights_only_loads
 from facemae.train.loop import PROGRESS, run
 from facemae.train.tasks import save_weights
 
@@ -220,16 +221,20 @@ def export_weights(checkpoint: str | Path, config: Config, out_dir: Path) -> Pat
 
 
 def consolidated_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """The full fp32 module state of a DeepSpeed checkpoint folder (ZeRO shards merged)."""
-    checkpoint = Path(checkpoint)
-    tag = (checkpoint / "latest").read_text().strip()
-    states = checkpoint / tag / "mp_rank_00_model_states.pt"
-    if not list((checkpoint / tag).glob("*optim_states.pt")) and states.exists():  # ZeRO stage 0
-        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    """The full fp32 module state of a DeepSpeed checkpoint folder (ZeRO shards merged).
+
+    Raises:
+        UntrustedCheckpointError: A file of the folder could run code when loaded (the message names it).
+    """
+    tag_dir = check_checkpoint(checkpoint)  # DeepSpeed's merger below unpickles with weights_only=False
+    states = tag_dir / "mp_rank_00_model_states.pt"
+    if not list(tag_dir.glob("*optim_states.pt")) and states.exists():  # ZeRO stage 0
+        module = read_checkpoint_file(states)["module"]
         return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag))
+    with weights_only_loads():
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
 
 
 def _start_progress_actor() -> Any:
