@@ -285,6 +285,12 @@ class TrainConfig:
         val_images: Held-out faces of each validation (a seeded draw, masked as the owner would).
         judge: ``weights.safetensors`` of the privacy judge (an FR run apart from the teacher); with
             it, validation also reports the retrieval leak of the reconstructions.
+        nonfinite: What a NaN or inf loss does: ``stop`` the run with the step and the loss components,
+            or ``skip`` the micro-batch before backward and count it (``nonfinite_skipped`` in metrics).
+        max_nonfinite: Non-finite losses or optimizer steps DeepSpeed skipped for gradient overflow,
+            in a row, that stop the run in either mode (fp16 loss scaling skips a few by design).
+        diverge_factor: A finite loss above this multiple of its running level stops the run as
+            diverged, and is checked on the weights before every checkpoint; 0 turns it off.
     """
 
     task: str = "mae"
@@ -321,6 +327,9 @@ class TrainConfig:
     val_every: int = 0
     val_images: int = 64
     judge: str = ""
+    nonfinite: str = "stop"
+    max_nonfinite: int = 20
+    diverge_factor: float = 100.0
 
     def global_batch(self, world_size: int) -> int:
         """Images per optimizer step over all workers."""
@@ -354,6 +363,9 @@ class TrainConfig:
             raise ValueError("train.num_workers, train.max_failures and train.warmup_steps must be >= 0")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"train.cpus_per_worker={self.cpus_per_worker} must be > 0")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("train.precision=fp16 needs train.use_gpu=true: DeepSpeed's CPU accelerator trains "
+                             "fp32 and bf16 only")
         if self.use_gpu and self.num_workers == 0:
             raise ValueError("train.use_gpu needs Ray Train workers: set train.num_workers >= 1")
         if self.base_lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -361,6 +373,11 @@ class TrainConfig:
         if self.val_every < 0 or self.val_images < 2:
             raise ValueError(f"train.val_every={self.val_every} must be >= 0 (0 = off) and train.val_images="
                              f"{self.val_images} >= 2")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.nonfinite={self.nonfinite!r} must be 'stop' or 'skip'")
+        if self.max_nonfinite < 1 or self.diverge_factor < 0 or 0 < self.diverge_factor <= 1:
+            raise ValueError(f"train.max_nonfinite={self.max_nonfinite} must be >= 1 and train.diverge_factor="
+                             f"{self.diverge_factor} above 1 (0 turns the divergence check off)")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"train.metrics_port={self.metrics_port} must be a port number, or 0 to turn it off")
 

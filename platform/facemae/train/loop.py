@@ -18,14 +18,12 @@ import torch
 from facemae.config import Config
 from facemae.train import engine as ds
 from facemae.train.context import WorkerContext
+from facemae.train.guard import DivergedError, NonFiniteLossError, StepGuard, global_loss, probe_loss
 from facemae.train.tasks import build_task
 from facemae.train.validation import Validator
 
 PROGRESS = "progress.json"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the message gives the step and the loss components."""
+__all__ = ["DivergedError", "NonFiniteLossError", "Progress", "run"]
 
 
 @dataclass
@@ -47,9 +45,10 @@ def run(config: Config, ctx: WorkerContext) -> Progress:
     torch.manual_seed(train.seed + ctx.rank)
     module = build_task(config, num_classes=ctx.num_classes, device=ctx.device)
     engine = ds.build_engine(module, train, world_size=ctx.world_size)
-    progress = _restore(engine, ctx)
     dtype = ds.engine_dtype(engine)
     validator = Validator.create(config, teacher=getattr(module, "teacher", None), device=ctx.device)
+    guard = StepGuard(mode=train.nonfinite, max_nonfinite=train.max_nonfinite, diverge_factor=train.diverge_factor)
+    progress = _restore(engine, ctx, guard)
     last: dict[str, Any] = {}
     while progress.step < train.max_steps:
         seen = 0
@@ -60,21 +59,29 @@ def run(config: Config, ctx: WorkerContext) -> Progress:
                      for k, v in batch.items()}
             module.step = progress.step  # IRM's schedule (loss.irm_start / irm_ramp) reads it
             out = engine(batch)
-            _check_finite(out, step=progress.step)
+            loss = global_loss(out["loss"], world_size=ctx.world_size)  # every rank decides alike
+            progress.batch_in_epoch += 1
+            if not guard.admit(loss, _parts(out), step=progress.step):
+                continue  # skipped before backward: no gradient of it reaches the weights
+            boundary = engine.is_gradient_accumulation_boundary()  # asked before step(), which moves it on
             engine.backward(out["loss"])
             engine.step()
-            progress.batch_in_epoch += 1
-            boundary = engine.is_gradient_accumulation_boundary()
-            progress.step += boundary
+            applied = boundary and engine.was_step_applied()
+            if boundary and not applied:
+                guard.overflowed(step=progress.step)  # DeepSpeed skipped it: the step counter stays
+            elif applied:
+                guard.accepted(loss)
+            progress.step += applied
             ctx.observe(batch, out, step=progress.step, step_s=time.perf_counter() - started, wait_s=wait_s)
-            if not boundary:
+            if not applied:
                 continue
-            last = _log_metrics(out, engine, progress)
+            last = {**_log_metrics(out, engine, progress), **guard.counters()}
             validated = validator is not None and validator.due(progress.step)
             if validated:
                 last.update(validator(engine.module.mae, dtype=dtype))
             if progress.step % train.checkpoint_every == 0 or progress.step == train.max_steps:
-                _checkpoint(engine, ctx, progress, last, batch)
+                guard.check_state(probe_loss(engine, batch, world_size=ctx.world_size), step=progress.step)
+                _checkpoint(engine, ctx, progress, last, batch, guard=guard)
             elif progress.step % train.log_every == 0 or validated:
                 ctx.report(last, None)
             if progress.step >= train.max_steps:
@@ -99,11 +106,9 @@ def _timed(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[tuple[dict[st
         yield batch, time.perf_counter() - start
 
 
-def _check_finite(out: dict[str, torch.Tensor], *, step: int) -> None:
-    if not torch.isfinite(out["loss"]).all():
-        parts = {k: float(v) for k, v in out.items()}
-        raise NonFiniteLossError(f"loss is not finite at step {step + 1}: {parts}; lower train.base_lr, raise "
-                                 "train.warmup_steps or use precision fp32/bf16 instead of fp16")
+def _parts(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    """This rank's loss components, for an error message."""
+    return {k: float(v.detach().float()) for k, v in out.items()}
 
 
 def _log_metrics(out: dict[str, torch.Tensor], engine: Any, progress: Progress) -> dict[str, Any]:
@@ -113,10 +118,11 @@ def _log_metrics(out: dict[str, torch.Tensor], engine: Any, progress: Progress) 
 
 
 def _checkpoint(engine: Any, ctx: WorkerContext, progress: Progress, metrics: dict[str, Any],
-                batch: dict[str, torch.Tensor]) -> None:
+                batch: dict[str, torch.Tensor], *, guard: StepGuard) -> None:
     tag = f"step{progress.step:08d}"
     with ctx.checkpoint_dir(progress.step) as directory:
-        ds.save(engine, directory, tag=tag, rank=ctx.rank, client_state={"progress": asdict(progress)})
+        ds.save(engine, directory, tag=tag, rank=ctx.rank,
+                client_state={"progress": asdict(progress), "guard": guard.state_dict()})
         ctx.saved(engine, directory, progress.step)
         ctx.write_preview(engine, batch, Path(directory))
         if ctx.rank == 0:
@@ -124,12 +130,14 @@ def _checkpoint(engine: Any, ctx: WorkerContext, progress: Progress, metrics: di
         ctx.report(metrics, directory)
 
 
-def _restore(engine: Any, ctx: WorkerContext) -> Progress:
+def _restore(engine: Any, ctx: WorkerContext, guard: StepGuard) -> Progress:
     with ctx.restore_dir() as directory:
         if directory is None:
             return Progress()
         client_state = ds.load(engine, directory, rank=ctx.rank)
         progress = Progress(**client_state["progress"])
+        if "guard" in client_state:  # checkpoints written before the guard existed have none
+            guard.load_state_dict(client_state["guard"])
         ctx.restored(engine, progress.step)
         return progress
 
