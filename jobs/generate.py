@@ -32,7 +32,9 @@ def main() -> int:
 def _run(args: argparse.Namespace) -> None:
     out = generate(args.config, overrides=args.overrides, overwrite=args.overwrite,
                    export_folder=args.export_folder, export_recordio=args.export_recordio)
-    print(f"released {out.manifest.num_images()} faces ({out.manifest.source['method']}) into {out.output}")
+    corrupt = out.manifest.report.get("corrupt", 0)
+    print(f"released {out.manifest.num_images()} faces ({out.manifest.source['method']}) into {out.output}"
+          + (f", {corrupt} corrupt masked records skipped (listed in its manifest)" if corrupt else ""))
     if out.folder:
         print(f"exported {out.folder_images} images to {out.folder}")
     if out.recordio:

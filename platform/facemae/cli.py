@@ -14,11 +14,14 @@ import sys
 from typing import Any, Callable, Sequence
 
 from facemae import sdk
+from facemae.cluster import input_errors_unwrapped
 from facemae.config import Config
 from facemae.data.images import CorruptImageError
 from facemae.data.shards import DatasetError, Manifest, verify_dataset
+from facemae.train.guard import NonFiniteLossError
 
-USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, TimeoutError, sdk.JobFailedError)
+# Errors a user fixes (input, config, a diverged run's learning rate): one line and exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, TimeoutError, sdk.JobFailedError, NonFiniteLossError)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -170,9 +173,13 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def summarize(manifest: Manifest) -> dict[str, Any]:
-    """A dataset in one line: kind, counts per split and the corrupt-record count."""
+    """A dataset in one line: kind, counts per split, the corrupt-record count and, for an ingested
+    folder, the hidden files (``.DS_Store``, ``._x.jpg``) left out."""
     counts = manifest.to_json()["counts"]
-    return {"kind": manifest.kind, "counts": counts, "corrupt": manifest.report.get("corrupt", 0)}
+    summary = {"kind": manifest.kind, "counts": counts, "corrupt": manifest.report.get("corrupt", 0)}
+    if "hidden_skipped" in manifest.report:
+        summary["hidden_skipped"] = manifest.report["hidden_skipped"]
+    return summary
 
 
 def _ingest(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,7 +205,8 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
     out = sdk.generate(_config(args), overwrite=args.overwrite, export_folder=args.export_folder,
                        export_recordio=args.export_recordio)
     return {"output": out.output, "images": out.manifest.num_images(), "method": out.manifest.source["method"],
-            "folder": out.folder, "folder_images": out.folder_images, "recordio": out.recordio,
+            "corrupt": out.manifest.report.get("corrupt", 0), "folder": out.folder,
+            "folder_images": out.folder_images, "recordio": out.recordio,
             "recordio_records": out.recordio_records}
 
 
@@ -255,14 +263,20 @@ SUBCOMMANDS: dict[str, tuple[Options, Run, dict[str, str] | None]] = {
 }
 
 
+def one_line(exc: BaseException) -> str:
+    """A user error's message on one line (a failed job's summary: its log was already followed)."""
+    message = exc.summary if isinstance(exc, sdk.JobFailedError) else str(exc)
+    return " ".join(line.strip() for line in message.splitlines() if line.strip()) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = args.run(args)
+        with input_errors_unwrapped():  # a corrupt row found on a Ray worker: its message, not Ray's wrapper
+            summary = args.run(args)
     except USER_ERRORS as exc:  # user input: one clear line, no traceback
         kind = "bad input" if isinstance(exc, (CorruptImageError, DatasetError)) else "error"
-        message = exc.summary if isinstance(exc, sdk.JobFailedError) else str(exc)  # its log was followed
-        print(f"facemae {args.command}: {kind}: {message}", file=sys.stderr)
+        print(f"facemae {args.command}: {kind}: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         after = "the job goes on on the cluster" if args.command == "submit" else "a rerun resumes"
@@ -297,6 +311,6 @@ def run_job(name: str, body: Callable[[], None]) -> int:
     try:
         body()
     except USER_ERRORS as exc:
-        print(f"{name}: {exc}", file=sys.stderr)
+        print(f"{name}: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 from facemae.config import RayConfig
 
@@ -32,3 +34,44 @@ def ensure_ray(config: RayConfig) -> None:
         ray.init(address=config.address or None, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=config.num_cpus)
+
+
+def input_error(exc: BaseException) -> BaseException | None:
+    """The error a Ray failure carries that says what the user must fix, or None: a corrupt record
+    (:class:`~facemae.data.images.CorruptImageError`), a bad dataset (:class:`~facemae.data.shards.DatasetError`),
+    a checkpoint that could run code (:class:`~facemae.train.engine.UntrustedCheckpointError`) or a run
+    that diverged (:class:`~facemae.train.guard.NonFiniteLossError`): any exception class of this package.
+
+    Ray wraps what a task raised in a ``RayTaskError`` that keeps it as ``.cause`` (and also subclasses
+    its type, while its ``str`` is the remote traceback); Ray Train V2 raises ``TrainingFailedError``
+    with each rank's error in ``worker_failures``. (A Ray Data map task's error loses its cause on the way:
+    the platform's Ray Data functions mark bad rows instead of raising, see
+    :func:`facemae.data.images.corrupt_records`.)
+    """
+    stack, seen = [exc], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        if isinstance(cause, BaseException):  # a wrapper, whatever types it also claims to be
+            stack.append(cause)
+        elif type(current).__module__.startswith("facemae."):  # ours: raised on purpose, its message says the fix
+            return current
+        else:
+            stack.extend([current.__cause__, *dict(getattr(current, "worker_failures", None) or {}).values()])
+    return None
+
+
+@contextlib.contextmanager
+def input_errors_unwrapped() -> Iterator[None]:
+    """Re-raises a user-input error that reaches the driver inside Ray's wrappers as itself, so that
+    callers (the CLI prints it as one line) see the message naming what to fix, not a remote traceback."""
+    try:
+        yield
+    except Exception as exc:
+        found = input_error(exc)
+        if found is None or found is exc:
+            raise
+        raise found from None

@@ -41,8 +41,12 @@ class DataConfig:
         rows_per_shard: Target rows per Parquet shard.
         resize: Center-crop and resize images that are not 112x112 instead of rejecting them.
         convert_rgb: Convert grayscale / RGBA / palette images to RGB instead of rejecting them.
-        skip_corrupt: Count undecodable or rejected images in the manifest's report and go on,
-            instead of stopping at the first one.
+        skip_corrupt: Count undecodable or rejected images and go on, instead of stopping at the
+            first one with an error naming it. Every stage that decodes images honours it: ingest,
+            masking, teacher embedding and generation list the skipped rows in their manifest's report;
+            training counts the distinct rows it skipped (``corrupt_skipped`` in its metrics and
+            Prometheus); evaluation counts and names them in its results. Not part of a dataset's
+            settings: turning it on for a rerun reuses what was built.
         workers: Parallel Ray tasks for synthetic generation; 0 picks by size (Ray above
             ``ray_threshold`` images), 1 forces a single process.
         ray_threshold: Synthetic datasets with more images than this are generated through Ray.
@@ -636,17 +640,57 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         overrides: Dotted assignments applied in order, values parsed as YAML scalars.
 
     Raises:
-        ValueError: An unknown key, a value of the wrong type or an impossible combination.
+        ValueError: A file that is not YAML (naming its line and column), a ``!!python/...`` or
+            other tag, an unknown key, a value of the wrong type or an impossible combination.
+        FileNotFoundError: ``path`` does not exist.
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping at the top level")
+        raw = _read_yaml(Path(path))
     for item in overrides:
         _apply_override(raw, item)
     return from_dict(Config, raw).validate()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping a config file holds, or a one-line error naming the file, line and column."""
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist (see jobs/configs/ for examples)")
+    if not path.is_file():
+        raise ValueError(f"config file {path} is not a file; give a YAML file such as jobs/configs/train.yaml")
+    try:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); a config is a YAML text file such as "
+                         "jobs/configs/train.yaml") from None
+    except yaml.YAMLError as exc:
+        where, problem = _yaml_problem(exc, fix="fix the file there (indent with spaces; quote a value holding "
+                                                "': ' or ' #')")
+        line_column = f":{where[0]}:{where[1]}" if where else ""
+        raise ValueError(f"{path}{line_column}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping at the top level (section: {{key: value}}), "
+                         f"found a {type(raw).__name__}")
+    return raw
+
+
+def _yaml_problem(exc: yaml.YAMLError, *, fix: str) -> tuple[tuple[int, int] | None, str]:
+    """``((line, column) from 1 or None, what is wrong and its fix)`` of a YAML error; ``fix`` is the
+    advice for a syntax error."""
+    mark = getattr(exc, "problem_mark", None)
+    where = (mark.line + 1, mark.column + 1) if mark is not None else None
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if isinstance(exc, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
+        tag = problem.rsplit(" ", 1)[-1].strip("'").replace("tag:yaml.org,2002:", "!!")
+        # safe_load refuses these on purpose: a !!python/... tag would run code while loading.
+        return where, (f"the tag {tag} is not allowed; a config holds plain YAML values (mappings, lists, "
+                       "numbers, strings): remove the tag")
+    context, started = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and started is not None and (started.line + 1, started.column + 1) != where:
+        context += f" started at line {started.line + 1} column {started.column + 1}"
+    return where, f"not valid YAML: {problem}{f' ({context})' if context else ''}; {fix}"
 
 
 def from_dict(cls: type, raw: dict[str, Any], *, where: str = "") -> Any:
@@ -739,6 +783,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key.strip():
         raise ValueError(f"override {item!r} must look like section.key=value")
     try:
-        set_dotted(raw, key, yaml.safe_load(text) if text.strip() else None)
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        where, problem = _yaml_problem(exc, fix=f"quote a value meant as text, e.g. --set '{key}=\"...\"'")
+        column = f", column {where[1]} of the value" if where else ""
+        raise ValueError(f"override {item!r}{column}: {problem}") from None
+    try:
+        set_dotted(raw, key, value)
     except ValueError as exc:
         raise ValueError(f"override {item!r}: {exc}") from None

@@ -35,8 +35,14 @@ class TrainMetrics:
         self.registry = CollectorRegistry()
         labels = {"run": run}
         self._steps = Counter("facemae_train_steps", "Optimizer steps done", ["run"], registry=self.registry)
-        self._images = Counter("facemae_train_images", "Images trained on by this run", ["run"],
+        # Run totals over all ranks: this rank's own count live, the others' added at each
+        # :meth:`record_run_totals` (the loop's log steps), so rank 0's endpoint serves the run's numbers.
+        self._images = Counter("facemae_train_images", "Images trained on by this run (all ranks)", ["run"],
                                registry=self.registry)
+        self._corrupt = Counter("facemae_train_corrupt_skipped",
+                                "Distinct corrupt rows this run skipped (data.skip_corrupt), all ranks", ["run"],
+                                registry=self.registry)
+        self._corrupt.labels(**labels)  # exported as 0 from the start, not only once a row was skipped
         self._step_gauge = Gauge("facemae_train_step", "Current optimizer step", ["run"], registry=self.registry)
         self._loss = Gauge("facemae_train_loss", "Last loss, by component", ["run", "component"],
                            registry=self.registry)
@@ -80,6 +86,22 @@ class TrainMetrics:
         self._rate.labels(**self._labels).set(rate)
         if self._ray is not None:
             self._ray.observe(images=images, step=step, step_s=step_s, wait_s=wait_s, rate=rate)
+
+    def record_run_totals(self, *, images: int, corrupt: int) -> None:
+        """Raises the run-total counters to what all ranks together have done (counters only go up).
+
+        Args:
+            images: Images trained on by every rank so far.
+            corrupt: Distinct corrupt rows skipped by any rank so far.
+        """
+        for counter, total, now in zip((self._images, self._corrupt), (images, corrupt), self.run_totals()):
+            if total > now:
+                counter.labels(**self._labels).inc(total - now)
+
+    def run_totals(self) -> tuple[int, int]:
+        """``(images trained, distinct corrupt rows skipped)`` as the run-total counters read now."""
+        return tuple(int(self.registry.get_sample_value(f"{name}_total", self._labels) or 0)
+                     for name in ("facemae_train_images", "facemae_train_corrupt_skipped"))
 
     def images_per_second(self) -> float:
         """Run throughput over the last batches: this worker's rate times the world size."""

@@ -55,7 +55,8 @@ def resolve_config(config: ConfigSource = None, *, overrides: Sequence[str] = ()
             ``ray.address`` and drops ``ray.num_cpus``, which only sizes an embedded cluster.
 
     Raises:
-        ValueError: An unknown key, a wrong type or an impossible combination.
+        ValueError: A file that is not YAML (naming its line and column), an unknown key, a wrong type
+            or an impossible combination.
         FileNotFoundError: The YAML file does not exist.
     """
     if isinstance(overrides, str):
@@ -63,8 +64,6 @@ def resolve_config(config: ConfigSource = None, *, overrides: Sequence[str] = ()
     if isinstance(config, Config):
         resolved = _override(config, overrides) if overrides else config
     elif config is None or isinstance(config, (str, Path)):
-        if config is not None and not Path(config).is_file():
-            raise FileNotFoundError(f"config file {config} does not exist (see jobs/configs/ for examples)")
         resolved = load_config(config, overrides)
     else:
         raise TypeError(f"config must be a facemae Config, a YAML path or None, got {type(config).__name__}")
@@ -231,8 +230,10 @@ def evaluate(config: ConfigSource = None, *, overrides: Sequence[str] = (), addr
 
     Raises:
         ValueError: Nothing to evaluate, or ``judge`` without ``released`` (or the reverse).
+        WeightsError: ``fr`` or ``judge`` is not an FR backbone; both are checked before any work.
     """
     from facemae.eval.evaluate import privacy, verify
+    from facemae.train.tasks import check_weights
 
     if bool(judge) != bool(released):
         raise ValueError("privacy needs both the judge's weights and the released dataset")
@@ -240,6 +241,9 @@ def evaluate(config: ConfigSource = None, *, overrides: Sequence[str] = (), addr
         raise ValueError("nothing to evaluate: give fr weights (verification) and/or a judge with a released "
                          "dataset (privacy)")
     resolved = resolve_config(config, overrides=overrides, address=address)
+    for weights in (fr, judge):  # a wrong judge is found before verification runs, not after
+        if weights:
+            check_weights(weights, task="fr")
     scores = verify(resolved, fr, pairs_from=pairs_from) if fr else None
     leak = privacy(resolved, judge, released=released, originals=originals or resolved.data.output) \
         if judge and released else None

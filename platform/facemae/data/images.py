@@ -1,13 +1,17 @@
 """Decoding, checking and encoding of face images (112x112 RGB uint8); no cluster imports.
 
-Every reader of user data goes through :func:`decode_face`, so a bad image gets the same error
-wherever it came from, naming where it came from.
+Every reader of user data goes through :func:`decode_face`, and every stage that decodes a stored
+shard's ``image`` cells through :func:`decode_rows`, so a bad image gets the same error wherever it
+came from, naming where it came from (for a shard row: the dataset folder, the shard file and the
+``image_id``).
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -108,3 +112,106 @@ def decode_rgb(data: bytes) -> np.ndarray:
     """Decodes bytes this platform wrote itself (already checked at ingest) to ``[H, W, 3]`` uint8."""
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def shard_row(path: str, image_id: str) -> str:
+    """Where a shard row is, for messages: ``dataset <folder>, shard <split>/<file>, image_id <id>``.
+
+    Args:
+        path: The shard file, ``<dataset folder>/<split>/<file>.parquet`` as every writer lays it out.
+        image_id: The row's ``image_id``.
+    """
+    shard = Path(path)
+    return f"dataset {shard.parent.parent}, shard {shard.parent.name}/{shard.name}, image_id {image_id}"
+
+
+# A checksum-valid shard with a bad record was written bad (or rewritten with its manifest): no reread helps.
+STORED_FIX = ("rebuild the dataset (rerun the command that wrote it with --overwrite), or set "
+              "data.skip_corrupt=true (--set data.skip_corrupt=true) to skip such rows and count them")
+
+
+def decode_stored(data: bytes, *, where: str) -> np.ndarray:
+    """Decodes an image this platform stored in a shard, checking it is still a 112x112 face.
+
+    Args:
+        data: The ``image`` cell of a shard row.
+        where: The row, from :func:`shard_row`.
+
+    Returns:
+        ``[112, 112, 3]`` uint8 array.
+
+    Raises:
+        CorruptImageError: Undecodable bytes or another size, naming ``where``.
+    """
+    try:
+        pixels = decode_rgb(data)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
+        raise CorruptImageError(where, f"undecodable image ({type(exc).__name__}: {exc})", STORED_FIX) from exc
+    if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise CorruptImageError(where, f"image is {pixels.shape[1]}x{pixels.shape[0]}, not "
+                                       f"{IMAGE_SIZE}x{IMAGE_SIZE}", STORED_FIX)
+    return pixels
+
+
+def decode_rows(images: Sequence[bytes], *, image_ids: Sequence[str], paths: Sequence[str],
+                skip_corrupt: bool) -> tuple[np.ndarray, list[str]]:
+    """Decodes the ``image`` cells of shard rows; a bad one raises, or is skipped and said why.
+
+    Args:
+        images: Encoded images, one per row.
+        image_ids: The rows' ``image_id``.
+        paths: The shard file of each row (Ray Data's ``include_paths=True`` column).
+        skip_corrupt: Return a reason for a bad row instead of raising (``data.skip_corrupt``).
+
+    Returns:
+        ``([N, 112, 112, 3]`` uint8 pixels, all zeros for a skipped row, ``reasons)``: per row ``""``
+        when it decoded, else why not (:attr:`CorruptImageError.reason`).
+
+    Raises:
+        CorruptImageError: A bad row while ``skip_corrupt`` is off, naming dataset, shard and image_id.
+    """
+    pixels = np.zeros((len(images), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # (N, H, W, 3)
+    reasons = [""] * len(images)
+    for i, (data, image_id, path) in enumerate(zip(images, image_ids, paths, strict=True)):
+        try:
+            pixels[i] = decode_stored(data, where=shard_row(str(path), str(image_id)))
+        except CorruptImageError as exc:
+            if not skip_corrupt:
+                raise
+            reasons[i] = exc.reason
+    return pixels, reasons
+
+
+def skipped_record(path: str, image_id: str, reason: str) -> dict[str, str]:
+    """How a manifest's report lists one skipped row (``corrupt_records``)."""
+    return {"where": shard_row(path, image_id), "image_id": str(image_id), "reason": reason}
+
+
+def corrupt_records(reasons: Sequence[str], *, image_ids: Sequence[str], paths: Sequence[str],
+                    skip_corrupt: bool) -> list[dict[str, str]]:
+    """What to do with the rows a decoder marked corrupt (:func:`decode_rows` with ``skip_corrupt``).
+
+    Ray Data workers mark bad rows instead of raising, and whoever consumes their output (the
+    driver, a training worker) calls this: an error raised inside a Ray Data task reaches the driver
+    as a remote traceback, and one skipped there could not be counted anywhere.
+
+    Args:
+        reasons: Per row ``""`` or why it is corrupt.
+        image_ids: The rows' ``image_id``.
+        paths: The rows' shard files.
+        skip_corrupt: Skip the bad rows (``data.skip_corrupt``) instead of raising for the first.
+
+    Returns:
+        The skipped rows as a manifest's report lists them (:func:`skipped_record`).
+
+    Raises:
+        CorruptImageError: A bad row while ``skip_corrupt`` is off, naming dataset, shard and image_id.
+    """
+    records = []
+    for reason, image_id, path in zip(reasons, image_ids, paths, strict=True):
+        if not reason:
+            continue
+        if not skip_corrupt:
+            raise CorruptImageError(shard_row(str(path), str(image_id)), str(reason), STORED_FIX)
+        records.append(skipped_record(str(path), str(image_id), str(reason)))
+    return records

@@ -7,6 +7,7 @@ large inputs run as Ray tasks and an interrupted ingest resumes where it stopped
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -35,6 +36,7 @@ class Source:
     identity_names: dict[str, str] | None = None
     empty_identities: tuple[str, ...] = ()
     skipped: tuple[dict[str, str], ...] = ()  # records refused while listing (unreadable RecordIO headers)
+    hidden: tuple[str, ...] = ()  # dotfiles left out of a folder (.DS_Store, ._x.jpg), relative to it
 
 
 def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
@@ -55,7 +57,8 @@ def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
     data = config.data
     fingerprint = {"stage": "ingest", "data": {k: v for k, v in asdict(data).items()
                                                if k not in ("output", "workers", "ray_threshold")}}
-    if (done := reusable(data.output, fingerprint, overwrite=overwrite)) is not None:
+    # A rerun that turns skip_corrupt on (to get past a bad row a later stage found) reuses the dataset.
+    if (done := reusable(data.output, fingerprint, overwrite=overwrite, ignore=("data.skip_corrupt",))) is not None:
         return done
     source = resolve_source(data)
     train_ids, deploy_ids = split_identities(sorted(source.items), fraction=data.deploy_fraction, seed=data.seed)
@@ -113,7 +116,9 @@ def resolve_source(data: DataConfig) -> Source:
 def _folder_source(root: Path) -> Source:
     if not root.is_dir():
         raise ValueError(f"data.path={root} is not a folder; give the folder that holds <identity>/<image> files")
-    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    listing = sorted(root.iterdir())
+    hidden = [p.name for p in listing if p.name.startswith(".")]
+    entries = [p for p in listing if not p.name.startswith(".")]
     stray = [p.name for p in entries if not p.is_dir()]
     if stray:
         raise ValueError(f"{root}: expected only identity folders (<identity>/<image>), found files "
@@ -121,9 +126,13 @@ def _folder_source(root: Path) -> Source:
     if not entries:
         raise ValueError(f"{root} is empty: an image folder holds one sub-folder of images per identity")
     items: dict[int, list[Any]] = {}
-    names, empty = {}, []
+    names, empty, not_utf8 = {}, [], []
     for label, folder in enumerate(entries):
-        files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        inside = sorted(folder.iterdir())
+        hidden += [f"{folder.name}/{p.name}" for p in inside if p.name.startswith(".")]
+        files = [p for p in inside if not p.name.startswith(".")]
+        not_utf8 += [folder.name] if not _is_utf8(folder.name) else \
+            [f"{folder.name}/{p.name}" for p in files if not _is_utf8(p.name)]
         nested = [p.name for p in files if p.is_dir()]
         if nested:
             raise ValueError(f"{folder}: holds sub-folders ({', '.join(nested[:5])}); an identity folder holds "
@@ -133,9 +142,39 @@ def _folder_source(root: Path) -> Source:
             empty.append(folder.name)
             continue
         items[label] = [(str(p), label, f"{folder.name}/{p.name}") for p in files]
+    _refuse_non_utf8(root, not_utf8)
     if not items:
         raise ValueError(f"{root}: all {len(entries)} identity folders are empty; there is nothing to ingest")
-    return Source("folder", items, {"type": "folder", "path": str(root)}, names, tuple(empty))
+    # A skipped name only goes into the report, so a non-UTF-8 one is shown escaped rather than refused.
+    shown = tuple(os.fsencode(h).decode("utf-8", "backslashreplace") for h in hidden)
+    return Source("folder", items, {"type": "folder", "path": str(root)}, names, tuple(empty), hidden=shown)
+
+
+def _refuse_non_utf8(root: Path, names: Sequence[str]) -> None:
+    """Refuses identity folders (``name``) and images (``folder/image``) whose names are not UTF-8, all
+    of them in one message.
+
+    Python hands such names over with the bad bytes as lone surrogates (``"caf\\udce9"``), which
+    Parquet and JSON readers refuse. They are refused here rather than escaped: the identity name is
+    the key that joins ``identity_names``, the released dataset and its exports back to the user's
+    own label lists, and an escaped name (``caf%E9``, ``caf\\xe9``) would silently differ from the
+    folder name every other tool shows. Renaming is one command, and the check runs before any image
+    is read.
+    """
+    if not names:
+        return
+    shown = ", ".join(repr(os.fsencode(n)) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    raise ValueError(f"{root}: {len(names)} identity folder or image name(s) are not valid UTF-8: {shown} (the "
+                     f"first reads {os.fsencode(names[0]).decode('latin-1')!r} as Latin-1); names are stored as "
+                     f"text, so rename them to UTF-8, e.g. `convmv -f latin1 -t utf-8 -r --notest {root}`, and rerun")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _recordio_source(rec: Path, *, skip_corrupt: bool) -> Source:
@@ -207,4 +246,5 @@ def _report(results: list[UnitResult], *, source: Source, inputs: int) -> dict[s
     skipped = [*source.skipped, *(s for r in results for s in r.skipped)]
     return {"inputs": inputs, "images": sum(r.shard.rows for r in results), "corrupt": len(skipped),
             "corrupt_records": skipped[:REPORT_LIMIT], "converted": sum(r.converted for r in results),
-            "empty_identities": list(source.empty_identities)}
+            "empty_identities": list(source.empty_identities), "hidden_skipped": len(source.hidden),
+            "hidden_files": list(source.hidden[:REPORT_LIMIT])}

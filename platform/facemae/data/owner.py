@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facemae.config import Config
-from facemae.data.images import decode_rgb
+from facemae.data.images import decode_rows, skipped_record
 from facemae.data.masking import mask_face
-from facemae.data.runner import Unit, UnitResult, finish, prepare_output, reusable, run_units
+from facemae.data.runner import Unit, UnitResult, corrupt_report, finish, prepare_output, reusable, run_units
 from facemae.data.shards import MANIFEST, MASKED_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
 
 
@@ -30,7 +30,12 @@ def mask_dataset(config: Config, *, source: str | None = None, output: str | Non
         overwrite: Rebuild even when ``output`` holds a finished masked dataset of the same settings.
 
     Returns:
-        The masked dataset's manifest.
+        The masked dataset's manifest; with ``data.skip_corrupt`` its report counts (``corrupt``) and
+        lists (``corrupt_records``) the originals whose image would not decode, left out.
+
+    Raises:
+        CorruptImageError: An original's image does not decode and ``data.skip_corrupt`` is off; the
+            message names the dataset, the shard and the image_id.
     """
     source = source or config.data.output
     output = output or config.masked_output()
@@ -43,7 +48,8 @@ def mask_dataset(config: Config, *, source: str | None = None, output: str | Non
     m = config.mask
     units = [Unit(root=output, split=split, rel=shard.file,
                   payload={"src": str(Path(source) / shard.file), "patch_size": m.patch_size,
-                           "keep": m.keep, "seed": m.seed, "copies": m.copies})
+                           "keep": m.keep, "seed": m.seed, "copies": m.copies,
+                           "skip_corrupt": config.data.skip_corrupt})
              for split in m.splits for shard in original.splits.get(split, [])]
     fingerprint = {"stage": "mask", "mask": asdict(m) | {"output": ""},
                    "source_manifest": sha256_file(Path(source) / MANIFEST)}
@@ -55,7 +61,7 @@ def mask_dataset(config: Config, *, source: str | None = None, output: str | Non
         kind="masked", settings=fingerprint, source={"type": "dataset", "path": str(source), "kind": original.kind,
                                "manifest_sha256": fingerprint["source_manifest"]},
         splits={s: [r.shard for r in results if r.split == s] for s in m.splits},
-        report={"images": sum(r.shard.rows for r in results)},
+        report={"images": sum(r.shard.rows for r in results), **corrupt_report(results)},
         mask={"patch_size": m.patch_size, "ratio": m.ratio, "keep": m.keep,
               "num_patches": m.num_patches, "seed": m.seed, "copies": m.copies,
               "layout": "visible=[keep,p,p,3] uint8; mask=L bytes, 1=removed"},
@@ -74,13 +80,18 @@ def mask_unit(unit: Unit) -> UnitResult:
     """Masks one original shard into one masked shard (``copies`` rows per face, each its own mask)."""
     p = unit.payload
     table = pq.read_table(p["src"], columns=["image_id", "identity", "image"])
+    ids, identities, images = (table.column(c).to_pylist() for c in ("image_id", "identity", "image"))
+    faces, reasons = decode_rows(images, image_ids=ids, paths=[p["src"]] * len(ids),
+                                 skip_corrupt=p.get("skip_corrupt", False))  # (N, H, W, 3)
     columns: dict[str, list] = {"image_id": [], "source_id": [], "identity": [], "visible": [], "mask": []}
-    for image_id, identity, image in zip(*(table.column(c).to_pylist() for c in ("image_id", "identity", "image"))):
-        pixels = decode_rgb(image)
+    skipped = [skipped_record(p["src"], i, reason) for i, reason in zip(ids, reasons) if reason]
+    for image_id, identity, pixels, reason in zip(ids, identities, faces, reasons):
+        if reason:
+            continue
         for copy in range(p["copies"]):
             name = masked_id(image_id, copy, p["copies"])
             vis, mask = mask_face(pixels, image_id=name, patch_size=p["patch_size"], keep=p["keep"], seed=p["seed"])
             for key, value in zip(columns, (name, image_id, identity, vis, mask)):
                 columns[key].append(value)
     out = pa.table(columns, schema=MASKED_SCHEMA)
-    return UnitResult(split=unit.split, shard=write_shard(unit.root, unit.rel, out))
+    return UnitResult(split=unit.split, shard=write_shard(unit.root, unit.rel, out), skipped=skipped)

@@ -21,6 +21,7 @@ from facemae.config import RayConfig
 from facemae.data.shards import MANIFEST, DatasetError, Manifest, ShardInfo, read_manifest, sha256_file, verify_dataset
 
 JOURNAL = ".facemae-progress.jsonl"
+REPORT_LIMIT = 10_000  # skipped records listed one by one in a manifest's report; all are counted
 
 
 @dataclass
@@ -39,12 +40,27 @@ class UnitResult:
 
     split: str
     shard: ShardInfo
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"where", "reason"} per corrupt record
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"where", "reason", ...} per corrupt record
     converted: int = 0  # images stored after an opted-in convert / resize
 
 
-def reusable(root: str | os.PathLike, fingerprint: dict[str, Any], *, overwrite: bool) -> Manifest | None:
+def corrupt_report(results: Sequence[UnitResult]) -> dict[str, Any]:
+    """The ``corrupt`` count and the first :data:`REPORT_LIMIT` ``corrupt_records`` of a stage that read
+    shards with ``data.skip_corrupt``, for its manifest's report."""
+    skipped = [s for r in results for s in r.skipped]
+    return {"corrupt": len(skipped), "corrupt_records": skipped[:REPORT_LIMIT]}
+
+
+def reusable(root: str | os.PathLike, fingerprint: dict[str, Any], *, overwrite: bool,
+             ignore: Sequence[str] = ()) -> Manifest | None:
     """Returns the finished dataset at ``root`` when it was built with exactly these settings.
+
+    Args:
+        root: Dataset folder.
+        fingerprint: The settings the dataset must have been built with (its manifest's ``settings``).
+        overwrite: Never reuse.
+        ignore: Dotted keys (``data.skip_corrupt``) left out of the comparison: settings that change how
+            a build treats bad input, not what a finished dataset holds.
 
     Raises:
         DatasetError: ``root`` holds a dataset built with other settings and ``overwrite`` is off, or
@@ -52,12 +68,24 @@ def reusable(root: str | os.PathLike, fingerprint: dict[str, Any], *, overwrite:
     """
     if overwrite or not (Path(root) / MANIFEST).exists():
         return None
-    settings = read_manifest(root).settings
-    if settings != json.loads(json.dumps(fingerprint)):
+    settings, fingerprint = (_without(json.loads(json.dumps(d)), ignore)
+                             for d in (read_manifest(root).settings, fingerprint))
+    if settings != fingerprint:
         changed = sorted(k for k in set(settings) | set(fingerprint) if settings.get(k) != fingerprint.get(k))
         raise DatasetError(f"{root} holds a dataset built with other settings (differs in {', '.join(changed)}); "
                            "pass --overwrite to rebuild it or choose another output folder")
     return verify_dataset(root)
+
+
+def _without(settings: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    for key in keys:
+        *parents, last = key.split(".")
+        node = settings
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return settings
 
 
 def prepare_output(root: str | os.PathLike, *, overwrite: bool) -> None:

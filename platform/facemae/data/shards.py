@@ -12,11 +12,12 @@ leaves a half shard that looks whole; the manifest holds each shard's row count 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -149,32 +150,90 @@ class Manifest:
         atomic_write_text(Path(root) / MANIFEST, json.dumps(self.to_json(), indent=1) + "\n")
 
 
+# The command that writes each kind of dataset (manifest ``settings.stage``) and how to rebuild it.
+REBUILD = {
+    "ingest": "rerun `facemae ingest` (or `facemae train`) with --overwrite to rewrite it from its source",
+    "mask": "rerun `facemae mask` (or `facemae train`) with --overwrite to rewrite it",
+    "generate": "rerun `facemae generate` with --overwrite to rewrite it",
+    # embed_dataset's callers (train, experiment, tune) pass no overwrite: a fresh folder is rebuilt.
+    "embed": "delete the folder; the next `facemae train`, `experiment` or `tune` run rebuilds the embeddings",
+}
+REBUILD_ANY = ("rerun the command that wrote it (`facemae ingest`, `mask` or `generate`) with --overwrite to "
+               "rewrite it")
+# The JSON types a manifest's keys may hold (a key not listed may hold any); which keys there are, and
+# which are required, comes from the dataclasses.
+MANIFEST_TYPES = {"kind": (str,), "source": (dict,), "splits": (dict,), "report": (dict,), "settings": (dict,),
+                  "mask": (dict, type(None)), "identity_names": (dict, type(None)), "image_size": (int,),
+                  "schema_version": (int,)}
+SHARD_TYPES = {"file": (str,), "rows": (int,), "sha256": (str,), "identities": (list,)}
+DERIVED_KEYS = ("counts", "split_identities")  # written by Manifest.to_json, dropped on read
+JSON_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", type(None): "null"}
+
+
 def read_manifest(root: str | os.PathLike) -> Manifest:
     """Reads ``<root>/manifest.json``.
 
     Raises:
-        DatasetError: The folder has no manifest (not a dataset, or an unfinished one) or a newer
-            schema version than this code reads.
+        DatasetError: The folder has no manifest (not a dataset, or an unfinished one), the manifest
+            is damaged (not JSON, missing or mistyped keys), or it has a newer schema version than
+            this code reads.
     """
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise DatasetError(f"{root} is not a finished facemae dataset (no {MANIFEST}); run `facemae ingest` "
                            "into it, or rerun the interrupted command to finish it")
-    raw = json.loads(path.read_text())
-    if raw.get("schema_version", 0) > SCHEMA_VERSION:
-        raise DatasetError(f"{path}: schema version {raw['schema_version']} is newer than this facemae reads "
+    damaged = f"{path} is damaged"
+    fix = f"restore it from a backup, or {REBUILD_ANY}"
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{damaged}: not UTF-8 text (byte {exc.start}); {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{damaged}: not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno}); "
+                           f"{fix}") from None
+    version = raw.get("schema_version", 0) if isinstance(raw, dict) else 0
+    if isinstance(version, int) and version > SCHEMA_VERSION:  # before the keys, which a newer schema may change
+        raise DatasetError(f"{path}: schema version {version} is newer than this facemae reads "
                            f"({SCHEMA_VERSION}); upgrade facemae")
-    raw.pop("counts", None)
-    raw.pop("split_identities", None)
+    _check_keys(raw, Manifest, MANIFEST_TYPES, where=damaged, fix=fix, derived=DERIVED_KEYS)
+    for split, shards in raw["splits"].items():
+        if not isinstance(shards, list):
+            raise DatasetError(f"{damaged}: splits.{split} must be a list of shards, found "
+                               f"{type(shards).__name__}; {fix}")
+        for i, shard in enumerate(shards):
+            _check_keys(shard, ShardInfo, SHARD_TYPES, where=f"{damaged}: splits.{split}[{i}]", fix=fix)
+    for key in DERIVED_KEYS:
+        raw.pop(key, None)
     raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
     return Manifest(**raw)
+
+
+def _check_keys(raw: Any, cls: type, types: dict[str, tuple[type, ...]], *, where: str, fix: str,
+                derived: tuple[str, ...] = ()) -> None:
+    """Raises :class:`DatasetError` unless ``raw`` is a JSON object that builds dataclass ``cls``: every
+    field without a default present, no unknown key, and values of the JSON ``types`` listed."""
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{where}: expected a JSON object, found {type(raw).__name__}; {fix}")
+    fields = dataclasses.fields(cls)
+    required = [f.name for f in fields if f.default is MISSING and f.default_factory is MISSING]
+    if missing := [k for k in required if k not in raw]:
+        raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}; {fix}")
+    known = [f.name for f in fields] + list(derived)
+    if unknown := sorted(set(raw) - set(known)):
+        raise DatasetError(f"{where}: unknown key(s) {', '.join(unknown)} (valid: {', '.join(known)}); {fix}")
+    for key, value in raw.items():
+        allowed = types.get(key)
+        if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+            expected = " or ".join(JSON_TYPE_NAMES[t] for t in allowed)
+            raise DatasetError(f"{where}: {key} must be {expected}, found {json.dumps(value)[:40]}; {fix}")
 
 
 def verify_dataset(root: str | os.PathLike) -> Manifest:
     """Checks every shard named by the manifest exists with the recorded checksum and row count.
 
     Raises:
-        DatasetError: Naming each missing or changed shard.
+        DatasetError: Naming each missing or changed shard, and how to rewrite the dataset (the
+            ``--overwrite`` of the command that wrote it).
     """
     manifest = read_manifest(root)
     problems = []
@@ -188,7 +247,10 @@ def verify_dataset(root: str | os.PathLike) -> Manifest:
             elif pq.ParquetFile(path).metadata.num_rows != s.rows:
                 problems.append(f"{s.file} has {pq.ParquetFile(path).metadata.num_rows} rows, manifest says {s.rows}")
     if problems:
-        raise DatasetError(f"{root}: " + "; ".join(problems) + "; re-run the command that wrote it")
+        # Without --overwrite the writing command reuses the folder, verifies it and stops here again.
+        rebuild = REBUILD.get(manifest.settings.get("stage"), REBUILD_ANY)
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DatasetError(f"{root}: " + "; ".join(problems[:5]) + f"{more}; restore the changed files, or {rebuild}")
     return manifest
 
 

@@ -6,7 +6,12 @@ A training batch is a dict of numpy arrays:
     ``uid``         int64 ``[N]``, a stable hash of ``image_id`` (strings do not become tensors);
     ``mask``        uint8 ``[N, L]``, 1 = removed (FaceMAE only): drawn afresh every time the batch is
                     made, so every epoch masks the originals differently;
-    ``teacher_emb`` float32 ``[N, D]`` when the shards carry the teacher's embeddings.
+    ``teacher_emb`` float32 ``[N, D]`` when the shards carry the teacher's embeddings;
+    ``corrupt``     str ``[N]``: ``""``, or why the row's image would not decode (its ``image`` is then
+                    zeros), with ``image_id`` and ``path`` (its shard file) as str ``[N]`` to name it.
+                    The row stays in the batch: the worker consuming it raises or, with
+                    ``data.skip_corrupt``, drops and counts it. Raised here, inside a Ray Data task, the
+                    error would reach the driver as a remote traceback; dropped here, uncounted.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from facemae.data.images import decode_rgb
+from facemae.data.images import decode_rows
 
 
 def image_uid(image_id: str) -> int:
@@ -41,7 +46,8 @@ def training_batch(batch: dict[str, Any], *, task: str, num_patches: int = 0, ke
     """Turns shard rows into a training batch (see the module docstring).
 
     Args:
-        batch: Columns ``image_id``, ``identity``, ``image`` and optionally ``teacher_emb``.
+        batch: Columns ``image_id``, ``identity``, ``image``, ``path`` (the row's shard file) and
+            optionally ``teacher_emb``.
         task: ``mae`` (adds a random ``mask``) or ``fr``.
         num_patches: ``L`` for ``mae``.
         keep: Visible patches per image for ``mae``.
@@ -49,12 +55,15 @@ def training_batch(batch: dict[str, Any], *, task: str, num_patches: int = 0, ke
         seed: Seed of masks and flips; ``None`` draws fresh OS entropy (different every epoch).
     """
     rng = np.random.default_rng(seed)
-    images = np.stack([decode_rgb(b) for b in batch["image"]])  # (N, H, W, 3)
+    images, reasons = decode_rows(batch["image"], image_ids=batch["image_id"], paths=batch["path"],
+                                  skip_corrupt=True)  # (N, H, W, 3)
     if flip:
         flipped = rng.random(len(images)) < 0.5
         images[flipped] = images[flipped, :, ::-1]
     out = {"image": images, "identity": np.asarray(batch["identity"], dtype=np.int64),
-           "uid": np.array([image_uid(str(i)) for i in batch["image_id"]], dtype=np.int64)}
+           "uid": np.array([image_uid(str(i)) for i in batch["image_id"]], dtype=np.int64),
+           "corrupt": np.array(reasons, dtype=object), "image_id": np.array(batch["image_id"], dtype=object),
+           "path": np.array(batch["path"], dtype=object)}
     if task == "mae":
         out["mask"] = random_masks(len(images), num_patches=num_patches, keep=keep, rng=rng)
     if "teacher_emb" in batch:

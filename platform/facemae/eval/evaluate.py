@@ -7,18 +7,21 @@ plain functions of :mod:`facemae.eval.verification` and :mod:`facemae.eval.priva
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from facemae.config import Config
-from facemae.data.images import decode_face, decode_rgb
+from facemae.data.images import corrupt_records, decode_face, decode_rows
 from facemae.data.shards import iter_rows, verify_dataset
 from facemae.data.verification_bin import load_verification_bin
 from facemae.eval.privacy import retrieval_leak
 from facemae.eval.verification import draw_pairs, embed_images, tar_at_far, verification_accuracy
+
+
+LISTED_IDS = 100  # corrupt image_ids an evaluation names; all are counted
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Embeddings:
     source_id: np.ndarray  # [N] str: the original face a released row came from (itself for originals)
     identity: np.ndarray  # [N] int64
     emb: np.ndarray  # [N, D] float32, unit rows
+    skipped: list[dict[str, str]] = field(default_factory=list)  # rows left out (data.skip_corrupt)
 
 
 class FlipSumEmbedder:
@@ -40,28 +44,41 @@ class FlipSumEmbedder:
         self.model, self.batch_size = load_fr_backbone(weights), batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        pixels = np.stack([decode_rgb(b) for b in batch["image"]])
+        """Embeddings of a batch of shard rows; ``corrupt`` says per row ``""`` or why its image would not
+        decode, for the caller to raise for or leave out and count (:func:`embed_split`)."""
+        pixels, reasons = decode_rows(batch["image"], image_ids=batch["image_id"], paths=batch["path"],
+                                      skip_corrupt=True)
         emb = embed_images(self.model, pixels, batch_size=self.batch_size)
         source = batch["source_id"] if "source_id" in batch else batch["image_id"]
-        return {"image_id": batch["image_id"], "source_id": source, "identity": batch["identity"], "emb": list(emb)}
+        return {"image_id": batch["image_id"], "source_id": source, "identity": batch["identity"], "emb": list(emb),
+                "corrupt": np.array(reasons, dtype=object), "path": batch["path"]}
 
 
 def embed_split(config: Config, weights: str, root: str, split: str) -> Embeddings:
-    """Embeds every image of ``root``'s ``split`` with the FR backbone ``weights``."""
+    """Embeds every image of ``root``'s ``split`` with the FR backbone ``weights``.
+
+    Raises:
+        CorruptImageError: An image does not decode and ``data.skip_corrupt`` is off; the message names
+            the dataset, the shard and the image_id. With it on, the row is left out and listed in
+            :attr:`Embeddings.skipped`.
+    """
     manifest = verify_dataset(root)
     files = manifest.files(root, split)
     if manifest.num_images(split) > config.eval.ray_threshold:
         out = _embed_on_ray(config, weights, files)
     else:
         embedder = FlipSumEmbedder(weights, config.eval.batch_size)
-        rows = list(iter_rows(files))
+        rows = [{**r, "path": f} for f in files for r in iter_rows([f])]
         out = embedder({k: np.array([r.get(k, r["image_id"]) for r in rows], dtype=object)
-                        for k in ("image_id", "source_id", "identity", "image")})
-    order = np.argsort(np.asarray(out["image_id"], dtype=str))
-    return Embeddings(image_id=np.asarray(out["image_id"], dtype=str)[order],
-                      source_id=np.asarray(out["source_id"], dtype=str)[order],
-                      identity=np.asarray(out["identity"], dtype=np.int64)[order],
-                      emb=np.stack(out["emb"]).astype(np.float32)[order])
+                        for k in ("image_id", "source_id", "identity", "image", "path")})
+    skipped = corrupt_records(list(out["corrupt"]), image_ids=list(out["image_id"]), paths=list(out["path"]),
+                              skip_corrupt=config.data.skip_corrupt)
+    bad = np.array([bool(c) for c in out["corrupt"]], dtype=bool)
+    image_id = np.asarray(out["image_id"], dtype=str)[~bad]
+    order = np.argsort(image_id)
+    return Embeddings(image_id=image_id[order], source_id=np.asarray(out["source_id"], dtype=str)[~bad][order],
+                      identity=np.asarray(out["identity"], dtype=np.int64)[~bad][order],
+                      emb=np.stack(out["emb"]).astype(np.float32)[~bad][order], skipped=skipped)
 
 
 def _embed_on_ray(config: Config, weights: str, files: list[str]) -> dict[str, list]:
@@ -70,13 +87,13 @@ def _embed_on_ray(config: Config, weights: str, files: list[str]) -> dict[str, l
     from facemae.cluster import ensure_ray
 
     ensure_ray(config.ray)
-    ds = ray.data.read_parquet(files)
+    ds = ray.data.read_parquet(files, include_paths=True)
     ds = ds.map_batches(FlipSumEmbedder, fn_constructor_kwargs={"weights": weights,
                                                                 "batch_size": config.eval.batch_size},
                         batch_size=config.eval.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=config.generate.actors),
                         num_cpus=config.generate.cpus_per_actor)
-    out: dict[str, list] = {"image_id": [], "source_id": [], "identity": [], "emb": []}
+    out: dict[str, list] = {"image_id": [], "source_id": [], "identity": [], "emb": [], "corrupt": [], "path": []}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for key in out:
             out[key].extend(batch[key])
@@ -92,7 +109,12 @@ def verify(config: Config, weights: str, *, pairs_from: str | None = None) -> di
         pairs_from: Dataset whose ``train`` split originals the platform draws ``eval.pairs`` pairs from.
 
     Returns:
-        ``{target name: {accuracy, accuracy_std, tar, tar_std, far, n_pairs, tpr, fpr}}``.
+        ``{target name: {accuracy, accuracy_std, tar, tar_std, far, n_pairs, tpr, fpr}}``; the drawn
+        pairs' entry also counts (``corrupt_skipped``) and names (``corrupt_image_ids``) the rows left
+        out because their image would not decode (``data.skip_corrupt``).
+
+    Raises:
+        WeightsError: ``weights`` is not an FR backbone (found here, on the driver, before any Ray work).
     """
     from facemae.train.tasks import load_fr_backbone
 
@@ -106,8 +128,17 @@ def verify(config: Config, weights: str, *, pairs_from: str | None = None) -> di
     if pairs_from and config.eval.pairs:
         embedded = embed_split(config, weights, pairs_from, "train")
         idx1, idx2, issame = draw_pairs(embedded.identity, n_pairs=config.eval.pairs, seed=config.eval.pair_seed)
-        results["heldout_pairs"] = _scores(embedded.emb[idx1], embedded.emb[idx2], issame, far=config.eval.far)
+        results["heldout_pairs"] = {**_scores(embedded.emb[idx1], embedded.emb[idx2], issame, far=config.eval.far),
+                                    **_corrupt_summary(embedded.skipped)}
     return results
+
+
+def _corrupt_summary(skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """``corrupt_skipped`` (always) and the first :data:`LISTED_IDS` ``corrupt_image_ids`` (when any)."""
+    out: dict[str, Any] = {"corrupt_skipped": len(skipped)}
+    if skipped:
+        out["corrupt_image_ids"] = [s["image_id"] for s in skipped[:LISTED_IDS]]
+    return out
 
 
 def _scores(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray, *, far: float) -> dict[str, Any]:
@@ -117,15 +148,34 @@ def _scores(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray, *, far: floa
             "tpr": acc.tpr.tolist(), "fpr": acc.fpr.tolist()}
 
 
-def privacy(config: Config, judge: str, *, released: str, originals: str, split: str = "deploy") -> dict[str, float]:
-    """``image_leak@k`` and ``identity_leak@k`` of a released set against its originals, by the judge."""
+def privacy(config: Config, judge: str, *, released: str, originals: str, split: str = "deploy") -> dict[str, Any]:
+    """``image_leak@k`` and ``identity_leak@k`` of a released set against its originals, by the judge.
+
+    With ``data.skip_corrupt``, rows of either set whose image would not decode are left out, counted
+    (``corrupt_skipped``) and named (``corrupt_image_ids``); a released face whose original was left
+    out cannot be scored and is left out too (``queries_left_out``).
+
+    Raises:
+        WeightsError: ``judge`` is not an FR backbone (checked here, before any Ray actor loads it).
+        CorruptImageError: An image does not decode and ``data.skip_corrupt`` is off (naming its row).
+    """
+    from facemae.train.tasks import check_weights
+
+    check_weights(judge, task="fr")
     gallery = embed_split(config, judge, originals, split)
     queries = embed_split(config, judge, released, split)
     position = {image_id: i for i, image_id in enumerate(gallery.image_id)}
-    missing = [s for s in queries.source_id if s not in position]
+    left_out = {s["image_id"] for s in gallery.skipped}
+    scored = np.array([s not in left_out for s in queries.source_id], dtype=bool)
+    missing = [s for s in queries.source_id[scored] if s not in position]
     if missing:
         raise ValueError(f"{released} holds faces whose originals are not in {originals}/{split} "
                          f"(e.g. {missing[:3]}); compare a release with the dataset it came from")
-    source = np.array([position[s] for s in queries.source_id])
-    return retrieval_leak(queries.emb, gallery.emb, query_source=source, query_identity=queries.identity,
-                          gallery_identity=gallery.identity, ks=(1, 5))
+    source = np.array([position[s] for s in queries.source_id[scored]])
+    leak: dict[str, Any] = retrieval_leak(queries.emb[scored], gallery.emb, query_source=source,
+                                          query_identity=queries.identity[scored],
+                                          gallery_identity=gallery.identity, ks=(1, 5))
+    leak.update(_corrupt_summary([*gallery.skipped, *queries.skipped]))
+    if not scored.all():
+        leak["queries_left_out"] = int((~scored).sum())
+    return leak

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from facemae.config import Config, LossConfig
-from facemae.data.runner import Journal, UnitResult, prepare_output, reusable
+from facemae.data.runner import REPORT_LIMIT, Journal, UnitResult, corrupt_report, prepare_output, reusable
 from facemae.data.shards import MANIFEST, ORIGINAL_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
 from facemae.generate.streaming import write_as_shards_complete
 from facemae.losses.irm import view_name
@@ -39,17 +39,21 @@ class TeacherEmbedder:
         self.view, self.sigma = view, sigma
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Adds ``teacher_emb``, and ``corrupt``: per row ``""`` or why its image would not decode. Such a
+        row comes back all the same, for the driver to raise for or skip and count
+        (:func:`facemae.data.images.corrupt_records`) once its shard is complete."""
         import torch
 
-        from facemae.data.images import decode_rgb
+        from facemae.data.images import decode_rows
         from facemae.losses.irm import irm_view
         from facemae.models.fr import to_model_range
 
-        pixels = torch.from_numpy(np.stack([decode_rgb(b) for b in batch["image"]]))
+        pixels, reasons = decode_rows(batch["image"], image_ids=batch["image_id"], paths=batch["path"],
+                                      skip_corrupt=True)
         with torch.inference_mode():
-            x = irm_view(to_model_range(pixels).to(self.device), view=self.view, sigma=self.sigma)
+            x = irm_view(to_model_range(torch.from_numpy(pixels)).to(self.device), view=self.view, sigma=self.sigma)
             emb = self.model(x).float().cpu().numpy()  # (N, D)
-        return {**batch, "teacher_emb": list(emb)}
+        return {**batch, "teacher_emb": list(emb), "corrupt": np.array(reasons, dtype=object)}
 
 
 def embedded_output(source: str, weights: str, loss: LossConfig) -> str:
@@ -70,7 +74,19 @@ def embed_dataset(config: Config, *, source: str, weights: str, output: str | No
         weights: The teacher's ``weights.safetensors``.
         output: Output folder; defaults to :func:`embedded_output`.
         overwrite: Rebuild even if ``output`` holds a finished dataset of the same settings.
+
+    Returns:
+        The embedded dataset's manifest. Its report is the source's, with a row whose image would not
+        decode (skipped under ``data.skip_corrupt``) added to ``corrupt`` and ``corrupt_records``.
+
+    Raises:
+        WeightsError: ``weights`` is not an FR backbone (checked here, before any Ray actor loads it).
+        CorruptImageError: An image does not decode and ``data.skip_corrupt`` is off; the message names
+            the dataset, the shard and the image_id.
     """
+    from facemae.train.tasks import check_weights
+
+    weights = str(check_weights(weights, task="fr").path)
     original = verify_dataset(source)
     if original.kind != "original":
         raise ValueError(f"{source} is a {original.kind} dataset; teacher embeddings are computed on originals")
@@ -87,8 +103,10 @@ def embed_dataset(config: Config, *, source: str, weights: str, output: str | No
     todo = {path: v for path, v in shards.items() if v[1].file not in journal.done}
     if todo:
         _stream(config, todo, weights=weights, output=output, journal=journal)
+    results = [journal.done[s.file] for group in original.splits.values() for s in group]
     manifest = Manifest(
-        kind="original", settings=fingerprint, report=original.report, identity_names=original.identity_names,
+        kind="original", settings=fingerprint, report=_report(original.report, results),
+        identity_names=original.identity_names,
         source={**original.source, "embedded_from": str(source), "teacher": str(weights), "teacher_view": view},
         splits={split: [journal.done[s.file].shard for s in group] for split, group in original.splits.items()})
     manifest.write(output)
@@ -111,16 +129,32 @@ def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, o
     ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs=kwargs,
                         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=config.train.micro_batch,
                         batch_format="numpy", **({"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}))
-    write_as_shards_complete(ds, todo, columns=("image_id", "identity", "image", "teacher_emb"),
+    write_as_shards_complete(ds, todo, columns=("image_id", "identity", "image", "teacher_emb", "corrupt", "path"),
                              write=lambda rows, split, rel: _write(rows, split=split, rel=rel, output=output,
-                                                                   journal=journal))
+                                                                   journal=journal,
+                                                                   skip_corrupt=config.data.skip_corrupt))
 
 
-def _write(rows: list[dict[str, Any]], *, split: str, rel: str, output: str, journal: Journal) -> None:
-    rows.sort(key=lambda r: str(r["image_id"]))  # a stable order, whatever order the actors returned
+def _report(source: dict[str, Any], results: list[UnitResult]) -> dict[str, Any]:
+    """The source's report with the rows this stage skipped added (the dataset is the source minus them)."""
+    new = corrupt_report(results)
+    if not new["corrupt"]:
+        return source
+    records = [*source.get("corrupt_records", []), *new["corrupt_records"]][:REPORT_LIMIT]
+    return {**source, "images": sum(r.shard.rows for r in results),
+            "corrupt": source.get("corrupt", 0) + new["corrupt"], "corrupt_records": records}
+
+
+def _write(rows: list[dict[str, Any]], *, split: str, rel: str, output: str, journal: Journal,
+           skip_corrupt: bool) -> None:
+    from facemae.data.images import corrupt_records
+
+    skipped = corrupt_records([r["corrupt"] for r in rows], image_ids=[r["image_id"] for r in rows],
+                              paths=[r["path"] for r in rows], skip_corrupt=skip_corrupt)
+    rows = sorted((r for r in rows if not r["corrupt"]), key=lambda r: str(r["image_id"]))  # a stable order
     table = pa.table({"image_id": [str(r["image_id"]) for r in rows],
                       "identity": [int(r["identity"]) for r in rows],
                       "image": [bytes(r["image"]) for r in rows],
                       "teacher_emb": [np.asarray(r["teacher_emb"], dtype=np.float32) for r in rows]},
                      schema=EMBEDDED_SCHEMA)
-    journal.record(UnitResult(split=split, shard=write_shard(output, rel, table)))
+    journal.record(UnitResult(split=split, shard=write_shard(output, rel, table), skipped=skipped))

@@ -19,7 +19,7 @@ import pyarrow as pa
 from PIL import Image
 
 from facemae.config import Config
-from facemae.data.runner import Journal, UnitResult, prepare_output, reusable
+from facemae.data.runner import Journal, UnitResult, corrupt_report, prepare_output, reusable
 from facemae.data.shards import MANIFEST, RELEASED_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
 from facemae.generate.streaming import write_as_shards_complete
 from facemae.train.tasks import WEIGHTS
@@ -52,12 +52,28 @@ class Reconstructor:
                                  f"with {patch_size}; use a FaceMAE trained with mask.patch_size={patch_size}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Released PNGs of a batch of masked records; ``corrupt`` says per row ``""`` or why it cannot be
+        reconstructed. Such a row comes back with an empty image, for the driver to raise for or skip and
+        count (:func:`facemae.data.images.corrupt_records`), never raised here: inside a Ray Data actor
+        that would reach the driver as a remote traceback."""
+        reasons = [masked_record_problem(v, m, patch_size=self.patch_size)
+                   for v, m in zip(batch["visible"], batch["mask"])]
+        good = [i for i, reason in enumerate(reasons) if not reason]
+        images = np.full(len(reasons), b"", dtype=object)
+        if good:
+            pixels = self._release([batch["visible"][i] for i in good], [batch["mask"][i] for i in good])
+            images[good] = [_png(p) for p in pixels]
+        return {"image_id": batch["image_id"], "source_id": batch["source_id"], "identity": batch["identity"],
+                "image": images, "path": batch["path"], "corrupt": np.array(reasons, dtype=object)}
+
+    def _release(self, visible: list[bytes], mask: list[bytes]) -> np.ndarray:
+        """``[N, H, W, 3]`` uint8 released faces of well-formed masked records."""
         import torch
 
         from facemae.models.fr import to_uint8
         from facemae.models.mae import masked_record_input
 
-        imgs, mask = masked_record_input(list(batch["visible"]), list(batch["mask"]), patch_size=self.patch_size)
+        imgs, mask = masked_record_input(visible, mask, patch_size=self.patch_size)
         if self.model is None:  # the masked view: removed patches at mid-grey (0 in the model range)
             released = imgs
         else:
@@ -65,9 +81,22 @@ class Reconstructor:
                 _, pred, _ = self.model(imgs.to(self.device), mask=mask.to(self.device))
                 released = self.model.compose(imgs.to(self.device), pred, mask.to(self.device),
                                               paste_visible=self.paste_visible)
-        pixels = to_uint8(released.float().cpu()).numpy()  # (N, H, W, 3)
-        return {"image_id": batch["image_id"], "source_id": batch["source_id"], "identity": batch["identity"],
-                "image": np.array([_png(p) for p in pixels], dtype=object), "path": batch["path"]}
+        return to_uint8(released.float().cpu()).numpy()  # (N, H, W, 3)
+
+
+def masked_record_problem(visible: bytes, mask: bytes, *, patch_size: int, img_size: int = 112) -> str:
+    """Why a masked record cannot be reconstructed (a mask of another length or with values other than
+    0 / 1, visible pixels that do not fill its kept patches), or ``""`` when it can."""
+    length, width = (img_size // patch_size) ** 2, patch_size * patch_size * 3
+    removed = np.frombuffer(mask, dtype=np.uint8)  # (L,)
+    if len(removed) != length:
+        return f"mask holds {len(removed)} patches, not the {length} of {patch_size}-pixel patches"
+    if removed.max(initial=0) > 1:
+        return "mask holds values other than 0 (visible) and 1 (removed)"
+    kept = int((removed == 0).sum())
+    if len(visible) != kept * width:
+        return f"visible holds {len(visible)} bytes, not the {kept} kept patches x {width} bytes its mask shows"
+    return ""
 
 
 def released_paths(config: Config, *, masked: str | None = None, output: str | None = None) -> tuple[str, str]:
@@ -86,6 +115,14 @@ def generate_released(config: Config, *, masked: str | None = None, output: str 
         masked: Masked dataset folder; defaults to ``generate.masked`` or ``config.masked_output()``.
         output: Released dataset folder; defaults to ``generate.output`` or ``<masked>-<method>``.
         overwrite: Rebuild even if ``output`` holds a finished release of the same settings.
+
+    Returns:
+        The released dataset's manifest; with ``data.skip_corrupt`` its report counts (``corrupt``) and
+        lists (``corrupt_records``) the masked records that could not be reconstructed, left out.
+
+    Raises:
+        CorruptImageError: A masked record cannot be reconstructed and ``data.skip_corrupt`` is off; the
+            message names the dataset, the shard and the image_id.
     """
     g = config.generate
     masked, output = released_paths(config, masked=masked, output=output)
@@ -94,8 +131,10 @@ def generate_released(config: Config, *, masked: str | None = None, output: str 
         raise ValueError(f"{masked} is a {source.kind} dataset; generation reads the owner's masked shards "
                          "(the output of `facemae mask`)")
     weights = g.weights or str(Path(config.run_dir()) / "export" / WEIGHTS)
-    if g.method == "reconstruct" and not Path(weights).is_file():
-        raise ValueError(f"no FaceMAE weights at {weights}; train first (jobs/train.py) or set generate.weights")
+    if g.method == "reconstruct":
+        if not Path(weights).exists():
+            raise ValueError(f"no FaceMAE weights at {weights}; train first (jobs/train.py) or set generate.weights")
+        weights = str(check_mae(weights, patch_size=source.mask["patch_size"], masked=masked))
     weights_sha = sha256_file(weights) if g.method == "reconstruct" else None
     fingerprint = {"stage": "generate", "method": g.method, "paste_visible": config.loss.paste_visible,
                    "source_manifest": sha256_file(Path(masked) / MANIFEST), "weights_sha256": weights_sha}
@@ -108,16 +147,38 @@ def generate_released(config: Config, *, masked: str | None = None, output: str 
     if todo:
         _stream(config, todo, weights=weights, patch_size=source.mask["patch_size"], output=output,
                 journal=journal)
+    results = [journal.done[s.file] for group in source.splits.values() for s in group]
     manifest = Manifest(
         kind="released", settings=fingerprint, identity_names=source.identity_names,
         source={"type": "dataset", "path": str(masked), "kind": "masked", "method": g.method,
                 "weights": weights if g.method == "reconstruct" else None,
                 "paste_visible": config.loss.paste_visible, "mask": source.mask},
         splits={split: [journal.done[s.file].shard for s in group] for split, group in source.splits.items()},
-        report={"images": source.num_images()})
+        report={"images": sum(r.shard.rows for r in results), **corrupt_report(results)})
     manifest.write(output)
     journal.finish()
     return manifest
+
+
+def check_mae(weights: str, *, patch_size: int, masked: str) -> Path:
+    """Checks on the driver, from the file's header, that ``weights`` is a FaceMAE for shards cut into
+    ``patch_size`` patches, before any Ray actor loads it.
+
+    Returns:
+        The weights file (``weights`` may name the export folder holding it).
+
+    Raises:
+        WeightsError: Not a FaceMAE, not safetensors, damaged, or of another patch size.
+    """
+    from facemae.models.registry import mae_patch_size
+    from facemae.train.tasks import WeightsError, check_weights
+
+    header = check_weights(weights, task="mae")
+    if (p := mae_patch_size(header.info["model"])) != patch_size:
+        raise WeightsError(f"{header.path} holds {header.describe()} with {p}-pixel patches, but {masked} was "
+                           f"masked with {patch_size}-pixel patches; pass a FaceMAE trained with "
+                           f"mask.patch_size={patch_size}, or mask again with --patch-size {p}")
+    return header.path
 
 
 def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, patch_size: int, output: str,
@@ -137,16 +198,22 @@ def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, p
                                                "use_gpu": g.use_gpu},
                         compute=ray.data.ActorPoolStrategy(size=g.actors),
                         **({"num_gpus": 1} if g.use_gpu else {"num_cpus": g.cpus_per_actor}))
-    write_as_shards_complete(ds, todo, columns=("image_id", "source_id", "identity", "image"),
+    write_as_shards_complete(ds, todo, columns=("image_id", "source_id", "identity", "image", "corrupt", "path"),
                              write=lambda rows, split, rel: _write(rows, split=split, rel=rel, output=output,
-                                                                   journal=journal))
+                                                                   journal=journal,
+                                                                   skip_corrupt=config.data.skip_corrupt))
 
 
-def _write(rows: list[dict[str, Any]], *, split: str, rel: str, output: str, journal: Journal) -> None:
-    rows.sort(key=lambda r: str(r["image_id"]))  # the same bytes whatever order the actors returned
+def _write(rows: list[dict[str, Any]], *, split: str, rel: str, output: str, journal: Journal,
+           skip_corrupt: bool) -> None:
+    from facemae.data.images import corrupt_records
+
+    skipped = corrupt_records([r["corrupt"] for r in rows], image_ids=[r["image_id"] for r in rows],
+                              paths=[r["path"] for r in rows], skip_corrupt=skip_corrupt)
+    rows = sorted((r for r in rows if not r["corrupt"]), key=lambda r: str(r["image_id"]))  # any order in, same bytes
     ids = [str(r["image_id"]) for r in rows]
     assert len(set(ids)) == len(ids), f"duplicate image ids in {rel}"
     table = pa.table({"image_id": ids, "source_id": [str(r["source_id"]) for r in rows],
                       "identity": [int(r["identity"]) for r in rows], "image": [bytes(r["image"]) for r in rows]},
                      schema=RELEASED_SCHEMA)
-    journal.record(UnitResult(split=split, shard=write_shard(output, rel, table)))
+    journal.record(UnitResult(split=split, shard=write_shard(output, rel, table), skipped=skipped))

@@ -2,6 +2,16 @@
 
 :class:`RayContext` runs inside a Ray Train worker (dataset shard, ``ray.train.report``, Ray's
 checkpoint storage); :class:`LocalContext` runs in one process with no Ray at all, for debugging.
+
+Corrupt rows: a training batch keeps a row whose image would not decode, marked
+(:func:`facemae.data.transforms.training_batch`); ``batches()`` raises a ``CorruptImageError`` naming
+it, or with ``data.skip_corrupt`` drops it and remembers its id, so no row vanishes uncounted. Every
+report carries two cumulative run totals, summed over ranks (and kept in each checkpoint, so a resumed
+run goes on counting):
+
+- ``images_trained``: rows trained on by all ranks (the Prometheus counter ``facemae_train_images_total``);
+- ``corrupt_skipped``: *distinct* corrupt rows skipped (``facemae_train_corrupt_skipped_total``). A bad
+  row is read again every epoch, and Ray Data may hand it to another rank each time; it counts once.
 """
 
 from __future__ import annotations
@@ -24,12 +34,14 @@ import torch
 from PIL import Image
 
 from facemae.config import Config
+from facemae.data.images import corrupt_records
 from facemae.data.transforms import training_batch
 from facemae.metrics import TrainMetrics
 from facemae.train import engine as ds
 
 CHECKPOINT_PREFIX = "checkpoint_"
 PREVIEW = "preview.png"
+RUN_TOTALS = "run_totals.json"  # images trained and corrupt row ids, next to progress.json
 
 
 class WorkerContext:
@@ -45,6 +57,11 @@ class WorkerContext:
         self.metrics = TrainMetrics(run=config.name, rank=rank, world_size=world_size, in_ray=in_ray,
                                     port=train.metrics_port if rank == 0 and train.metrics_port else None,
                                     host=train.metrics_host)
+        self._images_trained = 0  # by this rank since it started, plus the restored run total on rank 0
+        self._corrupt_seen: set[int] = set()  # uids of corrupt rows any rank had skipped at the last sync
+        self._corrupt_new: set[int] = set()  # uids this rank skipped since then
+        self._restoring: str | None = None  # the checkpoint folder restore_dir() hands out
+        self._gather_group: Any = None
         self._ids_file = None
         if train.log_sample_ids:
             (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
@@ -61,6 +78,7 @@ class WorkerContext:
         raise NotImplementedError
 
     def report(self, metrics: dict[str, Any], directory: str | None) -> None:
+        """Logs ``metrics`` with the run totals. Every rank calls it at the same steps: it is collective."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------------
@@ -68,6 +86,7 @@ class WorkerContext:
                 step_s: float, wait_s: float) -> None:
         """Records one micro-batch: metrics, and which samples it held when asked to."""
         losses = {k: float(v.detach().float()) for k, v in out.items()}
+        self._images_trained += len(batch["identity"])
         self.metrics.observe(images=len(batch["identity"]), step=step, step_s=step_s, wait_s=wait_s,
                              losses=losses)
         if self._ids_file is not None:
@@ -80,18 +99,82 @@ class WorkerContext:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
+    def drop_corrupt(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
+        """Raises for a row a training batch marks corrupt or, with ``data.skip_corrupt``, drops it and
+        remembers its id for the counts; yields the batches' tensors only.
+
+        A micro-batch with no valid row left is replaced by this rank's previous one: the gradient
+        all-reduce pairs every rank's steps, so one rank cannot leave a step out.
+
+        Raises:
+            CorruptImageError: A corrupt row while ``data.skip_corrupt`` is off, naming dataset, shard and
+                image_id.
+            ValueError: The first micro-batch of a rank holds nothing but corrupt rows.
+        """
+        previous = None
+        for batch in batches:
+            reasons, ids, paths = (list(batch.pop(k)) for k in ("corrupt", "image_id", "path"))
+            if any(reasons):
+                corrupt_records(reasons, image_ids=ids, paths=paths, skip_corrupt=self.config.data.skip_corrupt)
+                valid = torch.tensor([not r for r in reasons])  # (N,)
+                self._corrupt_new.update(int(u) for u in batch["uid"][~valid].tolist())
+                self._corrupt_new -= self._corrupt_seen
+                self.metrics.record_run_totals(images=0, corrupt=len(self._corrupt_seen | self._corrupt_new))
+                batch = {k: v[valid] for k, v in batch.items()} if bool(valid.any()) else previous
+                if batch is None:
+                    raise ValueError(f"every row of rank {self.rank}'s first micro-batch is corrupt; rebuild the "
+                                     "training dataset (data.skip_corrupt skips single bad rows, not whole "
+                                     "stretches of a shard)")
+            previous = batch
+            yield batch
+
+    def sync_run_totals(self) -> tuple[int, int]:
+        """Sums the images trained and unites the corrupt rows skipped over all ranks (collective).
+
+        Returns:
+            ``(images_trained, corrupt_skipped)`` of the whole run, as its Prometheus counters now read.
+        """
+        mine = (self._images_trained, sorted(self._corrupt_new))
+        parts = [mine]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if self._gather_group is None:  # objects travel on gloo; a NCCL group would need CUDA tensors
+                self._gather_group = dist.group.WORLD if dist.get_backend() == "gloo" else \
+                    dist.new_group(backend="gloo")
+            parts = [None] * self.world_size
+            dist.all_gather_object(parts, mine, group=self._gather_group)
+        self._corrupt_seen.update(u for _, uids in parts for u in uids)
+        self._corrupt_new.clear()
+        self.metrics.record_run_totals(images=sum(n for n, _ in parts), corrupt=len(self._corrupt_seen))
+        return self.metrics.run_totals()
+
     def run_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        return {**metrics, "images_per_s": round(self.metrics.images_per_second(), 2),
+        images, corrupt = self.sync_run_totals()
+        return {**metrics, "images_trained": images, "corrupt_skipped": corrupt,
+                "images_per_s": round(self.metrics.images_per_second(), 2),
                 "step_time_s": round(self.metrics.median_step_seconds(), 4),
                 "data_wait_fraction": round(self.metrics.data_wait_fraction(), 4), "time": round(time.time(), 3)}
 
     def saved(self, engine: Any, directory: str, step: int) -> None:
-        """After a checkpoint: with ``train.debug_state_dir``, snapshot what was saved (resume audits)."""
+        """After a checkpoint (every rank): the run totals go into it; with ``train.debug_state_dir``,
+        a snapshot of what was saved (resume audits)."""
+        images, _ = self.sync_run_totals()
+        if self.rank == 0:
+            totals = {"images_trained": images, "corrupt_uids": sorted(self._corrupt_seen)}
+            (Path(directory) / RUN_TOTALS).write_text(json.dumps(totals) + "\n")
         if self.config.train.debug_state_dir:
             _dump(engine, Path(self.config.train.debug_state_dir) / f"saved_step{step:08d}_rank{self.rank}.pt")
 
     def restored(self, engine: Any, step: int) -> None:
-        """After a restore: with ``train.debug_state_dir``, snapshot what was loaded."""
+        """After a restore: the run totals go on from the checkpoint's; with ``train.debug_state_dir``,
+        a snapshot of what was loaded."""
+        totals = Path(self._restoring or "") / RUN_TOTALS
+        if self._restoring and totals.is_file():  # checkpoints written before the totals existed have none
+            saved = json.loads(totals.read_text())
+            self._images_trained += saved["images_trained"] if self.rank == 0 else 0  # summed over ranks
+            self._corrupt_seen.update(saved["corrupt_uids"])
+            self.metrics.record_run_totals(images=self._images_trained, corrupt=len(self._corrupt_seen))
         if self.config.train.debug_state_dir:
             _dump(engine, Path(self.config.train.debug_state_dir) / f"restored_step{step:08d}_rank{self.rank}.pt")
 
@@ -127,9 +210,14 @@ def _dump(engine: Any, path: Path) -> None:
     torch.save(ds.state_snapshot(engine), path)
 
 
-def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return _model_inputs({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()})
+def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Numeric columns to tensors in the model range; text columns (``image_id``...) stay lists of str.
 
+    Also ``iter_torch_batches``' collate function: its default would refuse the text columns.
+    """
+    # Ray Data hands read-only arrays, which torch.from_numpy warns about: np.require copies those.
+    return _model_inputs({k: list(v) if v.dtype.kind in "OUS" else torch.from_numpy(np.require(v, requirements="CW"))
+                          for k, v in batch.items()})
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """uint8 pixels to the model range ``[N, 3, H, W]`` in [-1, 1]; masks to float."""
@@ -163,12 +251,11 @@ class RayContext(WorkerContext):
     def batches(self, epoch: int, *, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         train = self.config.train
         it = self._shard.iter_torch_batches(batch_size=train.micro_batch, drop_last=True,
-                                            prefetch_batches=train.prefetch_batches,
+                                            prefetch_batches=train.prefetch_batches, collate_fn=_to_tensors,
                                             local_shuffle_buffer_size=train.shuffle_buffer or None)
         # Ray Data's streaming split does not replay an epoch in the same order, so a resume skips
         # as many batches as were trained on: exact in count, not in which rows (see README).
-        for batch in itertools.islice(it, skip, None):
-            yield _model_inputs(batch)
+        yield from self.drop_corrupt(itertools.islice(it, skip, None))
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[str | None]:
@@ -177,9 +264,11 @@ class RayContext(WorkerContext):
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            yield self.config.train.resume_from or None
+            self._restoring = self.config.train.resume_from or None
+            yield self._restoring
             return
         with checkpoint.as_directory() as directory:
+            self._restoring = directory
             yield directory
             dist.barrier()  # keep the folder until every rank has read it (ray-project/ray#57118)
 
@@ -211,10 +300,15 @@ class LocalContext(WorkerContext):
         super().__init__(config, rank=0, world_size=1, device=torch.device("cpu"), num_classes=num_classes,
                          run_dir=Path(config.run_dir()), in_ray=False)
         columns = [c for c in ("image_id", "identity", "image", "teacher_emb") if c in pq.read_schema(files[0]).names]
-        self._rows = pa.concat_tables([pq.read_table(f, columns=columns) for f in files]).to_pydict()
+        tables = [pq.read_table(f, columns=columns) for f in files]
+        self._rows = pa.concat_tables(tables).to_pydict()
+        self._rows["path"] = [f for f, t in zip(files, tables) for _ in range(t.num_rows)]  # names a bad row's shard
         self._bar = bar
 
     def batches(self, epoch: int, *, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        return self.drop_corrupt(self._epoch(epoch, skip=skip))
+
+    def _epoch(self, epoch: int, *, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         train, mask = self.config.train, self.config.mask
         n = len(self._rows["image_id"])
         order = np.random.default_rng([train.seed, epoch]).permutation(n)
@@ -228,7 +322,8 @@ class LocalContext(WorkerContext):
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[str | None]:
         latest = latest_checkpoint(self.run_dir)
-        yield str(latest) if latest else (self.config.train.resume_from or None)
+        self._restoring = str(latest) if latest else (self.config.train.resume_from or None)
+        yield self._restoring
 
     @contextlib.contextmanager
     def checkpoint_dir(self, step: int) -> Iterator[str]:

@@ -48,6 +48,18 @@ def judge_config(config: Config) -> Config:
                                   debug_state_dir=""))
 
 
+def _skipped(manifest: Manifest, *, before: Manifest | None = None) -> str:
+    """The end of a stage's line when it skipped corrupt rows (``data.skip_corrupt``), else nothing.
+
+    Args:
+        manifest: What the stage wrote.
+        before: The dataset it copied, whose report it carries on (an embedded dataset's counts
+            include the ones its ingest refused).
+    """
+    corrupt = manifest.report.get("corrupt", 0) - (before.report.get("corrupt", 0) if before else 0)
+    return f", {corrupt} corrupt rows skipped (listed in its manifest)" if corrupt else ""
+
+
 def run_training_job(config: Config, *, overwrite: bool = False,
                      say: Callable[[str], None] = print) -> JobResult:
     """Ingests, masks the deployment split, trains a teacher when IRM needs one, then trains."""
@@ -58,7 +70,7 @@ def run_training_job(config: Config, *, overwrite: bool = False,
         f"{original.num_images('deploy')} deployment images, {original.report.get('corrupt', 0)} refused")
     masked = mask_dataset(config, overwrite=overwrite)
     say(f"masked   {config.masked_output()}: {masked.num_images()} faces, {masked.mask['keep']} of "
-        f"{masked.mask['num_patches']} patches visible")
+        f"{masked.mask['num_patches']} patches visible" + _skipped(masked))
     teacher, dataset = None, config.data.output
     if config.train.task == "mae" and config.loss.lambda_irm > 0:
         if not config.train.teacher:
@@ -67,10 +79,13 @@ def run_training_job(config: Config, *, overwrite: bool = False,
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, teacher=teacher.weights))
         dataset = embedded_output(config.data.output, config.train.teacher, config.loss)
         embedded = embed_dataset(config, source=config.data.output, weights=config.train.teacher, output=dataset)
-        say(f"embedded {dataset}: teacher embeddings of {embedded.num_images()} originals")
+        say(f"embedded {dataset}: teacher embeddings of {embedded.num_images()} originals"
+            + _skipped(embedded, before=original))
     result = train(config, dataset=dataset)
+    corrupt = result.metrics.get("corrupt_skipped", 0)
     say(f"trained  {config.train.task} run {result.run_dir}: step {result.metrics.get('step')}, "
-        f"loss {result.metrics.get('loss', float('nan')):.4f}")
+        f"loss {result.metrics.get('loss', float('nan')):.4f}"
+        + (f", {corrupt} corrupt rows skipped (data.skip_corrupt)" if corrupt else ""))
     say(f"checkpoint {result.checkpoint}")
     say(f"weights  {result.weights}")
     return JobResult(dataset=original, masked=masked, teacher=teacher, result=result)

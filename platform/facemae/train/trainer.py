@@ -116,7 +116,7 @@ def _train_ray(config: Config, files: list[str], num_classes: int, *, callbacks:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from facemae.cluster import ensure_ray
+    from facemae.cluster import ensure_ray, input_errors_unwrapped
 
     train = config.train
     ensure_ray(config.ray)
@@ -132,8 +132,9 @@ def _train_ray(config: Config, files: list[str], num_classes: int, *, callbacks:
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              callbacks=callbacks or None),
         datasets={"train": training_dataset(config, files)})
-    result = _fit_with_progress(trainer, progress, total=train.max_steps, desc=f"train {train.task}",
-                                disable=not show_progress)
+    with input_errors_unwrapped():  # a corrupt row: its one-line message, not Train's worker tracebacks
+        result = _fit_with_progress(trainer, progress, total=train.max_steps, desc=f"train {train.task}",
+                                    disable=not show_progress)
     ray.kill(progress)
     checkpoint = _checkpoint_path(result.checkpoint) if result.checkpoint else None
     return TrainResult(run_dir=config.run_dir(), checkpoint=checkpoint, weights=None,
@@ -141,7 +142,12 @@ def _train_ray(config: Config, files: list[str], num_classes: int, *, callbacks:
 
 
 def training_dataset(config: Config, files: list[str]) -> Any:
-    """The streaming Ray Dataset of training batches (decoded, flipped or masked afresh every epoch)."""
+    """The streaming Ray Dataset of training batches (decoded, flipped or masked afresh every epoch).
+
+    Each row carries its shard file (``include_paths``) so that a corrupt image can be named by
+    dataset, shard and image_id; it stays in its batch, marked, for the worker to raise for or, with
+    ``data.skip_corrupt``, to drop and count (:mod:`facemae.train.context`).
+    """
     import pyarrow.parquet as pq
     import ray.data
 
@@ -150,7 +156,7 @@ def training_dataset(config: Config, files: list[str]) -> Any:
     columns = columns_for(pq.read_schema(files[0]).names)
     # The driver shows one training progress bar; per-operator bars of every epoch would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(files, columns=columns, shuffle="files")
+    ds = ray.data.read_parquet(files, columns=columns, shuffle="files", include_paths=True)
     return ds.map_batches(training_batch, batch_format="numpy", batch_size=config.train.micro_batch,
                           fn_kwargs={"task": config.train.task, "num_patches": config.mask.num_patches,
                                      "keep": config.mask.keep, "flip": config.train.task == "fr"})

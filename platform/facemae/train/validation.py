@@ -19,14 +19,16 @@ is scored on the same inputs. Reported, with ``val_`` names:
 - ``val_judge_irm``: the same relation KL as ``val_irm``, under the judge instead of the teacher: an
   FR network FaceMAE never trained against, so relations kept only by fooling the teacher (noise
   textures) show as a gap between the two;
-- ``val_objective``: what ``tune.objective`` minimises (:func:`validation_objective`).
+- ``val_objective``: what ``tune.objective`` minimises (:func:`validation_objective`);
+- ``val_corrupt_skipped``: drawn faces left out because their image would not decode
+  (``data.skip_corrupt``; without it such a face stops the run with a message naming it).
 
 Every rank runs the same forward passes (ZeRO-3 gathers parameters collectively), rank 0 reports.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from facemae.config import Config
-from facemae.data.images import decode_rgb
+from facemae.data.images import decode_rows
 from facemae.data.masking import image_mask_seed, random_keep
 from facemae.data.shards import read_manifest
 from facemae.eval.fidelity import hf_ratio, masked_psnr
@@ -53,6 +55,7 @@ class ValidationSet:
     images: torch.Tensor  # [N, 3, 112, 112] model range
     mask: torch.Tensor  # [N, L] float, 1 = removed
     identity: torch.Tensor  # [N] int64
+    skipped: list[str] = field(default_factory=list)  # image_ids drawn but left out as corrupt
 
 
 def load_validation_set(config: Config, *, device: torch.device) -> ValidationSet:
@@ -60,6 +63,7 @@ def load_validation_set(config: Config, *, device: torch.device) -> ValidationSe
 
     Raises:
         ValueError: The dataset has no deployment split to validate on.
+        CorruptImageError: A drawn face's image does not decode and ``data.skip_corrupt`` is off.
     """
     root = config.data.output
     files = read_manifest(root).files(root, "deploy")
@@ -72,10 +76,21 @@ def load_validation_set(config: Config, *, device: torch.device) -> ValidationSe
     n = min(config.train.val_images, len(index))
     picked = sorted(np.random.default_rng(config.train.seed).choice(len(index), n, replace=False))
     chosen = [index[j] for j in picked]
-    pixels = []
+    pixels, reasons = [], []
     for f in dict.fromkeys(c[0] for c in chosen):  # read each file's image column once
         images = pq.read_table(f, columns=["image"]).column("image")
-        pixels += [decode_rgb(images[i].as_py()) for file, i, _, _ in chosen if file == f]
+        rows = [c for c in chosen if c[0] == f]
+        decoded, why = decode_rows([images[i].as_py() for _, i, _, _ in rows], image_ids=[c[2] for c in rows],
+                                   paths=[f] * len(rows), skip_corrupt=config.data.skip_corrupt)
+        pixels += list(decoded)
+        reasons += why
+    skipped = [c[2] for c, why in zip(chosen, reasons) if why]
+    pixels = [p for p, why in zip(pixels, reasons) if not why]
+    chosen = [c for c, why in zip(chosen, reasons) if not why]
+    n = len(chosen)
+    if n == 0 and skipped:
+        raise ValueError(f"every face drawn for validation from {root} is corrupt ({skipped[:3]}...); rebuild the "
+                         "dataset or set train.val_every=0")
     mask = config.mask
     keep = np.stack([random_keep(mask.num_patches, mask.keep,
                                  rng=np.random.default_rng(image_mask_seed(c[2], mask.seed))) for c in chosen])
@@ -84,7 +99,8 @@ def load_validation_set(config: Config, *, device: torch.device) -> ValidationSe
     return ValidationSet(image_id=[c[2] for c in chosen],
                          images=to_model_range(torch.from_numpy(np.stack(pixels))).to(device),
                          mask=torch.from_numpy(removed).to(device),
-                         identity=torch.tensor([c[3] for c in chosen], dtype=torch.int64, device=device))
+                         identity=torch.tensor([c[3] for c in chosen], dtype=torch.int64, device=device),
+                         skipped=skipped)
 
 
 class Validator:
@@ -134,7 +150,7 @@ class Validator:
                 released.append(mae.compose(imgs, pred.float(), mask, paste_visible=self.config.loss.paste_visible))
         finally:
             mae.train(was_training)
-        out = {"val_recon_loss": sum(losses) / len(self.data.images)}
+        out = {"val_recon_loss": sum(losses) / len(self.data.images), "val_corrupt_skipped": len(self.data.skipped)}
         recon = torch.cat(released)
         originals, pixels = (to_uint8(x.float().cpu()).numpy() for x in (self.data.images, recon))
         out["val_psnr_masked"] = masked_psnr(originals, pixels, self.data.mask.cpu().numpy(),
