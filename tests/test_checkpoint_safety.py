@@ -41,16 +41,13 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def process_group():
-    """The one-rank gloo group DeepSpeed needs, removed again with the environment it set and the
-    ``F.linear`` that a ZeRO 3 engine replaces for the whole process ("persists unless manually reset")."""
-    import torch.distributed as dist
-
-    before, linear = dict(os.environ), nn.functional.linear
+    """The one-rank gloo group DeepSpeed needs, as every in-process engine of the session shares it
+    (test_sdk, test_tune): DeepSpeed caches groups made from it and reads the environment it set, so
+    both stay. The ``F.linear`` a ZeRO 3 engine replaces for the whole process ("persists unless
+    manually reset") is put back."""
+    linear = nn.functional.linear
     ds.ensure_process_group()
     yield
-    dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(before)
     nn.functional.linear = linear
 
 

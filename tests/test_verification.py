@@ -19,6 +19,7 @@ from facemae.eval.verification import (
     kfold_splits,
     pairs_to_bin,
     tar_at_far,
+    tar_undefined,
     verification_accuracy,
 )
 from facemae.models.fr import to_model_range
@@ -195,8 +196,46 @@ def test_tar_at_far_unreachable_target_uses_threshold_zero():
     dist = np.where(issame, 0.2, 1.5)
     got = tar_at_far(*_embed_distances(dist), issame, thresholds=np.arange(0, 1, 0.001))
     assert tuple(got) == (0.0, 0.0, 0.0)
-    with pytest.raises(ValueError, match="lack positive or negative"):
-        tar_at_far(*_embed_distances(dist), np.ones(100, bool))
+
+
+def test_tar_at_far_without_negative_pairs_is_undefined_and_says_why():
+    dist = np.linspace(0.1, 1.9, 100)
+    assert np.isnan(tuple(tar_at_far(*_embed_distances(dist), np.ones(100, bool)))).all()
+    why = tar_undefined(np.ones(100, bool))
+    assert why.startswith("undefined: fold 0 has no negative pairs; fold 1 has no negative pairs; fold 2")
+    assert "(of 10 contiguous folds of 100 pairs)" in why
+    mixed = np.tile(np.repeat([True, False], 5), 10)
+    mixed[:10] = True  # only fold 0 lacks negatives
+    assert np.isnan(tar_at_far(*_embed_distances(dist), mixed).tar)
+    assert tar_undefined(mixed).startswith("undefined: fold 0 has no negative pairs (of 10 contiguous folds")
+    mixed[:10] = False
+    assert tar_undefined(mixed).startswith("undefined: fold 0 has no positive pairs (of")
+    assert tar_undefined(np.tile(np.repeat([True, False], 5), 10)) == ""
+
+
+def test_a_bin_without_negative_pairs_still_reports_its_accuracy(tmp_path: Path):
+    """Its TAR@FAR is undefined, with why; the other .bin of the same evaluation is unaffected."""
+    from facemae.config import load_config
+    from facemae.eval.evaluate import verify
+    from facemae.models.registry import build_fr
+    from facemae.train.tasks import save_weights
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    weights = save_weights(build_fr("fr_tiny", embedding_size=32), tmp_path / "fr",
+                           {"task": "fr", "model": "fr_tiny", "embedding_size": 32})
+    ids = np.repeat(np.arange(8), 4)
+    encoded = [png_bytes(noise_face(i)) for i in range(len(ids))]
+    idx1, idx2, issame = draw_pairs(ids, n_pairs=40, seed=1)
+    save_verification_bin(tmp_path / "mixed.bin", pairs_to_bin(encoded, idx1, idx2, issame))
+    positives = np.flatnonzero(issame)
+    save_verification_bin(tmp_path / "positives.bin",
+                          pairs_to_bin(encoded, idx1[positives], idx2[positives], issame[positives]))
+    config = load_config(None, [f"eval.bins=[{tmp_path / 'mixed.bin'}, {tmp_path / 'positives.bin'}]"])
+    results = verify(config, str(weights))
+    assert 0 <= results["positives"]["accuracy"] <= 1 and results["positives"]["tar"] is None
+    assert results["positives"]["tar_undefined"].startswith("undefined: fold 0 has no negative pairs")
+    assert isinstance(results["mixed"]["tar"], float) and "tar_undefined" not in results["mixed"]
 
 
 def test_embed_images_is_flip_summed_and_normalised():

@@ -130,11 +130,19 @@ def test_tampered_numpy_calls_are_refused(tmp_path: Path) -> None:
         load_verification_bin(_write(tmp_path, big))
 
 
+def test_numpy_n_by_1_uint8_images(tmp_path: Path, images: list[bytes]) -> None:
+    """Some published files store each image as a (n, 1) uint8 array; insightface reads them."""
+    arrays = [np.frombuffer(im, dtype=np.uint8).reshape(-1, 1).copy() for im in images]
+    loaded = load_verification_bin(_write(tmp_path, pickle.dumps((arrays, ISSAME), protocol=2)))
+    assert loaded == VerificationPairs(images=images, issame=ISSAME)
+
+
 @pytest.mark.parametrize("array", [np.zeros(8, np.float32), np.array([b"a", b"b"], dtype=object),
-                                   np.zeros((2, 4), np.uint8)], ids=["float32", "object", "2d"])
-def test_non_uint8_vector_images_are_refused(tmp_path: Path, array: np.ndarray) -> None:
+                                   np.asfortranarray(np.arange(8, dtype=np.uint8).reshape(2, 4))],
+                         ids=["float32", "object", "fortran-order"])
+def test_other_arrays_are_refused(tmp_path: Path, array: np.ndarray) -> None:
     data = pickle.dumps(([array, array], [True]), protocol=2)
-    with pytest.raises(VerificationBinError, match=rf"image 0 is a ndarray of dtype {array.dtype}.*1-D uint8"):
+    with pytest.raises(VerificationBinError, match=rf"image 0 is a ndarray of dtype {array.dtype}.*contiguous uint8"):
         load_verification_bin(_write(tmp_path, data))
 
 

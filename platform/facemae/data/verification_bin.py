@@ -135,12 +135,12 @@ def _check_counts(num_images: int, num_issame: int, *, where: str) -> None:
 def _as_image_bytes(item: Any, *, index: int, where: str) -> bytes:
     if isinstance(item, bytes):
         return item
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
-        return item.tobytes()
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and (item.flags.c_contiguous or item.ndim == 1):
+        return item.tobytes()  # 1-D, or (n, 1) as some published files store it: the same buffer
     kind = f"ndarray of dtype {item.dtype} and shape {item.shape}" if isinstance(item, np.ndarray) \
         else type(item).__name__
-    raise VerificationBinError(f"{where}: image {index} is a {kind}; expected encoded image bytes or a 1-D uint8 "
-                               f"array, so this is not a verification .bin")
+    raise VerificationBinError(f"{where}: image {index} is a {kind}; expected encoded image bytes or a contiguous "
+                               f"uint8 array of them, so this is not a verification .bin")
 
 
 def _as_issame(items: Any, *, where: str) -> list[bool]:

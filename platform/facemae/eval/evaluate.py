@@ -18,7 +18,8 @@ from facemae.data.images import corrupt_records, decode_face, decode_rows
 from facemae.data.shards import iter_rows, verify_dataset
 from facemae.data.verification_bin import load_verification_bin
 from facemae.eval.privacy import retrieval_leak
-from facemae.eval.verification import draw_pairs, embed_images, tar_at_far, verification_accuracy
+from facemae.eval.verification import (draw_pairs, embed_images, tar_at_far, tar_undefined,
+                                       verification_accuracy)
 
 
 LISTED_IDS = 100  # corrupt image_ids an evaluation names; all are counted
@@ -144,8 +145,10 @@ def _corrupt_summary(skipped: list[dict[str, str]]) -> dict[str, Any]:
 def _scores(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray, *, far: float) -> dict[str, Any]:
     acc = verification_accuracy(emb1, emb2, issame)
     tar = tar_at_far(emb1, emb2, issame, far=far)
-    return {**acc.summary(), "tar": float(tar.tar), "tar_std": float(tar.std), "far": float(tar.far),
-            "tpr": acc.tpr.tolist(), "fpr": acc.fpr.tolist()}
+    undefined = tar_undefined(issame)
+    rates = {"tar": None, "tar_std": None, "far": None, "tar_undefined": undefined} if undefined else \
+        {"tar": float(tar.tar), "tar_std": float(tar.std), "far": float(tar.far)}
+    return {**acc.summary(), **rates, "tpr": acc.tpr.tolist(), "fpr": acc.fpr.tolist()}
 
 
 def privacy(config: Config, judge: str, *, released: str, originals: str, split: str = "deploy") -> dict[str, Any]:

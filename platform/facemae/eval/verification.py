@@ -15,6 +15,7 @@ into a standard ``.bin``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
@@ -61,7 +62,10 @@ class VerificationResult:
 
 
 class TarAtFar(NamedTuple):
-    """Verification rate at a false-accept rate, as ``calculate_val`` returns it: ``(val, std, far)``."""
+    """Verification rate at a false-accept rate, as ``calculate_val`` returns it: ``(val, std, far)``.
+
+    All NaN when it is undefined: :func:`tar_undefined` says why.
+    """
 
     tar: float
     std: float
@@ -187,6 +191,22 @@ def verification_accuracy(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray
                               fpr=_rate(c.neg_below, c.n_neg).mean(axis=0), n_pairs=len(dist))
 
 
+def tar_undefined(issame: np.ndarray | Sequence[bool], *, n_folds: int = 10) -> str:
+    """Why :func:`tar_at_far` has no value for these pairs, or ``""``: a fold without negative pairs has no
+    false-accept rate to set a threshold by, one without positives no true-accept rate (small published
+    ``.bin`` files exist whose folds hold no negatives)."""
+    same = np.asarray(issame, dtype=bool)
+    lacking = []
+    for f, (_, test) in enumerate(kfold_splits(len(same), n_splits=n_folds)):
+        if not same[test].all() and same[test].any():
+            continue
+        lacking.append(f"fold {f} has no {'negative' if same[test].all() else 'positive'} pairs")
+    if not lacking:
+        return ""
+    return (f"undefined: {'; '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''} (of {n_folds} contiguous "
+            f"folds of {len(same)} pairs), so no threshold can be set on the other folds' false accepts")
+
+
 def _threshold_at_far(far_train: np.ndarray, grid: np.ndarray, far: float) -> float:
     """The threshold where the (non-decreasing) training FAR curve reaches ``far``, 0 when it never does.
 
@@ -218,8 +238,9 @@ def tar_at_far(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray | Sequence
         Mean VAL over folds, its std, and the mean held-out FAR.
 
     Raises:
-        ValueError: As :func:`verification_accuracy`, a target outside ``(0, 1]``, or a fold without positive or
-            negative pairs (the rates would divide by zero).
+        ValueError: As :func:`verification_accuracy`, or a target outside ``(0, 1]``. A fold without positive or
+            negative pairs is no error: the result is NaN (:func:`tar_undefined` says why), so that the accuracy
+            of such a file (and of every other target) is still reported.
     """
     if not 0 < far <= 1:
         raise ValueError(f"far={far} must lie in (0, 1], e.g. 1e-3")
@@ -229,8 +250,7 @@ def tar_at_far(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray | Sequence
     folds = kfold_splits(len(dist), n_splits=n_folds)
     c = _fold_counts(dist, same, folds, grid)
     if np.any(c.n_pos == 0) or np.any(c.n_neg == 0):
-        raise ValueError(f"folds {np.flatnonzero((c.n_pos == 0) | (c.n_neg == 0)).tolist()} lack positive or "
-                         f"negative pairs; order the pairs so every contiguous fold holds both (draw_pairs does)")
+        return TarAtFar(tar=math.nan, std=math.nan, far=math.nan)
     neg_train = c.neg_below.sum(axis=0) - c.neg_below  # [F, T] false accepts on the other folds
     n_neg_train = c.n_neg.sum() - c.n_neg  # [F]
     vals, fars = np.zeros(n_folds), np.zeros(n_folds)
