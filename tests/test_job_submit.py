@@ -17,26 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.mark.ray
-def test_ray_job_submit_runs_the_main_job_and_leaves_a_checkpoint(tmp_path, ray_head):
-    address, env = ray_head
-    runs, data = tmp_path / "runs", tmp_path / "data"
-    out = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-         "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "data", "*.egg-info", "__pycache__"]}),
-         "--", "python", "jobs/train.py", "--config", "jobs/configs/train_smoke.yaml",
-         "--set", f"train.storage_path={runs}", "--set", f"data.output={data / 'smoke'}",
-         "--set", "loss.lambda_irm=0"],  # plain MAE: no teacher run, the job mechanics at half the time
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    assert "succeeded" in out.stdout
-    run_dir = runs / "facemae-synthetic-smoke"
-    checkpoint = run_dir / "checkpoint_00000006"
-    assert f"checkpoint {checkpoint}" in out.stdout  # the job's own log, followed by the CLI
-    assert (checkpoint / "latest").is_file() and (checkpoint / "progress.json").is_file()
-    assert (run_dir / "export" / "weights.safetensors").is_file()
-
-
 def _working_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "job"
     folder.mkdir()
@@ -81,3 +61,50 @@ def test_facemae_submit_command_follows_the_log_and_fails_clearly(tmp_path, ray_
     last = out.stderr.strip().splitlines()[-1]  # after Ray's own INFO lines (upload, end of the log stream)
     assert last.startswith("facemae submit: error: job ") and last.endswith(" FAILED: Job entrypoint command "
                                                                              "failed with exit code 3")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_main_job_and_a_stopped_job_resubmitted_resumes(tmp_path, ray_head):
+    """`ray job submit` of the main job; `ray job stop` part way, then the same submission: it resumes
+    from the last checkpoint, finishes, and leaves the checkpoint and the exported weights."""
+    import time
+
+    address, env = ray_head
+    runs = tmp_path / "runs"
+    job = ["--", "python", "jobs/train.py", "--config", "jobs/configs/train_smoke.yaml",
+           "--set", f"train.storage_path={runs}", "--set", f"data.output={tmp_path / 'data'}",
+           "--set", "loss.lambda_irm=0",  # plain MAE: no teacher run, the job mechanics at half the time
+           "--set", "train.max_steps=9", "--set", "train.checkpoint_every=3"]
+    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+              "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "data", "*.egg-info", "__pycache__"]})]
+    first = f"facemae-stop-{uuid.uuid4().hex[:8]}"
+    out = subprocess.run([*submit, "--submission-id", first, "--no-wait", *job], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = runs / "facemae-synthetic-smoke"
+
+    def steps() -> list[int]:
+        log = run_dir / "metrics.jsonl"
+        return [json.loads(line)["step"] for line in log.read_text().splitlines()] if log.exists() else []
+
+    deadline = time.monotonic() + 600
+    while max(steps(), default=0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    out = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, first], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "stopped" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
+    time.sleep(5)  # the stopped driver's workers go with it; nothing may add a line after this
+    before = steps()
+    assert 4 <= before[-1] < 9, before
+    out = subprocess.run([*submit, *job], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and "succeeded" in out.stdout, (out.stdout + out.stderr)[-4000:]
+    after = steps()
+    assert after[:len(before)] == before
+    start = after[len(before)] - 1
+    assert start % 3 == 0 and before[-1] - 3 <= start <= before[-1], after  # the last checkpoint, not step 0
+    assert after[len(before):] == list(range(start + 1, 10))
+    checkpoint = run_dir / "checkpoint_00000009"
+    assert f"checkpoint {checkpoint}" in out.stdout  # the job's own log, followed by the CLI
+    assert (checkpoint / "latest").is_file() and (checkpoint / "progress.json").is_file()
+    assert (run_dir / "export" / "weights.safetensors").is_file()

@@ -323,4 +323,7 @@ def test_a_lost_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, dat
     resumed = steps[drops[0]]
     print(f"killed a worker at step {killed_at}; the group restarted at step {resumed}: {steps}")
     assert (resumed - 1) % 5 == 0 and resumed - 1 <= steps[drops[0] - 1]  # from the last checkpoint
+    lines = _metrics(config.run_dir())  # the retried steps are marked: attempt 2, repeat where logged before
+    assert [m["attempt"] for m in lines] == [1] * drops[0] + [2] * (len(lines) - drops[0])
+    assert [m["step"] for m in lines if m.get("repeat")] == [s for s in steps[drops[0]:] if s <= steps[drops[0] - 1]]
     assert steps[-1] == 24 and Path(box["result"].checkpoint).name == "checkpoint_00000024"

@@ -62,6 +62,8 @@ class WorkerContext:
         self._corrupt_new: set[int] = set()  # uids this rank skipped since then
         self._restoring: str | None = None  # the checkpoint folder restore_dir() hands out
         self._gather_group: Any = None
+        self._attempt: int | None = None  # of this run: read from metrics.jsonl at the first line
+        self._logged_before = 0  # highest step an earlier attempt logged
         self._ids_file = None
         if train.log_sample_ids:
             (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
@@ -94,10 +96,20 @@ class WorkerContext:
             self._ids_file.flush()
 
     def write_metrics_line(self, metrics: dict[str, Any]) -> None:
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        """Appends rank 0's line to ``<run>/metrics.jsonl``, marked with this start's ``attempt`` (1 for a
+        fresh run, +1 per restart or resume) and ``repeat: true`` where an earlier attempt logged the step
+        already (a restart from a checkpoint trains those steps again): keep the last attempt's line."""
+        if self.rank != 0:
+            return
+        log = self.run_dir / "metrics.jsonl"
+        if self._attempt is None:
+            self._attempt, self._logged_before = _attempt_after(log)
+        line = {**metrics, "attempt": self._attempt}
+        if line.get("step", 0) <= self._logged_before:
+            line["repeat"] = True
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def drop_corrupt(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
         """Raises for a row a training batch marks corrupt or, with ``data.skip_corrupt``, drops it and
@@ -351,6 +363,21 @@ class LocalContext(WorkerContext):
         super().observe(batch, out, step=step, step_s=step_s, wait_s=wait_s)
         if self._bar is not None and step > self._bar.n:
             self._bar.update(step - self._bar.n)
+
+
+def _attempt_after(log: Path) -> tuple[int, int]:
+    """``(this start's attempt number, highest step logged so far)`` from a run's metrics.jsonl."""
+    if not log.is_file():
+        return 1, 0
+    lines = []
+    for text in log.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:  # a line cut short when a killed run was writing it
+            continue
+    if not lines:
+        return 1, 0
+    return lines[-1].get("attempt", 1) + 1, max(line.get("step", 0) for line in lines)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
