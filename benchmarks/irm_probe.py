@@ -25,14 +25,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from facemae.config import load_config
+from provenance import RESULTS, provenance
 from facemae.data.ingest import ingest
 from facemae.experiment import shared_models
 from facemae.train.trainer import train
@@ -56,15 +53,6 @@ VARIANTS: dict[str, list[str]] = {
 }
 KEYS = ("val_recon_loss", "val_psnr_masked", "val_hf_ratio", "val_irm", "val_judge_irm", "val_identity_leak@1",
         "val_image_leak@1")
-RESULTS = Path(__file__).parent / "results"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -99,9 +87,7 @@ def _write(out: Path, args: argparse.Namespace, name: str, row: dict) -> None:
     beside this one, one thread each, and write to the same files)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     variants = json.loads(out.with_suffix(".json").read_text())["variants"] if out.with_suffix(".json").is_file() else {}
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.node()} ({platform.machine()}, 2-core CPU)", "commit": _commit(),
-            "command": "python " + " ".join(sys.argv), "config": args.config}
+    meta = {**provenance(), "config": args.config}
     variants[name] = {**row, "commit": meta["commit"], "date": meta["date"]}  # rows may come from several runs
     out.with_suffix(".json").write_text(json.dumps({**meta, "variants": variants}, indent=1) + "\n")
     render(out)

@@ -13,28 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from facemae.config import load_config
 from facemae.experiment import run_experiment
+from provenance import RESULTS, provenance
 
-RESULTS = Path(__file__).parent / "results"
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return out.stdout.strip() + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -44,9 +30,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS / "science"))
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.node()}: {platform.machine()}, 2 CPU cores, no GPU, Python {platform.python_version()}",
-            "commit": _commit(), "command": "python " + " ".join(sys.argv)}
+    meta = provenance()
     started = time.monotonic()
     result = run_experiment(config, say=lambda s: print(s, flush=True))
     meta["wall_minutes"] = round((time.monotonic() - started) / 60, 1)

@@ -18,8 +18,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from facemae.config import load_config
-from facemae.data.ingest import ingest
 from facemae.data.shards import Manifest, read_manifest, write_shard
 from facemae.losses.irm import view_name
 from facemae.train.guard import DivergedError, NonFiniteLossError, StepGuard
@@ -68,25 +66,6 @@ def test_guard_level_is_a_running_median_floored_by_the_initial_loss():
     assert off.admit(1e30, {}, step=1)
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("diverge") / "ds"
-    ingest(load_config(None, [f"data.output={root}", "data.num_identities=16", "data.images_per_identity=8",
-                              "data.deploy_fraction=0.25", "data.rows_per_shard=32", "data.workers=1"]))
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> str:
-    """A frozen fr_tiny with its initial weights: enough for IRM's mechanics."""
-    from facemae.models.registry import build_fr
-    from facemae.train.tasks import save_weights
-
-    torch.manual_seed(0)
-    return str(save_weights(build_fr("fr_tiny", embedding_size=64), tmp_path_factory.mktemp("teacher"),
-                            {"task": "fr", "model": "fr_tiny", "embedding_size": 64}))
-
-
 def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     script = ("import json, sys\nfrom facemae.config import load_config\nfrom facemae.train.trainer import train\n"
               "r = train(load_config(None, sys.argv[1:]))\n"
@@ -99,20 +78,20 @@ def _written(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
 
 
-def test_an_fp32_run_at_a_huge_learning_rate_stops_before_checkpointing_its_ruined_weights(tmp_path, dataset):
+def test_an_fp32_run_at_a_huge_learning_rate_stops_before_checkpointing_its_ruined_weights(tmp_path, tiny_dataset):
     """The reported case: lr 1e6 in fp32 keeps the loss finite (1e19) while the weights are ruined;
     DeepSpeed then skipped every step and the run exported them. Now the step-1 checkpoint is refused."""
-    out = _train(tmp_path, f"data.output={dataset}", "name=huge", "loss.lambda_irm=0", "train.zero_stage=2",
+    out = _train(tmp_path, f"data.output={tiny_dataset}", "name=huge", "loss.lambda_irm=0", "train.zero_stage=2",
                  "train.base_lr=1e6", "train.max_steps=6", "train.checkpoint_every=1")
     assert out.returncode != 0
     assert "DivergedError: training diverged at step 1: the loss of its weights (not checkpointed)" in out.stderr
     assert _written(tmp_path / "huge") == []  # no checkpoint, no export, not even a metrics line
 
 
-def test_deepspeed_overflow_skips_count_and_do_not_advance_the_step(tmp_path, dataset):
+def test_deepspeed_overflow_skips_count_and_do_not_advance_the_step(tmp_path, tiny_dataset):
     """With the divergence check off, DeepSpeed's ZeRO-2 overflow check skips the ruined steps: each one
     counts as non-finite, the step counter stays, and max_nonfinite in a row stop the run."""
-    out = _train(tmp_path, f"data.output={dataset}", "name=ovf", "loss.lambda_irm=0", "train.zero_stage=2",
+    out = _train(tmp_path, f"data.output={tiny_dataset}", "name=ovf", "loss.lambda_irm=0", "train.zero_stage=2",
                  "train.base_lr=1e6", "train.diverge_factor=0", "train.max_nonfinite=3", "train.max_steps=6",
                  "train.checkpoint_every=100")
     assert out.returncode != 0
@@ -145,12 +124,12 @@ def _with_teacher_embeddings(source: str, out: Path, *, nan_row: int) -> str:
     return str(out)
 
 
-def test_skip_mode_trains_past_a_nan_batch_and_counts_it(tmp_path, dataset, teacher):
+def test_skip_mode_trains_past_a_nan_batch_and_counts_it(tmp_path, tiny_dataset, tiny_teacher):
     """One stored teacher embedding is NaN: its batch's IRM loss is NaN. ``skip`` leaves it out before
     backward (the weights stay finite) and counts it; ``stop`` names the step."""
-    embedded = _with_teacher_embeddings(dataset, tmp_path / "emb", nan_row=37)
+    embedded = _with_teacher_embeddings(tiny_dataset, tmp_path / "emb", nan_row=37)
     # 96 training faces, 12 batches of 8: 11 steps use all of epoch 0, the NaN batch skipped once.
-    common = [f"data.output={embedded}", f"train.teacher={teacher}", "loss.lambda_irm=1", "loss.irm_start=0",
+    common = [f"data.output={embedded}", f"train.teacher={tiny_teacher}", "loss.lambda_irm=1", "loss.irm_start=0",
               "loss.irm_ramp=0", "train.max_steps=11", "train.checkpoint_every=11"]
     stopped = _train(tmp_path, *common, "name=stop")
     assert stopped.returncode != 0 and "NonFiniteLossError: loss is not finite at step" in stopped.stderr

@@ -10,32 +10,22 @@ import pytest
 import torch
 
 from facemae.config import Config, load_config
-from facemae.data.ingest import ingest
 from facemae.data.shards import iter_rows, read_manifest
 from facemae.data.transforms import image_uid
-from facemae.train.tasks import load_mae, save_weights
+from facemae.train.tasks import load_mae
 
 TINY = ["model.mae=facemae_vit_tiny_p8", "model.fr=fr_tiny", "model.teacher=fr_tiny", "model.embedding_size=64",
         "train.micro_batch=8", "train.metrics_port=0", "train.base_lr=0.016", "train.warmup_steps=2"]
 
 
 @pytest.fixture(scope="session")
-def dataset(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("train-data") / "ds"
-    ingest(load_config(None, [f"data.output={root}", "data.num_identities=16", "data.images_per_identity=8",
-                              "data.deploy_fraction=0.25", "data.rows_per_shard=32", "data.workers=1"]))
-    return str(root)
+def dataset(tiny_dataset) -> str:
+    return tiny_dataset
 
 
 @pytest.fixture(scope="session")
-def teacher(tmp_path_factory) -> str:
-    """A frozen fr_tiny with its initial weights: enough for IRM's mechanics, made in milliseconds."""
-    from facemae.models.registry import build_fr
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("teacher")
-    return str(save_weights(build_fr("fr_tiny", embedding_size=64), folder,
-                            {"task": "fr", "model": "fr_tiny", "embedding_size": 64}))
+def teacher(tiny_teacher) -> str:
+    return tiny_teacher
 
 
 def _config(tmp_path: Path, dataset: str, teacher: str, *overrides: str) -> Config:

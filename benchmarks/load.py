@@ -1,0 +1,135 @@
+"""Load: ingest, mask and release N synthetic faces on the embedded Ray cluster, with bounded memory.
+
+For each size (default 10,000 and 50,000) one fresh process runs the owner's side and the release
+end to end: synthetic ingest (all faces), owner-side masking of every split, then generation through
+the Ray Data actor pool with a FaceMAE (``facemae_vit_tiny_p8``, freshly initialised: the load is the
+same as a trained one's). This process samples the memory of that process and of its whole tree (the
+embedded Ray: GCS, raylet, workers, actors) every 0.5 s. Memory must stay flat in N: the driver
+streams shards and never holds a dataset, so the peak at 50k should match the peak at 10k.
+
+    python benchmarks/load.py                       # 10k and 50k, ~15 min on 2 cores
+    python benchmarks/load.py --sizes 2000 10000    # quicker
+
+Writes ``benchmarks/results/load.json`` and ``load.md`` (date, machine, commit, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from provenance import RESULTS, provenance
+
+PER_IDENTITY = 20
+SAMPLE_S = 0.5
+
+
+def run_one(size: int, root: Path) -> dict[str, float]:
+    """The stages for ``size`` faces in this process; returns seconds per stage."""
+    from facemae.config import load_config
+    from facemae.data.ingest import ingest
+    from facemae.data.owner import mask_dataset
+    from facemae.generate.release import generate_released
+    from facemae.models.registry import build_mae
+    from facemae.train.tasks import save_weights
+
+    weights = save_weights(build_mae("facemae_vit_tiny_p8", norm_pix_loss=False), root / "weights",
+                           {"task": "mae", "model": "facemae_vit_tiny_p8", "embedding_size": 128,
+                            "norm_pix_loss": False})
+    config = load_config("jobs/configs/train.yaml", [
+        f"data.output={root / 'faces'}", f"data.num_identities={size // PER_IDENTITY}",
+        f"data.images_per_identity={PER_IDENTITY}", "data.rows_per_shard=500", "data.workers=2",
+        "mask.splits=[train, deploy]", f"generate.weights={weights}", f"generate.output={root / 'released'}"])
+    seconds = {}
+    for stage, work in (("ingest", lambda: ingest(config)), ("mask", lambda: mask_dataset(config)),
+                        ("release", lambda: generate_released(config))):
+        started = time.perf_counter()
+        manifest = work()
+        seconds[stage] = time.perf_counter() - started
+        assert manifest.num_images() == size, (stage, manifest.num_images(), size)
+    return seconds
+
+
+def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
+    """``(RSS of proc, RSS summed over proc and every descendant)`` in bytes."""
+    own, total = 0, 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            rss = p.memory_info().rss
+        except psutil.Error:  # gone between listing and reading
+            continue
+        own = rss if p.pid == proc.pid else own
+        total += rss
+    return own, total
+
+
+def measure(size: int) -> dict[str, float]:
+    """Runs :func:`run_one` in a child process while sampling its memory."""
+    with tempfile.TemporaryDirectory(prefix="facemae-load-") as tmp:
+        out = Path(tmp) / "seconds.json"
+        started = time.perf_counter()
+        child = subprocess.Popen([sys.executable, __file__, "--one", str(size), "--root", tmp, "--out", str(out)],
+                                 stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "child.log", "w"))
+        proc, peak = psutil.Process(child.pid), {"driver": 0, "tree": 0}
+        while child.poll() is None:
+            own, total = _tree_rss(proc)
+            peak["driver"], peak["tree"] = max(peak["driver"], own), max(peak["tree"], total)
+            time.sleep(SAMPLE_S)
+        wall = time.perf_counter() - started
+        if child.returncode != 0:
+            raise RuntimeError(f"load run of {size} faces failed:\n{(Path(tmp) / 'child.log').read_text()[-3000:]}")
+        seconds = json.loads(out.read_text())
+    return {"faces": size, "wall_s": round(wall, 1), **{f"{k}_s": round(v, 1) for k, v in seconds.items()},
+            "release_images_per_s": round(size / seconds["release"], 1),
+            "images_per_s": round(size / sum(seconds.values()), 1),
+            "peak_driver_rss_mib": round(peak["driver"] / 2**20), "peak_tree_rss_mib": round(peak["tree"] / 2**20)}
+
+
+def _markdown(result: dict) -> str:
+    rows = result["runs"]
+    keys = ["faces", "wall_s", "ingest_s", "mask_s", "release_s", "release_images_per_s", "images_per_s",
+            "peak_driver_rss_mib", "peak_tree_rss_mib"]
+    lines = [f"# Load: {' and '.join(str(r['faces']) for r in rows)} synthetic faces ingested, masked and released",
+             "", f"{result['date']} · {result['machine']} · commit {result['commit']} · `{result['command']}`", "",
+             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["", f"Peak memory, largest run over smallest ({rows[-1]['faces'] // rows[0]['faces']}x the faces): "
+              f"driver {result['driver_rss_ratio']:.2f}x, whole process tree {result['tree_rss_ratio']:.2f}x.",
+              "RSS sampled every 0.5 s; the tree is the job's process and every descendant (embedded Ray)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000])
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        Path(args.out).write_text(json.dumps(run_one(args.one, Path(args.root))))
+        return
+    meta = provenance()
+    runs = []
+    for size in sorted(args.sizes):
+        runs.append(measure(size))
+        print(json.dumps(runs[-1]), flush=True)
+    result = {**meta, "runs": runs,
+              "driver_rss_ratio": runs[-1]["peak_driver_rss_mib"] / runs[0]["peak_driver_rss_mib"],
+              "tree_rss_ratio": runs[-1]["peak_tree_rss_mib"] / runs[0]["peak_tree_rss_mib"]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "load.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "load.md").write_text(_markdown(result))
+    print(_markdown(result))
+
+
+if __name__ == "__main__":
+    main()
