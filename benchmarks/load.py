@@ -4,7 +4,7 @@ For each size (default 10,000 and 50,000) one fresh process runs the owner's sid
 end to end: synthetic ingest (all faces), owner-side masking of every split, then generation through
 the Ray Data actor pool with a FaceMAE (``facemae_vit_tiny_p8``, freshly initialised: the load is the
 same as a trained one's). This process samples the memory of that process and of its whole tree (the
-embedded Ray: GCS, raylet, workers, actors) every 0.5 s. Memory must stay flat in N: the driver
+embedded Ray: GCS, raylet, workers, actors) every 0.5 s, as RSS and as PSS. Memory must stay flat in N: the driver
 streams shards and never holds a dataset, so the peak at 50k should match the peak at 10k.
 
     python benchmarks/load.py                       # 10k and 50k, ~15 min on 2 cores
@@ -58,17 +58,20 @@ def run_one(size: int, root: Path) -> dict[str, float]:
     return seconds
 
 
-def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
-    """``(RSS of proc, RSS summed over proc and every descendant)`` in bytes."""
-    own, total = 0, 0
+def _tree_memory(proc: psutil.Process) -> dict[str, int]:
+    """Bytes: ``driver`` (RSS of proc), ``tree`` (RSS summed over proc and every descendant) and
+    ``tree_pss`` (PSS summed: shared pages, the Ray object store's among them, split among the processes
+    that map them, so they count once rather than once per process)."""
+    out = {"driver": 0, "tree": 0, "tree_pss": 0}
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            rss = p.memory_info().rss
+            info = p.memory_full_info()
         except psutil.Error:  # gone between listing and reading
             continue
-        own = rss if p.pid == proc.pid else own
-        total += rss
-    return own, total
+        out["driver"] = info.rss if p.pid == proc.pid else out["driver"]
+        out["tree"] += info.rss
+        out["tree_pss"] += info.pss
+    return out
 
 
 def measure(size: int) -> dict[str, float]:
@@ -78,10 +81,9 @@ def measure(size: int) -> dict[str, float]:
         started = time.perf_counter()
         child = subprocess.Popen([sys.executable, __file__, "--one", str(size), "--root", tmp, "--out", str(out)],
                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "child.log", "w"))
-        proc, peak = psutil.Process(child.pid), {"driver": 0, "tree": 0}
+        proc, peak = psutil.Process(child.pid), {"driver": 0, "tree": 0, "tree_pss": 0}
         while child.poll() is None:
-            own, total = _tree_rss(proc)
-            peak["driver"], peak["tree"] = max(peak["driver"], own), max(peak["tree"], total)
+            peak = {k: max(v, now) for (k, v), now in zip(peak.items(), _tree_memory(proc).values())}
             time.sleep(SAMPLE_S)
         wall = time.perf_counter() - started
         if child.returncode != 0:
@@ -90,20 +92,23 @@ def measure(size: int) -> dict[str, float]:
     return {"faces": size, "wall_s": round(wall, 1), **{f"{k}_s": round(v, 1) for k, v in seconds.items()},
             "release_images_per_s": round(size / seconds["release"], 1),
             "images_per_s": round(size / sum(seconds.values()), 1),
-            "peak_driver_rss_mib": round(peak["driver"] / 2**20), "peak_tree_rss_mib": round(peak["tree"] / 2**20)}
+            "peak_driver_rss_mib": round(peak["driver"] / 2**20), "peak_tree_rss_mib": round(peak["tree"] / 2**20),
+            "peak_tree_pss_mib": round(peak["tree_pss"] / 2**20)}
 
 
 def _markdown(result: dict) -> str:
     rows = result["runs"]
     keys = ["faces", "wall_s", "ingest_s", "mask_s", "release_s", "release_images_per_s", "images_per_s",
-            "peak_driver_rss_mib", "peak_tree_rss_mib"]
+            "peak_driver_rss_mib", "peak_tree_rss_mib", "peak_tree_pss_mib"]
     lines = [f"# Load: {' and '.join(str(r['faces']) for r in rows)} synthetic faces ingested, masked and released",
              "", f"{result['date']} · {result['machine']} · commit {result['commit']} · `{result['command']}`", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     lines += ["", f"Peak memory, largest run over smallest ({rows[-1]['faces'] // rows[0]['faces']}x the faces): "
-              f"driver {result['driver_rss_ratio']:.2f}x, whole process tree {result['tree_rss_ratio']:.2f}x.",
-              "RSS sampled every 0.5 s; the tree is the job's process and every descendant (embedded Ray)."]
+              f"driver {result['driver_rss_ratio']:.2f}x, whole process tree {result['tree_rss_ratio']:.2f}x (RSS), "
+              f"{result['tree_pss_ratio']:.2f}x (PSS).",
+              "Sampled every 0.5 s; the tree is the job's process and every descendant (embedded Ray). RSS counts a "
+              "shared page (the Ray object store's) in every process that maps it; PSS splits it among them."]
     return "\n".join(lines) + "\n"
 
 
@@ -124,7 +129,8 @@ def main() -> None:
         print(json.dumps(runs[-1]), flush=True)
     result = {**meta, "runs": runs,
               "driver_rss_ratio": runs[-1]["peak_driver_rss_mib"] / runs[0]["peak_driver_rss_mib"],
-              "tree_rss_ratio": runs[-1]["peak_tree_rss_mib"] / runs[0]["peak_tree_rss_mib"]}
+              "tree_rss_ratio": runs[-1]["peak_tree_rss_mib"] / runs[0]["peak_tree_rss_mib"],
+              "tree_pss_ratio": runs[-1]["peak_tree_pss_mib"] / runs[0]["peak_tree_pss_mib"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "load.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "load.md").write_text(_markdown(result))
