@@ -19,11 +19,10 @@ from facemae.config import Config, DataConfig
 from facemae.data import synthetic
 from facemae.data.images import CorruptImageError, encode_png, prepare_face
 from facemae.data.recordio import RecordIOError, RecordIOReader
-from facemae.data.runner import Unit, UnitResult, finish, prepare_output, reusable, run_units
+from facemae.data.runner import REPORT_LIMIT, Unit, UnitResult, finish, prepare_output, reusable, run_units
 from facemae.data.shards import ORIGINAL_SCHEMA, SPLITS, Manifest, shard_name, write_shard
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-REPORT_LIMIT = 10_000  # corrupt records listed one by one in the manifest; all are counted
 
 
 @dataclass(frozen=True)
