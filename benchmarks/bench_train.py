@@ -22,7 +22,7 @@ from facemae.config import load_config
 from facemae.data.ingest import ingest
 from facemae.generate.embed import embed_dataset
 from facemae.models.registry import build_fr
-from facemae.train.tasks import save_weights
+from facemae.models.weights import save_weights
 from facemae.train.trainer import train
 
 TINY = ["model.mae=facemae_vit_tiny_p8", "model.teacher=fr_tiny", "model.embedding_size=64",

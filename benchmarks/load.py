@@ -39,7 +39,7 @@ def run_one(size: int, root: Path) -> dict[str, float]:
     from facemae.data.owner import mask_dataset
     from facemae.generate.release import generate_released
     from facemae.models.registry import build_mae
-    from facemae.train.tasks import save_weights
+    from facemae.models.weights import save_weights
 
     weights = save_weights(build_mae("facemae_vit_tiny_p8", norm_pix_loss=False), root / "weights",
                            {"task": "mae", "model": "facemae_vit_tiny_p8", "embedding_size": 128,

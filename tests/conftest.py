@@ -57,7 +57,7 @@ def tiny_teacher(tmp_path_factory) -> str:
     import torch
 
     from facemae.models.registry import build_fr
-    from facemae.train.tasks import save_weights
+    from facemae.models.weights import save_weights
 
     torch.manual_seed(0)
     return str(save_weights(build_fr("fr_tiny", embedding_size=64), tmp_path_factory.mktemp("teacher"),

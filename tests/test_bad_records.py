@@ -25,7 +25,7 @@ from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
 from facemae.data.shards import iter_rows, read_manifest
 from facemae.data.transforms import image_uid
-from facemae.train.tasks import save_weights
+from facemae.models.weights import save_weights
 
 # 8 training identities x 4 = 32 training rows (two shards of 16), 2 deployment identities x 4 = 8 rows:
 # 32 rows make whole micro-batches of 8 in one process and on each of two workers (16 rows each).

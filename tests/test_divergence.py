@@ -139,7 +139,7 @@ def test_skip_mode_trains_past_a_nan_batch_and_counts_it(tmp_path, tiny_dataset,
     result = json.loads(skipped.stdout.strip().splitlines()[-1])
     assert result["metrics"]["step"] == 11 and result["metrics"]["nonfinite_skipped"] == 1
     assert result["metrics"]["overflow_skipped"] == 0
-    from facemae.train.tasks import read_weights
+    from facemae.models.weights import read_weights
 
     state, _ = read_weights(result["weights"])
     assert all(torch.isfinite(v).all() for v in state.values())

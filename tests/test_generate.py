@@ -24,7 +24,7 @@ from facemae.data.runner import JOURNAL
 from facemae.data.shards import iter_rows, read_manifest, verify_dataset
 from facemae.generate.export import export_image_folder, export_recordio
 from facemae.generate.release import generate_released
-from facemae.train.tasks import save_weights
+from facemae.models.weights import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from facemae.config import load_config
 from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
 from facemae.data.shards import MANIFEST, DatasetError, read_manifest
-from facemae.train.tasks import WeightsError, check_weights, load_fr_backbone, load_mae, save_weights
+from facemae.models.weights import WeightsError, check_weights, load_fr_backbone, load_mae, save_weights
 
 FACEMAE = str(Path(sys.executable).parent / "facemae")
 

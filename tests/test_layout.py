@@ -18,7 +18,8 @@ PURE_MODULES = ["data/images.py", "data/masking.py", "data/synthetic.py", "data/
                 "data/verification_bin.py", "data/shards.py", "config.py",
                 "models/__init__.py", "models/mae.py", "models/fr.py", "models/registry.py",
                 "losses/__init__.py", "losses/irm.py", "losses/margin.py", "losses/reconstruction.py",
-                "train/__init__.py", "train/steps.py", "eval/verification.py", "eval/privacy.py"]
+                "train/__init__.py", "train/steps.py", "eval/verification.py", "measures/__init__.py",
+                "measures/privacy.py", "measures/fidelity.py", "models/weights.py"]
 FORBIDDEN = ("ray", "deepspeed", "torch.distributed")
 
 
@@ -67,3 +68,36 @@ def test_layout_folders_exist():
     for config in (ROOT / "jobs" / "configs").glob("*.yaml"):
         if not config.stem.endswith("_smoke"):
             assert (config.parent / f"{config.stem}_smoke.yaml").exists(), f"{config.name} has no _smoke twin"
+
+
+# STYLE.md 12: imports flow one way. Each folder may import only from the floors below it; train,
+# generate and eval share a floor and do not import each other (pure metrics live in measures/,
+# weights I/O in models/weights.py).
+FLOORS = {
+    "metrics.py": 0, "losses": 0, "measures": 0, "models": 1, "config.py": 2, "cluster.py": 3, "data": 4,
+    "train": 5, "generate": 5, "eval": 5, "report.py": 5, "tune": 6, "pipeline.py": 6, "experiment.py": 6,
+    "sdk.py": 7, "cli.py": 8, "__init__.py": 9,
+}
+
+
+def _floor(module: str) -> tuple[str, int] | None:
+    parts = module.split(".")
+    if parts[0] != "facemae" or len(parts) < 2:
+        return None
+    for name in (parts[1], parts[1] + ".py"):
+        if name in FLOORS:
+            return name, FLOORS[name]
+    return None
+
+
+def test_imports_run_only_down_the_floors():
+    upward = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        here = rel.parts[0]
+        own = FLOORS[here]
+        for name in _imports(path):
+            target = _floor(name)
+            if target and target[0] != here and target[1] >= own:
+                upward.append(f"{rel} imports {name}")
+    assert not upward, "imports that run up or sideways:\n" + "\n".join(upward)

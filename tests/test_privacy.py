@@ -7,7 +7,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from facemae.eval.privacy import chance_levels, retrieval_leak
+from facemae.measures.privacy import chance_levels, retrieval_leak
 
 
 def _gallery(n_ids: int = 200, per_id: int = 10, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

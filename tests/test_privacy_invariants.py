@@ -272,7 +272,7 @@ class Run:
 def _teacher(folder: Path, seed: int) -> str:
     """A frozen fr_tiny at its initial weights: enough to run validation's IRM and retrieval leak."""
     from facemae.models.registry import build_fr
-    from facemae.train.tasks import save_weights
+    from facemae.models.weights import save_weights
 
     torch.manual_seed(seed)
     return str(save_weights(build_fr("fr_tiny", embedding_size=64), folder,

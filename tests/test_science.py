@@ -10,7 +10,7 @@ import torch
 
 from facemae.config import load_config
 from facemae.data.synthetic import generate_image
-from facemae.eval.fidelity import hf_ratio, laplacian_variance, masked_psnr, patch_pixel_mask
+from facemae.measures.fidelity import hf_ratio, laplacian_variance, masked_psnr, patch_pixel_mask
 from facemae.eval.stats import mean_ci, paired_difference, t_quantile_975
 from facemae.experiment import ROWS, summarise, target_checks
 from facemae.losses.irm import gaussian_blur

@@ -12,7 +12,7 @@ import torch
 from facemae.config import Config, load_config
 from facemae.data.shards import iter_rows, read_manifest
 from facemae.data.transforms import image_uid
-from facemae.train.tasks import load_mae
+from facemae.models.weights import load_mae
 
 TINY = ["model.mae=facemae_vit_tiny_p8", "model.fr=fr_tiny", "model.teacher=fr_tiny", "model.embedding_size=64",
         "train.micro_batch=8", "train.metrics_port=0", "train.base_lr=0.016", "train.warmup_steps=2"]
@@ -135,7 +135,7 @@ def test_teacher_embeddings_from_an_actor_pool_match_a_direct_computation(tmp_pa
     from facemae.generate.embed import embed_dataset
     from facemae.losses.irm import gaussian_blur
     from facemae.models.fr import to_model_range
-    from facemae.train.tasks import load_fr_backbone
+    from facemae.models.weights import load_fr_backbone
 
     config = _config(tmp_path, dataset, teacher, "train.num_workers=2")
     out = str(tmp_path / "embedded")
@@ -221,7 +221,7 @@ def test_local_mode_trains_each_zero_stage_and_exports_weights(tmp_path, dataset
                                    "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1"])
     assert result["metrics"]["step"] == 4 and np.isfinite(result["metrics"]["loss"])
     assert Path(result["checkpoint"]).name == "checkpoint_00000004"
-    from facemae.train.tasks import load_fr_backbone, read_weights
+    from facemae.models.weights import load_fr_backbone, read_weights
 
     state, info = read_weights(result["weights"])
     assert info["task"] == task and all(v.dtype == torch.float32 for v in state.values())

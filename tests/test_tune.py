@@ -17,8 +17,8 @@ import torch
 
 from facemae.config import load_config
 from facemae.data.ingest import ingest
+from facemae.models.weights import save_weights
 from facemae.tune.report import pareto_front
-from facemae.train.tasks import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "configs" / "tune_smoke.yaml"
@@ -76,9 +76,9 @@ def test_search_space_becomes_tune_domains_and_bad_values_fail_before_training()
 def test_validation_metrics_match_a_direct_computation_from_the_exported_weights(tmp_path, frozen_nets):
     """The loop's val_* numbers at the last step (computed inside the DeepSpeed engine), recomputed
     outside it from the exported weights."""
-    from facemae.eval.privacy import retrieval_leak
+    from facemae.measures.privacy import retrieval_leak
     from facemae.losses.irm import irm_loss
-    from facemae.train.tasks import load_fr_backbone, load_mae
+    from facemae.models.weights import load_fr_backbone, load_mae
     from facemae.train.trainer import train
     from facemae.train.validation import VAL_TAU, load_validation_set
 

@@ -218,7 +218,7 @@ def test_a_bin_without_negative_pairs_still_reports_its_accuracy(tmp_path: Path)
     from facemae.config import load_config
     from facemae.eval.evaluate import verify
     from facemae.models.registry import build_fr
-    from facemae.train.tasks import save_weights
+    from facemae.models.weights import save_weights
 
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)

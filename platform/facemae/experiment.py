@@ -30,7 +30,7 @@ from facemae.eval.fidelity import release_fidelity
 from facemae.eval.stats import mean_ci, paired_difference
 from facemae.generate.embed import embed_dataset, embedded_output
 from facemae.generate.release import generate_released, released_paths
-from facemae.train.pipeline import judge_config, teacher_config
+from facemae.train.roles import judge_config, teacher_config
 from facemae.train.trainer import train
 
 ROWS = ("originals", "masked", "mae", "facemae")

@@ -29,7 +29,7 @@ from facemae.config import Config, _apply_override, from_dict, load_config
 if TYPE_CHECKING:
     from facemae.data.shards import Manifest
     from facemae.experiment import ExperimentResult
-    from facemae.train.pipeline import JobResult
+    from facemae.pipeline import JobResult
     from facemae.train.trainer import TrainResult
     from facemae.tune import SweepResult
 
@@ -123,7 +123,7 @@ def train(config: ConfigSource = None, *, overrides: Sequence[str] = (), address
         The datasets' manifests, the teacher run (``None`` without IRM) and the main run, whose
         ``checkpoint``, ``weights`` and last ``metrics`` are in ``result``.
     """
-    from facemae.train.pipeline import run_training_job
+    from facemae.pipeline import run_training_job
 
     return run_training_job(resolve_config(config, overrides=overrides, address=address), overwrite=overwrite,
                             say=say)
@@ -233,7 +233,7 @@ def evaluate(config: ConfigSource = None, *, overrides: Sequence[str] = (), addr
         WeightsError: ``fr`` or ``judge`` is not an FR backbone; both are checked before any work.
     """
     from facemae.eval.evaluate import privacy, verify
-    from facemae.train.tasks import check_weights
+    from facemae.models.weights import check_weights
 
     if bool(judge) != bool(released):
         raise ValueError("privacy needs both the judge's weights and the released dataset")

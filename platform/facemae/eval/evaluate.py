@@ -2,7 +2,7 @@
 
 Embedding is the only heavy part; sets above ``eval.ray_threshold`` images are embedded by a Ray
 Data actor pool (one model per actor), smaller ones in this process. The metrics themselves are the
-plain functions of :mod:`facemae.eval.verification` and :mod:`facemae.eval.privacy`.
+plain functions of :mod:`facemae.eval.verification` and :mod:`facemae.measures.privacy`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from facemae.config import Config
 from facemae.data.images import corrupt_records, decode_face, decode_rows
 from facemae.data.shards import iter_rows, verify_dataset
 from facemae.data.verification_bin import load_verification_bin
-from facemae.eval.privacy import retrieval_leak
+from facemae.measures.privacy import retrieval_leak
 from facemae.eval.verification import (draw_pairs, embed_images, tar_at_far, tar_undefined,
                                        verification_accuracy)
 
@@ -40,7 +40,7 @@ class FlipSumEmbedder:
     """Ray Data callable class: an FR backbone loaded once per actor; encoded faces in, embeddings out."""
 
     def __init__(self, weights: str, batch_size: int = 64) -> None:
-        from facemae.train.tasks import load_fr_backbone
+        from facemae.models.weights import load_fr_backbone
 
         self.model, self.batch_size = load_fr_backbone(weights), batch_size
 
@@ -117,7 +117,7 @@ def verify(config: Config, weights: str, *, pairs_from: str | None = None) -> di
     Raises:
         WeightsError: ``weights`` is not an FR backbone (found here, on the driver, before any Ray work).
     """
-    from facemae.train.tasks import load_fr_backbone
+    from facemae.models.weights import load_fr_backbone
 
     model, results = load_fr_backbone(weights), {}
     for path in config.eval.bins:
@@ -162,7 +162,7 @@ def privacy(config: Config, judge: str, *, released: str, originals: str, split:
         WeightsError: ``judge`` is not an FR backbone (checked here, before any Ray actor loads it).
         CorruptImageError: An image does not decode and ``data.skip_corrupt`` is off (naming its row).
     """
-    from facemae.train.tasks import check_weights
+    from facemae.models.weights import check_weights
 
     check_weights(judge, task="fr")
     gallery = embed_split(config, judge, originals, split)

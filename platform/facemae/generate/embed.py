@@ -32,7 +32,7 @@ class TeacherEmbedder:
     def __init__(self, weights: str, use_gpu: bool = False, view: str = "raw", sigma: float = 1.5) -> None:
         import torch
 
-        from facemae.train.tasks import load_fr_backbone
+        from facemae.models.weights import load_fr_backbone
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_fr_backbone(weights).to(self.device)
@@ -84,7 +84,7 @@ def embed_dataset(config: Config, *, source: str, weights: str, output: str | No
         CorruptImageError: An image does not decode and ``data.skip_corrupt`` is off; the message names
             the dataset, the shard and the image_id.
     """
-    from facemae.train.tasks import check_weights
+    from facemae.models.weights import check_weights
 
     weights = str(check_weights(weights, task="fr").path)
     original = verify_dataset(source)

@@ -22,7 +22,7 @@ from facemae.config import Config
 from facemae.data.runner import Journal, UnitResult, corrupt_report, prepare_output, reusable
 from facemae.data.shards import MANIFEST, RELEASED_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
 from facemae.generate.streaming import write_as_shards_complete
-from facemae.train.tasks import WEIGHTS
+from facemae.models.weights import WEIGHTS
 
 METHODS = ("reconstruct", "masked")
 
@@ -44,7 +44,7 @@ class Reconstructor:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = None
         if method == "reconstruct":
-            from facemae.train.tasks import load_mae
+            from facemae.models.weights import load_mae
 
             self.model = load_mae(weights).to(self.device)
             if self.model.patch_size != patch_size:
@@ -171,7 +171,7 @@ def check_mae(weights: str, *, patch_size: int, masked: str) -> Path:
         WeightsError: Not a FaceMAE, not safetensors, damaged, or of another patch size.
     """
     from facemae.models.registry import mae_patch_size
-    from facemae.train.tasks import WeightsError, check_weights
+    from facemae.models.weights import WeightsError, check_weights
 
     header = check_weights(weights, task="mae")
     if (p := mae_patch_size(header.info["model"])) != patch_size:

@@ -20,10 +20,10 @@ from facemae.config import Config, from_dict
 from facemae.data.shards import verify_dataset
 from facemae.data.transforms import training_batch
 from facemae.losses.irm import view_name
+from facemae.models.weights import save_weights
 from facemae.train.context import LocalContext, RayContext, latest_checkpoint
 from facemae.train.engine import check_checkpoint, read_checkpoint_file, weights_only_loads
 from facemae.train.loop import PROGRESS, run
-from facemae.train.tasks import save_weights
 
 EXPORT_DIR = "export"
 

@@ -6,7 +6,7 @@ The faces are a seeded draw of ``train.val_images`` from the ``deploy`` split of
 is scored on the same inputs. Reported, with ``val_`` names:
 
 - ``val_recon_loss``: masked-patch MSE of the reconstructions;
-- ``val_psnr_masked`` / ``val_hf_ratio``: fidelity of the released images (:mod:`facemae.eval.fidelity`):
+- ``val_psnr_masked`` / ``val_hf_ratio``: fidelity of the released images (:mod:`facemae.measures.fidelity`):
   PSNR over the masked patches, and high-frequency energy against the originals (1.0 = as sharp as
   real faces; well above 1 is a noise texture);
 - ``val_irm``: IRM between the frozen teacher's embeddings of the originals and of the released
@@ -39,9 +39,9 @@ from facemae.config import Config
 from facemae.data.images import decode_rows
 from facemae.data.masking import image_mask_seed, random_keep
 from facemae.data.shards import read_manifest
-from facemae.eval.fidelity import hf_ratio, masked_psnr
-from facemae.eval.privacy import retrieval_leak
 from facemae.losses.irm import irm_loss
+from facemae.measures.fidelity import hf_ratio, masked_psnr
+from facemae.measures.privacy import retrieval_leak
 from facemae.models.fr import to_model_range, to_uint8
 
 VAL_TAU = 0.1  # fixed, whatever loss.tau a run trains with
@@ -119,7 +119,8 @@ class Validator:
         train = config.train
         if train.task != "mae" or train.val_every == 0:
             return None
-        from facemae.train.tasks import FP32Teacher, load_fr_backbone
+        from facemae.models.weights import load_fr_backbone
+        from facemae.train.tasks import FP32Teacher
 
         if teacher is None and train.teacher:
             teacher = FP32Teacher(load_fr_backbone(train.teacher)).to(device)

@@ -84,7 +84,7 @@ def prepare(config: Config, say: Callable[[str], None]) -> tuple[Config, str]:
     """Dataset, teacher, judge and teacher embeddings; returns the trials' base config and dataset."""
     from facemae.data.ingest import ingest
     from facemae.generate.embed import embed_dataset, embedded_output
-    from facemae.train.pipeline import judge_config, teacher_config
+    from facemae.train.roles import judge_config, teacher_config
     from facemae.train.trainer import train
 
     ingest(config)
