@@ -29,12 +29,19 @@ pip_install() {
 "${pip[@]}" torch torchvision
 # 2. everything DeepSpeed needs at build time and the rest of the stack.
 "${pip[@]}" "ray[default,train,tune,data]" timm pyarrow prometheus-client numpy pillow pyyaml \
-  safetensors tqdm matplotlib ninja pytest pytest-timeout hjson psutil py-cpuinfo pydantic packaging msgpack einops
+  safetensors tqdm matplotlib ninja pytest pytest-timeout hjson psutil py-cpuinfo pydantic packaging msgpack einops \
+  onnx onnxruntime onnxscript mlflow-skinny tensorboardX "moto[server]"
 # 3. DeepSpeed builds from source and imports torch in its setup.py: no build isolation, or pip builds
 #    it against a second, freshly downloaded torch.
 "${pip[@]}" --no-build-isolation deepspeed
 # 4. this project, editable, without re-resolving its dependencies.
 "${pip[@]}" --no-build-isolation --no-deps -e "$root"
+# 5. an MLflow tracking server for the tests, in a venv of its own: the server package pins pyarrow<26,
+#    and the project only needs the client (mlflow-skinny). Teams run their tracking server elsewhere.
+server="$venv/mlflow-server"
+[[ -x "$server/bin/python" ]] || "$python" -m venv "$server"
+"$server/bin/python" -m pip install --disable-pip-version-check -q "mlflow==$(grep '^mlflow-skinny==' "$root/constraints.txt" | cut -d= -f3)" \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
 echo "$want" > "$stamp"
 echo "[setup] done in $(( $(date +%s) - start )) s" >&2
