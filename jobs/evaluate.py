@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--released", help="released dataset to score")
     parser.add_argument("--originals", help="original dataset the release came from (default data.output)")
     args = parser.parse_args()
-    return run_job("evaluate.py", lambda: _run(args))
+    return run_job("evaluate.py", lambda: _run(args), verbose=args.verbose)
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "experiment.yaml"
 def main() -> int:
     parser = job_parser(__doc__, default_config=str(DEFAULT_CONFIG), example="experiment.fr_steps=100")
     args = parser.parse_args()
-    return run_job("experiment.py", lambda: _run(args))
+    return run_job("experiment.py", lambda: _run(args), verbose=args.verbose)
 
 
 def _run(args: argparse.Namespace) -> None:

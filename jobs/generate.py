@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--export-folder", help="also write the release as <folder>/<identity>/<image>.png")
     parser.add_argument("--export-recordio", help="also write the release as an InsightFace train.rec/.idx")
     args = parser.parse_args()
-    return run_job("generate.py", lambda: _run(args))
+    return run_job("generate.py", lambda: _run(args), verbose=args.verbose)
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -24,7 +24,7 @@ def main() -> int:
     parser = job_parser(__doc__, default_config=str(DEFAULT_CONFIG), example="train.max_steps=50")
     parser.add_argument("--overwrite", action="store_true", help="rebuild datasets made with other settings")
     args = parser.parse_args()
-    return run_job("train.py", lambda: _run(args))
+    return run_job("train.py", lambda: _run(args), verbose=args.verbose)
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -27,7 +27,7 @@ def main() -> int:
     parser = job_parser(__doc__, default_config=str(DEFAULT_CONFIG), example="tune.num_samples=8")
     parser.add_argument("--fresh", action="store_true", help="do not restore an earlier sweep of the same name")
     args = parser.parse_args()
-    return run_job("tune.py", lambda: _run(args))
+    return run_job("tune.py", lambda: _run(args), verbose=args.verbose)
 
 
 def _run(args: argparse.Namespace) -> None:

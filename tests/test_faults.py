@@ -90,3 +90,21 @@ def test_main_job_killed_driver_leaves_no_process_behind_and_the_same_command_re
     assert manifest["counts"]["train"]["images"] + manifest["counts"]["deploy"]["images"] == 12 * 6
     assert list(masked["splits"]) == ["deploy"]
     assert masked["counts"]["deploy"]["images"] == manifest["counts"]["deploy"]["images"]
+
+    # Both runs' consoles are for a person: stage lines and bars; Ray, DeepSpeed and torch in the log file.
+    first = (tmp_path / "first.log").read_text()
+    for stage in ("dataset  ", "masked   ", "teacher  ", "embedded "):
+        assert f"\n{stage}" in first, stage
+    _assert_quiet(first)
+    _assert_quiet(out.stdout + out.stderr)
+
+
+def _assert_quiet(text: str) -> None:
+    """A job's console: under 60 lines, no library chatter or warning, and a log file that holds them."""
+    lines = text.split("\n")  # a progress bar's updates share a line (carriage returns): one line on a terminal
+    assert len(lines) < 60, f"{len(lines)} console lines:\n{text[-3000:]}"
+    for chatter in ("RayTrainWorker", "TrainController", "(raylet)", "DeepSpeed", "Warning", "WARNING", "INFO"):
+        assert chatter not in text, f"{chatter!r} on the console:\n{text[-3000:]}"
+    log = Path(lines[0].split()[1])
+    assert lines[0].startswith("log ") and log.is_file(), lines[0]
+    assert "RayTrainWorker" in log.read_text()

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers and editors see; at run time the names load lazily
     from facemae.config import Config, load_config
     from facemae.sdk import (EvaluateResult, GenerateResult, JobFailedError, SubmitResult, evaluate, experiment,
-                             generate, ingest, mask, resolve_config, submit, train, train_run, tune)
+                             export_onnx, generate, ingest, mask, resolve_config, submit, train, train_run, tune)
 
 # Names that are also subpackages (or modules) of facemae; each of those modules is made callable.
 _CALLABLE = ("train", "tune", "generate", "experiment")
 _EXPORTS = {
     **{name: "facemae.sdk" for name in (
-        "evaluate", "ingest", "mask", "submit", "train_run", "resolve_config", "EvaluateResult",
+        "evaluate", "export_onnx", "ingest", "mask", "submit", "train_run", "resolve_config", "EvaluateResult",
         "GenerateResult", "JobFailedError", "SubmitResult")},
     "Config": "facemae.config",
     "load_config": "facemae.config",

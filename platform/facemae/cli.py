@@ -2,8 +2,10 @@
 
 Every job subcommand takes ``--config FILE``, repeatable ``--set section.key=value`` and ``--address``;
 its own flags are shorthands for overrides and are applied after them. Stages print one line each
-and training shows a progress bar (on stderr); the last line on stdout is one JSON object that sums
-up the result. A mistake in the input prints one line to stderr and exits with status 2.
+and each stage shows a progress bar (on stderr); the last line on stdout is one JSON object that sums
+up the result. A mistake in the input prints one line to stderr and exits with status 2. Ray, DeepSpeed
+and library output goes to a log file named on the first line (:mod:`facemae.console`); ``--verbose``
+shows it on the console instead.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from facemae import sdk
-from facemae.cluster import input_errors_unwrapped
+from facemae import console, sdk
+from facemae.cluster import input_errors_unwrapped, shutdown_embedded
 from facemae.config import Config
 from facemae.data.images import CorruptImageError
 from facemae.data.shards import DatasetError, Manifest, verify_dataset
@@ -30,6 +33,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override one config value, e.g. --set data.num_identities=50 (repeatable)")
     parser.add_argument("--address", help="Ray cluster to run on (auto, host:6379, ray://host:10001); default: "
                                           "the cluster of a `ray job submit`, else an embedded local one")
+
+
+def _verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray, DeepSpeed and library output here instead of in the log file")
 
 
 def _flag_overrides(args: argparse.Namespace, table: dict[str, str]) -> list[str]:
@@ -62,6 +70,7 @@ COMMANDS = {
     "train": "the main job: ingest, mask, train the IRM teacher, train FaceMAE (Ray Train + DeepSpeed)",
     "generate": "reconstruct the owner's masked faces with a trained FaceMAE into the released dataset",
     "evaluate": "verification accuracy of an FR model and/or the privacy of a released dataset",
+    "export": "write exported weights (FR backbone or FaceMAE generator) as ONNX for onnxruntime deployments",
     "experiment": "the paper's comparison: originals, masked, MAE and FaceMAE rows, with a report",
     "tune": "a Ray Tune sweep of the training loop, with a report of the best trial",
     "submit": "send a command to a remote Ray cluster (job submission) and follow its logs",
@@ -78,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         if flags is not None:
             _common(p)
         options(p)
+        _verbose(p)
         p.set_defaults(run=run, flags=flags)
     return parser
 
@@ -139,6 +149,13 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge", help="weights.safetensors of the privacy judge (never the IRM teacher)")
     p.add_argument("--released", help="released dataset to score for privacy (needs --judge)")
     p.add_argument("--originals", help="original dataset the release came from (default data.output)")
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", required=True,
+                   help="weights.safetensors (or the export folder holding it) of an FR backbone or a FaceMAE")
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="ONNX file to write (replaced atomically)")
+    p.add_argument("--opset", type=int, help="ONNX opset, 18 (the default) or newer")
 
 
 def _experiment_options(p: argparse.ArgumentParser) -> None:
@@ -215,6 +232,13 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
                         released=args.released, originals=args.originals).summary()
 
 
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from facemae.models.weights import read_onnx_description  # torch: loaded only by this command
+
+    written = read_onnx_description(sdk.export_onnx(args.weights, args.onnx, opset=args.opset))
+    return {k: v for k, v in written.items() if k != "input_normalisation"}  # that text is in the model
+
+
 def _experiment(args: argparse.Namespace) -> dict[str, Any]:
     result = sdk.experiment(_config(args), say=_say)
     rows = {row: {k: float(sum(m[k]) / len(m[k])) for k in ("accuracy", "identity_leak@1")}
@@ -244,7 +268,7 @@ def _submit(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _say(line: str) -> None:
-    print(line, flush=True)  # stages interleave with the progress bars on stderr
+    console.say(line)  # stages interleave with the progress bars on stderr
 
 
 Options = Callable[[argparse.ArgumentParser], None]
@@ -257,6 +281,7 @@ SUBCOMMANDS: dict[str, tuple[Options, Run, dict[str, str] | None]] = {
     "train": (_train_options, _train, TRAIN_FLAGS),
     "generate": (_generate_options, _generate, GENERATE_FLAGS),
     "evaluate": (_evaluate_options, _evaluate, EVALUATE_FLAGS),
+    "export": (_export_options, _export, None),
     "experiment": (_experiment_options, _experiment, EXPERIMENT_FLAGS),
     "tune": (_tune_options, _tune, TUNE_FLAGS),
     "submit": (_submit_options, _submit, None),
@@ -271,28 +296,29 @@ def one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        with input_errors_unwrapped():  # a corrupt row found on a Ray worker: its message, not Ray's wrapper
-            summary = args.run(args)
-    except USER_ERRORS as exc:  # user input: one clear line, no traceback
-        kind = "bad input" if isinstance(exc, (CorruptImageError, DatasetError)) else "error"
-        print(f"facemae {args.command}: {kind}: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        after = "the job goes on on the cluster" if args.command == "submit" else "a rerun resumes"
-        print(f"facemae {args.command}: interrupted; {after}", file=sys.stderr)
-        return 130
-    print(json.dumps(summary, default=str))
+    with console.quiet(console.default_log_path(args.command), verbose=args.verbose) as log:
+        if log:
+            console.say(console.describe(log))
+        try:
+            with input_errors_unwrapped():  # a corrupt row found on a Ray worker: its message, not Ray's wrapper
+                summary = args.run(args)
+        except USER_ERRORS as exc:  # user input: one clear line, no traceback
+            kind = "bad input" if isinstance(exc, (CorruptImageError, DatasetError)) else "error"
+            console.error(f"facemae {args.command}: {kind}: {one_line(exc)}")
+            return 2
+        except KeyboardInterrupt:
+            after = "the job goes on on the cluster" if args.command == "submit" else "a rerun resumes"
+            console.error(f"facemae {args.command}: interrupted; {after}")
+            return 130
+        finally:
+            shutdown_embedded()  # while its last words still go to the log
+        console.say(json.dumps(summary, default=str))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def job_parser(doc: str, *, default_config: str, example: str) -> argparse.ArgumentParser:
-    """The arguments every script in ``jobs/`` shares: ``--config`` (with the job's default YAML) and
-    repeatable ``--set``; the job adds its own.
+    """The arguments every script in ``jobs/`` shares: ``--config`` (with the job's default YAML),
+    repeatable ``--set`` and ``--verbose``; the job adds its own.
 
     Args:
         doc: The job's module docstring (usage examples).
@@ -303,14 +329,31 @@ def job_parser(doc: str, *, default_config: str, example: str) -> argparse.Argum
     parser.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config value, e.g. --set {example} (repeatable)")
+    _verbose(parser)
     return parser
 
 
-def run_job(name: str, body: Callable[[], None]) -> int:
-    """Runs a job's body; a mistake in the user's input prints one line and gives exit status 2."""
-    try:
-        body()
-    except USER_ERRORS as exc:
-        print(f"{name}: {one_line(exc)}", file=sys.stderr)
-        return 2
+def run_job(name: str, body: Callable[[], None], *, verbose: bool = False) -> int:
+    """Runs a job's body with the quiet console; a mistake in the user's input prints one line and gives
+    exit status 2.
+
+    Args:
+        name: The job's script, e.g. ``train.py``; also names its log file.
+        body: The job.
+        verbose: Show library output on the console instead of in the log file.
+    """
+    with console.quiet(console.default_log_path(Path(name).stem), verbose=verbose) as log:
+        if log:
+            console.say(console.describe(log))
+        try:
+            body()
+        except USER_ERRORS as exc:
+            console.error(f"{name}: {one_line(exc)}")
+            return 2
+        finally:
+            shutdown_embedded()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

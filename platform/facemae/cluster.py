@@ -15,6 +15,7 @@ EMBEDDED_ENV = {
     # (REFERENCE.md table, row D).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
+_embedded = False  # this process started its own local cluster (and stops it: shutdown_embedded)
 
 
 def ensure_ray(config: RayConfig) -> None:
@@ -26,6 +27,7 @@ def ensure_ray(config: RayConfig) -> None:
     """
     import ray
 
+    global _embedded
     if ray.is_initialized():
         return
     for key, value in EMBEDDED_ENV.items():
@@ -34,6 +36,20 @@ def ensure_ray(config: RayConfig) -> None:
         ray.init(address=config.address or None, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=config.num_cpus)
+        _embedded = True
+
+
+def shutdown_embedded() -> None:
+    """Stops the local cluster :func:`ensure_ray` started in this process, if any; a cluster the process
+    joined (an address, ``ray job submit``, a test session's) is left running."""
+    global _embedded
+    if not _embedded:
+        return
+    import ray
+
+    _embedded = False
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def input_error(exc: BaseException) -> BaseException | None:

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
+from facemae import console
 from facemae.config import Config
 from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
@@ -42,7 +43,7 @@ def _skipped(manifest: Manifest, *, before: Manifest | None = None) -> str:
 
 
 def run_training_job(config: Config, *, overwrite: bool = False,
-                     say: Callable[[str], None] = print) -> JobResult:
+                     say: Callable[[str], None] = console.say) -> JobResult:
     """Ingests, masks the deployment split, trains a teacher when IRM needs one, then trains."""
     if config.train.task == "mae":
         config.check_mae_patch_size()  # before hours of teacher training, not after

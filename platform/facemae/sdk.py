@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence, TypeVar
 
+from facemae import console
 from facemae.config import Config, _apply_override, from_dict, load_config
 
 if TYPE_CHECKING:
@@ -34,11 +35,12 @@ if TYPE_CHECKING:
     from facemae.tune import SweepResult
 
 __all__ = ["ConfigSource", "EvaluateResult", "GenerateResult", "JobFailedError", "SubmitResult", "evaluate",
-           "experiment", "generate", "ingest", "mask", "resolve_config", "submit", "train", "train_run", "tune"]
+           "experiment", "export_onnx", "generate", "ingest", "mask", "resolve_config", "submit", "train",
+           "train_run", "tune"]
 
 ConfigSource = Config | str | Path | None
 # Never uploaded with a submitted job: environments, datasets, reports (the cluster builds its own).
-SUBMIT_EXCLUDES = (".venv", ".git", "data", "*.egg-info", "__pycache__", "reports")
+SUBMIT_EXCLUDES = (".venv", ".git", "data", "logs", "*.egg-info", "__pycache__", "reports")
 FAILED_STATES = ("FAILED", "STOPPED")
 TAIL_LINES = 20
 T = TypeVar("T")
@@ -110,7 +112,7 @@ def mask(config: ConfigSource = None, *, overrides: Sequence[str] = (), address:
 
 
 def train(config: ConfigSource = None, *, overrides: Sequence[str] = (), address: str | None = None,
-          overwrite: bool = False, say: Callable[[str], None] = print) -> JobResult:
+          overwrite: bool = False, say: Callable[[str], None] = console.say) -> JobResult:
     """The main job (``jobs/train.py``): ingest, mask, train the IRM teacher when needed, train.
 
     Each stage reuses what an earlier run with the same settings finished, so a rerun resumes.
@@ -143,7 +145,7 @@ def train_run(config: ConfigSource = None, *, overrides: Sequence[str] = (), add
 
 
 def tune(config: ConfigSource = None, *, overrides: Sequence[str] = (), address: str | None = None,
-         restore: bool = True, say: Callable[[str], None] = print) -> SweepResult:
+         restore: bool = True, say: Callable[[str], None] = console.say) -> SweepResult:
     """A Ray Tune sweep of the training loop (``jobs/tune.py``).
 
     Args:
@@ -250,8 +252,27 @@ def evaluate(config: ConfigSource = None, *, overrides: Sequence[str] = (), addr
     return EvaluateResult(verification=scores, privacy=leak)
 
 
+def export_onnx(weights: str | Path, output: str | Path, *, opset: int | None = None) -> Path:
+    """ONNX for deployment (``facemae export``): an FR backbone (``image -> embedding``) or a FaceMAE
+    generator (``image, mask -> released, prediction``), batch axis dynamic, described in its metadata.
+    No Ray, no config: see :func:`facemae.models.weights.export_onnx` for the inputs it expects.
+
+    Args:
+        weights: A training run's ``export/weights.safetensors`` (or that folder).
+        output: The ``.onnx`` file to write (replaced atomically).
+        opset: ONNX opset; None: 18.
+
+    Raises:
+        WeightsError: The weights are missing, damaged or of no exportable model.
+        ValueError: An opset the exporter does not write, or an output that is not a ``.onnx`` file.
+    """
+    from facemae.models.weights import export_onnx as export
+
+    return export(weights, output, opset=opset)
+
+
 def experiment(config: ConfigSource = None, *, overrides: Sequence[str] = (), address: str | None = None,
-               say: Callable[[str], None] = print) -> ExperimentResult:
+               say: Callable[[str], None] = console.say) -> ExperimentResult:
     """The paper's comparison (``jobs/experiment.py``): originals, masked, MAE and FaceMAE rows.
 
     Returns:
@@ -285,7 +306,7 @@ class JobFailedError(RuntimeError):
 
 def submit(entrypoint: str | Sequence[str], *, address: str, working_dir: str | Path = ".",
            runtime_env: dict[str, Any] | None = None, follow: bool = True, submission_id: str | None = None,
-           on_log: Callable[[str], None] = print, timeout_s: float | None = None) -> SubmitResult:
+           on_log: Callable[[str], None] = console.say, timeout_s: float | None = None) -> SubmitResult:
     """Sends a command to a remote cluster through Ray's job submission API, as ``ray job submit`` does.
 
     Args:

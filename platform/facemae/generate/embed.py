@@ -132,7 +132,8 @@ def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, o
     write_as_shards_complete(ds, todo, columns=("image_id", "identity", "image", "teacher_emb", "corrupt", "path"),
                              write=lambda rows, split, rel: _write(rows, split=split, rel=rel, output=output,
                                                                    journal=journal,
-                                                                   skip_corrupt=config.data.skip_corrupt))
+                                                                   skip_corrupt=config.data.skip_corrupt),
+                             desc="embed")
 
 
 def _report(source: dict[str, Any], results: list[UnitResult]) -> dict[str, Any]:

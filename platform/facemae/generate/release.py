@@ -201,7 +201,8 @@ def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, p
     write_as_shards_complete(ds, todo, columns=("image_id", "source_id", "identity", "image", "corrupt", "path"),
                              write=lambda rows, split, rel: _write(rows, split=split, rel=rel, output=output,
                                                                    journal=journal,
-                                                                   skip_corrupt=config.data.skip_corrupt))
+                                                                   skip_corrupt=config.data.skip_corrupt),
+                             desc="generate")
 
 
 def _write(rows: list[dict[str, Any]], *, split: str, rel: str, output: str, journal: Journal,

@@ -4,11 +4,18 @@ Every job that loads a trained model (the IRM teacher, generation, evaluation, t
 through this module; training writes it. The description (``task``, ``model``, ``embedding_size``...) is
 stored in the safetensors header, so a file can be checked on the driver from its header alone before
 any Ray work starts.
+
+:func:`export_onnx` turns such a file into one self-describing ONNX model for deployments outside
+facemae (onnxruntime, insightface-style services): the description, the opset, the input
+normalisation and the input / output shapes travel in the model's ``metadata_props``, so no sidecar
+file is needed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,3 +214,206 @@ def _load(path: str | Path, *, task: str) -> nn.Module:
     model = _build(header)
     model.load_state_dict(load_file(str(header.path)))
     return model.eval()
+
+
+# ONNX export: one file a deployment loads with onnxruntime alone.
+
+# The dynamo exporter's own opset. Lower ones go through onnx's version converter, which fails on some
+# operators, and the exporter then silently keeps 18 instead.
+ONNX_OPSET = 18
+IMG_SIZE = 112  # every registry model is built for 112x112 faces (facemae.models.fr)
+ONNX_NAMES = {"fr": (("image",), ("embedding",)), "mae": (("image", "mask"), ("released", "prediction"))}
+_PIXELS = ("float32 RGB (not BGR), NCHW; each 0..255 pixel x scaled to (x / 255 - 0.5) / 0.5 = (x - 127.5) / 127.5, "
+           "i.e. [-1, 1], insightface's arcface convention (facemae.models.fr.to_model_range)")
+# What a deployment must feed and what it gets back; stored in every exported model.
+NORMALISATION = {
+    "fr": (f"image [batch, 3, 112, 112]: {_PIXELS}. embedding [batch, E]: float32, not L2-normalised; facemae's "
+           "verification L2-normalises embedding(x) + embedding(x flipped left-right)."),
+    "mae": (f"image [batch, 3, 112, 112]: the masked face, {_PIXELS}; pixels of removed patches are never read "
+            "(0 will do). mask [batch, L]: float32, 1 = removed, 0 = visible, one per p x p patch in row-major order, "
+            "L = (112 / p)^2; every row of a batch keeps the same number of patches (masks of one ratio, as in a "
+            "masked shard; facemae.models.mae.masked_record_input builds both inputs from its records). "
+            "released [batch, 3, 112, 112]: the predicted removed patches with the visible ones pasted back "
+            "(loss.paste_visible: true); prediction: the prediction everywhere (paste_visible: false); both in "
+            "the input's range, unclamped; to uint8 HWC as clamp(round((y * 0.5 + 0.5) * 255), 0, 255) "
+            "(facemae.models.fr.to_uint8)."),
+}
+
+
+class _ReleaseGraph(nn.Module):
+    """A FaceMAE's release of a batch as one exportable graph: what ``facemae generate`` computes per batch
+    (``forward(imgs, mask=mask)``, then ``compose``), with the visible-patch count kept symbolic.
+
+    ``given_masking`` checks the mask in Python and turns its keep count into an int, which an exporter
+    would bake in from the example mask. Here the count is read as a tensor, and the visible-first order
+    comes from unique sort keys, so the graph needs no stable sort (ONNX's TopK promises none).
+    """
+
+    def __init__(self, mae: nn.Module) -> None:
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image [N, 3, H, W]``, ``mask [N, L]`` (1 = removed) -> ``released``, ``prediction [N, 3, H, W]``."""
+        from facemae.models.mae import _split
+
+        mae = self.mae
+        x = mae.patch_embed(image) + mae.pos_embed[:, 1:, :]  # (N, L, D)
+        n, length, _ = x.shape
+        keep = (mask[0] == 0).sum().item()  # visible patches of each row (the same in every row); symbolic in export
+        torch._check(keep >= 1)
+        torch._check(keep <= length)
+        # given_masking's order, visible patches first and each group ascending, as unique keys.
+        position = torch.arange(length, device=mask.device)
+        ids_shuffle = torch.argsort((mask != 0).long() * length + position, dim=1)  # (N, L)
+        x, _, ids_restore, _ = _split(x, ids_shuffle, keep)  # (N, keep, D)
+        cls = (mae.cls_token + mae.pos_embed[:, :1, :]).expand(n, -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (N, 1 + keep, D)
+        for block in mae.blocks:
+            x = block(x)
+        pred = mae.forward_decoder(mae.norm(x), ids_restore)  # (N, L, p*p*3)
+        return mae.compose(image, pred, mask), mae.compose(image, pred, mask, paste_visible=False)
+
+
+def export_onnx(weights_path: str | Path, output_path: str | Path, *, opset: int | None = None) -> Path:
+    """Exports an FR backbone or a FaceMAE generator to ONNX, with a dynamic batch axis.
+
+    An FR backbone maps ``image [batch, 3, 112, 112] -> embedding [batch, E]``. A FaceMAE maps a masked
+    face and its mask to the released face exactly as ``facemae generate`` does: ``(image [batch, 3, 112,
+    112], mask [batch, L]) -> (released, prediction)``, each ``[batch, 3, 112, 112]``. The model's
+    ``metadata_props`` say what it is, so no sidecar file is needed: ``facemae`` (the weights' description:
+    task, model, embedding_size, run...), ``opset``, ``input_normalisation`` (:data:`NORMALISATION`), and
+    ``inputs`` / ``outputs`` (JSON names -> shapes, ``"batch"`` for the dynamic axis);
+    :func:`read_onnx_description` reads them back.
+
+    The exporter is torch's dynamo one (``torch.export``): the legacy TorchScript tracer cannot trace
+    ``unpatchify``'s shape arithmetic, and would bake the example's keep count into the generator.
+
+    Args:
+        weights_path: A ``weights.safetensors`` or the export folder holding it.
+        output_path: The ``.onnx`` file to write. It is written beside itself under a temporary name,
+            checked with ``onnx.checker``, then moved into place: a reader never sees half a model.
+        opset: ONNX opset, from 18 to the newest the installed onnx knows; None: :data:`ONNX_OPSET`.
+
+    Returns:
+        The written file.
+
+    Raises:
+        WeightsError: The weights are missing, not safetensors or damaged, hold neither an FR backbone nor
+            a FaceMAE, or a FaceMAE trained with norm_pix_loss (its predictions are not pixels).
+        ValueError: An opset outside that range, or an output path that is not a ``.onnx`` file.
+    """
+    import onnx
+
+    opset = ONNX_OPSET if opset is None else opset
+    _check_opset(opset)
+    output = _onnx_output(output_path)
+    header = read_header(weights_path)
+    task = header.info.get("task")
+    if task not in EXPECTED:
+        raise WeightsError(f"{header.path} holds {header.describe()}; ONNX export needs {EXPECTED['fr']} or "
+                           f"{EXPECTED['mae']}: pass the export/{WEIGHTS} of a facemae training run")
+    if header.info.get("norm_pix_loss"):
+        raise WeightsError(f"{header.path} holds {header.describe()} trained with norm_pix_loss, whose predictions "
+                           "are per-patch-normalised values, not pixels; export a FaceMAE trained with "
+                           "loss.norm_pix_loss=false")
+    model = _load(header.path, task=task)
+    graph = _ReleaseGraph(model).eval() if task == "mae" else model
+    proto = _export_proto(graph, _example_inputs(model, task=task), task=task, opset=opset)
+    _describe_onnx(proto, header.info, task=task, opset=opset)
+    onnx.checker.check_model(proto, full_check=True)
+    _write_atomically(proto, output)
+    return output
+
+
+def _check_opset(opset: int) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or not ONNX_OPSET <= opset <= newest:
+        raise ValueError(f"ONNX opset {opset} is not one the exporter writes reliably; pass an opset from "
+                         f"{ONNX_OPSET} (the default, which onnxruntime >= 1.14 runs) to {newest}")
+
+
+def _onnx_output(path: str | Path) -> Path:
+    """The ``.onnx`` file to write, its folder created."""
+    output = Path(path)
+    if output.is_dir():
+        raise ValueError(f"{output} is a folder; name the .onnx file to write in it, e.g. {output / 'model.onnx'}")
+    if output.suffix != ".onnx":
+        raise ValueError(f"{output} does not end in .onnx; name the ONNX file to write, e.g. "
+                         f"{output.with_suffix('.onnx')}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def _example_inputs(model: nn.Module, *, task: str) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace with: a batch of 2, since torch.export specialises axes of size 0 and 1."""
+    image = torch.zeros(2, 3, IMG_SIZE, IMG_SIZE)
+    if task == "fr":
+        return (image,)
+    mask = torch.ones(2, model.num_patches)
+    mask[:, ::4] = 0  # any keep count: the graph reads it from the mask
+    return image, mask
+
+
+def _export_proto(graph: nn.Module, args: tuple[torch.Tensor, ...], *, task: str, opset: int) -> Any:
+    """The ``onnx.ModelProto`` of ``graph``, axis 0 of every input dynamic (``batch``)."""
+    inputs, outputs = ONNX_NAMES[task]
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        # Said of the generator's mask, whose batch axis is the image's: the sharing is what is meant.
+        warnings.filterwarnings("ignore", message="# The axis name: batch will not be used")
+        program = torch.onnx.export(graph, args, dynamo=True, input_names=list(inputs),
+                                    output_names=list(outputs), opset_version=opset,
+                                    dynamic_shapes=tuple({0: batch} for _ in args), verbose=False)
+    proto = program.model_proto
+    written = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
+    if written != {opset}:  # the exporter falls back to its own opset when converting fails
+        raise ValueError(f"the ONNX exporter could not write opset {opset} (it wrote {sorted(written)}); "
+                         f"export with opset {ONNX_OPSET}")
+    return proto
+
+
+def _describe_onnx(proto: Any, info: dict[str, Any], *, task: str, opset: int) -> None:
+    """Writes what the model is and how to feed it into its ``metadata_props`` and ``doc_string``."""
+
+    def shapes(values: Any) -> dict[str, list[int | str]]:
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+    props = {"facemae": json.dumps(info), "opset": str(opset), "input_normalisation": NORMALISATION[task],
+             "inputs": json.dumps(shapes(proto.graph.input)), "outputs": json.dumps(shapes(proto.graph.output))}
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    kind = {"fr": "facemae FR backbone", "mae": "facemae FaceMAE generator"}[task]
+    proto.doc_string = f"{kind} {info.get('model')} (run {info.get('run')}). {NORMALISATION[task]}"
+
+
+def _write_atomically(proto: Any, output: Path) -> None:
+    import onnx
+
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic
+    try:
+        onnx.save_model(proto, tmp)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_onnx_description(path: str | Path) -> dict[str, Any]:
+    """What an exported ONNX model is, from its ``metadata_props``: path, task, model, run, opset,
+    inputs and outputs (names -> shapes), input_normalisation.
+
+    Raises:
+        ValueError: The file was not exported by :func:`export_onnx`.
+    """
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if not {"facemae", "opset", "inputs", "outputs"} <= set(props):
+        raise ValueError(f"{path} has no facemae description in its metadata; export it with `facemae export`")
+    info = json.loads(props["facemae"])
+    return {"path": str(path), "task": info.get("task"), "model": info.get("model"), "run": info.get("run"),
+            "opset": int(props["opset"]), "inputs": json.loads(props["inputs"]),
+            "outputs": json.loads(props["outputs"]), "input_normalisation": props.get("input_normalisation")}
