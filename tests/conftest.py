@@ -167,3 +167,31 @@ def one_thread():
 
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # tests talk only to clusters they start (REFERENCE row F)
+# Jobs' log files (facemae.console) go to one folder of the test session, not into the checkout.
+os.environ.setdefault("FACEMAE_LOG_DIR", tempfile.mkdtemp(prefix="facemae-test-logs-"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server on localhost for the session (moto's standalone server, in a thread)
+    with one empty bucket. The AWS test credentials and region are set in the environment while it
+    runs, and restored after. Yields ``(endpoint URL, bucket name, a boto3 S3 client)``."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    endpoint, bucket = f"http://127.0.0.1:{port}", "facemae-test"
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket=bucket)
+    yield endpoint, bucket, client
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()

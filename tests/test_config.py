@@ -41,7 +41,7 @@ def test_int_is_accepted_for_float_but_not_bool_for_int():
 
 @pytest.mark.parametrize("override, message", [
     ("data.num_identites=5", r"unknown key\(s\) data.num_identites; valid keys under data: .*num_identities"),
-    ("trainer.lr=1", r"unknown key\(s\) trainer; valid keys: data, eval, experiment, generate, loss, mask, model, name, ray, train"),
+    ("trainer.lr=1", r"unknown key\(s\) trainer; valid keys: data, eval, experiment, generate, loss, mask, model, name, ray, storage, tracking, train"),
     ("mask.patch_size=10", r"mask.patch_size=10 must divide the image size 112"),
     ("mask.ratio=1.0", r"mask.ratio=1.0 must be in \[0, 1\)"),
     ("data.deploy_fraction=1.5", r"data.deploy_fraction=1.5 must be in \[0, 1\)"),
@@ -49,6 +49,9 @@ def test_int_is_accepted_for_float_but_not_bool_for_int():
     ("data.source=folder", r"data.source='folder' needs data.path"),
     ("mask.splits=[test]", r"mask.splits=\['test'\] must be a non-empty subset"),
     ("data.rows_per_shard=0", r"data.rows_per_shard=0 must be >= 1"),
+    ("data.output=s3://", r"data.output=s3://: no bucket named; write s3://<bucket>/<prefix>"),
+    ("mask.output=ftp://x/y", r"mask.output=ftp://x/y: unsupported storage scheme 'ftp://'"),
+    ("storage.endpoint_override=ftp://host", r"storage.endpoint_override='ftp://host' must be an S3 endpoint"),
     ("nonsense", r"override 'nonsense' must look like section.key=value"),
     ("data=3", r"data must be a mapping"),
 ])

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from facemae import storage
 from facemae.models.registry import FR_MODELS, MAE_MODELS, mae_patch_size
 
 IMAGE_SIZE = 112
@@ -33,7 +34,8 @@ class DataConfig:
         source: ``synthetic`` (built-in generator), ``folder`` (``<identity>/<image>``) or
             ``recordio`` (InsightFace ``train.rec`` + ``train.idx``).
         path: Input folder or ``.rec`` file; unused for ``synthetic``.
-        output: Dataset folder the shards and ``manifest.json`` are written to.
+        output: Dataset folder the shards and ``manifest.json`` are written to, or an object-store
+            prefix ``s3://bucket/prefix`` / ``gs://bucket/prefix`` (see ``storage``).
         num_identities: Synthetic identities.
         images_per_identity: Synthetic images per identity.
         seed: Seed of the synthetic generator and of the identity split.
@@ -80,6 +82,16 @@ class DataConfig:
             raise ValueError(f"data.rows_per_shard={self.rows_per_shard} must be >= 1")
         if self.workers < 0:
             raise ValueError(f"data.workers={self.workers} must be >= 0 (0 = choose by dataset size)")
+        _check_location("data.output", self.output)
+
+
+def _check_location(key: str, location: str) -> None:
+    """Refuses a malformed object-store URL (``s3://`` without a bucket, ``ftp://...``) at load time."""
+    if storage.is_remote(location):
+        try:
+            storage.split_url(location)
+        except storage.StorageLocationError as exc:
+            raise ValueError(f"{key}={exc}") from None
 
 
 @dataclass
@@ -91,7 +103,8 @@ class MaskConfig:
         ratio: Fraction of patches removed per image.
         seed: Mask seed; each image's mask depends only on this seed and its ``image_id``.
         splits: Dataset splits to mask.
-        output: Folder of the masked dataset; empty means ``<data.output>-masked``.
+        output: Folder (or ``s3://`` / ``gs://`` prefix) of the masked dataset; empty means
+            ``<data.output>-masked``.
         copies: Masked versions of each face, each with its own mask (``image_id#m<j>``), so that
             generation can release several reconstructions per face.
     """
@@ -127,6 +140,7 @@ class MaskConfig:
         unknown = sorted(set(self.splits) - {"train", "deploy"})
         if unknown or not self.splits:
             raise ValueError(f"mask.splits={self.splits} must be a non-empty subset of ['train', 'deploy']")
+        _check_location("mask.output", self.output)
 
 
 @dataclass
@@ -562,6 +576,70 @@ class RayConfig:
 
 
 @dataclass
+class StorageConfig:
+    """Object stores (``facemae.storage``): dataset locations may be ``s3://bucket/prefix`` or
+    ``gs://bucket/prefix`` besides local paths. Credentials come the standard way, never from here:
+    ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or ``AWS_PROFILE`` for S3,
+    ``GOOGLE_APPLICATION_CREDENTIALS`` for GCS.
+
+    Attributes:
+        endpoint_override: Endpoint of an S3-compatible store (MinIO, Ceph, moto), e.g.
+            ``http://127.0.0.1:9000``; the scheme picks http or https. Empty means ``AWS_ENDPOINT_URL``
+            when set, else AWS S3 itself.
+        region: S3 region; empty means ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else the SDK's default.
+    """
+
+    endpoint_override: str = ""
+    region: str = ""
+
+    def validate(self) -> None:
+        scheme, sep, host = self.endpoint_override.partition("://")  # "host:port" alone means https
+        if " " in self.endpoint_override or (sep and (scheme not in ("http", "https") or not host)):
+            raise ValueError(f"storage.endpoint_override={self.endpoint_override!r} must be an S3 endpoint such as "
+                             "http://127.0.0.1:9000 or https://s3.example.com (or empty for AWS S3)")
+        if " " in self.region:
+            raise ValueError(f"storage.region={self.region!r} must be an S3 region name such as us-east-1")
+
+
+TRACKING_SCHEMES = ("http", "https", "databricks")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking of training runs, sweeps and experiments (``facemae.tracking``); off by default.
+
+    Attributes:
+        mlflow_uri: MLflow tracking server, e.g. ``http://127.0.0.1:5000`` (``mlflow server``), or
+            ``databricks``; empty turns MLflow off. Each training run becomes one MLflow run (params: the
+            whole config; every reported metric at its step; preview PNGs; the exported weights' path),
+            nested under its sweep's or experiment's run, and a rerun of the same name continues it.
+        mlflow_experiment: MLflow experiment the runs go to (created when missing).
+        tensorboard: Rank 0 also writes every reported metric and the previews as TensorBoard events to
+            ``<run>/tensorboard`` (needs ``tensorboardX``, which ``ray[tune]`` installs).
+    """
+
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "facemae"
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        if not self.mlflow_uri:
+            return
+        from urllib.parse import urlparse
+
+        url = urlparse(self.mlflow_uri)
+        databricks = self.mlflow_uri == "databricks" or url.scheme == "databricks"
+        if not databricks and (url.scheme not in TRACKING_SCHEMES or not url.netloc):
+            raise ValueError(f"tracking.mlflow_uri={self.mlflow_uri!r} must be an MLflow tracking server's "
+                             "http(s)://host:port address (start one with `mlflow server --backend-store-uri "
+                             "sqlite:///mlflow.db --port 5000`) or databricks; file and database stores need "
+                             "the full mlflow package on every Ray worker and are not supported")
+        if not self.mlflow_experiment.strip():
+            raise ValueError("tracking.mlflow_experiment must be a non-empty MLflow experiment name "
+                             "(default: facemae)")
+
+
+@dataclass
 class Config:
     """The root of every job's config.
 
@@ -577,6 +655,8 @@ class Config:
         experiment: The paper's comparison.
         tune: Hyperparameter sweeps.
         ray: Cluster connection.
+        tracking: Experiment tracking (MLflow, TensorBoard).
+        storage: Object-store endpoint and region for ``s3://`` / ``gs://`` locations.
     """
 
     name: str = "facemae"
@@ -590,6 +670,8 @@ class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> "Config":
         if not self.name or "/" in self.name:

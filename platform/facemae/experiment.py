@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from facemae import console
 from facemae.config import Config
 from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
@@ -30,6 +31,7 @@ from facemae.eval.fidelity import release_fidelity
 from facemae.eval.stats import mean_ci, paired_difference
 from facemae.generate.embed import embed_dataset, embedded_output
 from facemae.generate.release import generate_released, released_paths
+from facemae.tracking import job_run, log_folder
 from facemae.train.roles import judge_config, teacher_config
 from facemae.train.trainer import train
 
@@ -165,9 +167,22 @@ def _scores(config: Config, row: str, weights: str, *, dataset: str, judge: str,
     return scores
 
 
-def run_experiment(config: Config, *, say: Callable[[str], None] = print) -> ExperimentResult:
-    """Runs the comparison over ``experiment.seeds`` and writes the report to ``experiment.output``."""
+def run_experiment(config: Config, *, say: Callable[[str], None] = console.say) -> ExperimentResult:
+    """Runs the comparison over ``experiment.seeds`` and writes the report to ``experiment.output``.
+
+    With tracking on, the experiment is one MLflow run (its id kept in ``<train.storage_path>/<name>-experiment``):
+    every training run of it nests under it, and the report folder is logged as its artifacts.
+    """
     config.check_mae_patch_size()
+    folder = Path(config.train.run_dir_for(f"{config.name}-experiment"))
+    with job_run(config, folder=folder, name=config.name, kind="experiment") as job:
+        result = _experiment(config, say)
+        log_folder(job, Path(result.report).parent, artifact_path="report")
+    return result
+
+
+def _experiment(config: Config, say: Callable[[str], None]) -> ExperimentResult:
+    """The comparison proper: the shared models, every seed's rows, the report."""
     ingest(config)
     shared = shared_models(config, say)
     mask_dataset(dataclasses.replace(config, mask=dataclasses.replace(config.mask, splits=["deploy"])))

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from facemae import storage
 from facemae.config import Config, DataConfig
 from facemae.data import synthetic
 from facemae.data.images import CorruptImageError, encode_png, prepare_face
@@ -39,7 +40,8 @@ class Source:
 
 
 def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
-    """Builds an original-faces dataset at ``config.data.output``.
+    """Builds an original-faces dataset at ``config.data.output`` (a folder, or an ``s3://`` / ``gs://``
+    prefix; the input of a folder or RecordIO source is read locally).
 
     Args:
         config: Validated job config; ``config.data`` says what to read.
@@ -54,6 +56,7 @@ def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
             naming what and where.
     """
     data = config.data
+    storage.configure(**asdict(config.storage))
     fingerprint = {"stage": "ingest", "data": {k: v for k, v in asdict(data).items()
                                                if k not in ("output", "workers", "ray_threshold")}}
     # A rerun that turns skip_corrupt on (to get past a bad row a later stage found) reuses the dataset.

@@ -10,13 +10,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from facemae import storage
 from facemae.config import Config
 from facemae.data.images import decode_rows, skipped_record
 from facemae.data.masking import mask_face
 from facemae.data.runner import Unit, UnitResult, corrupt_report, finish, prepare_output, reusable, run_units
-from facemae.data.shards import MANIFEST, MASKED_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
+from facemae.data.shards import MANIFEST, MASKED_SCHEMA, Manifest, read_table, sha256_file, verify_dataset, write_shard
 
 
 def mask_dataset(config: Config, *, source: str | None = None, output: str | None = None,
@@ -25,8 +25,8 @@ def mask_dataset(config: Config, *, source: str | None = None, output: str | Non
 
     Args:
         config: Validated config; ``config.mask`` sets patch size, ratio, seed and splits.
-        source: Original dataset folder; defaults to ``config.data.output``.
-        output: Masked dataset folder; defaults to ``config.masked_output()``.
+        source: Original dataset folder or ``s3://`` / ``gs://`` prefix; defaults to ``config.data.output``.
+        output: Masked dataset folder or prefix; defaults to ``config.masked_output()``.
         overwrite: Rebuild even when ``output`` holds a finished masked dataset of the same settings.
 
     Returns:
@@ -37,22 +37,23 @@ def mask_dataset(config: Config, *, source: str | None = None, output: str | Non
         CorruptImageError: An original's image does not decode and ``data.skip_corrupt`` is off; the
             message names the dataset, the shard and the image_id.
     """
+    storage.configure(**asdict(config.storage))
     source = source or config.data.output
     output = output or config.masked_output()
     original = verify_dataset(source)
     if original.kind != "original":
         raise ValueError(f"{source} is a {original.kind} dataset; `facemae mask` reads an original one "
                          "(the output of `facemae ingest`)")
-    if Path(output).resolve() == Path(source).resolve():
+    if _same_location(output, source):
         raise ValueError("mask output must differ from its source: set mask.output to a new folder")
     m = config.mask
     units = [Unit(root=output, split=split, rel=shard.file,
-                  payload={"src": str(Path(source) / shard.file), "patch_size": m.patch_size,
+                  payload={"src": storage.join(source, shard.file), "patch_size": m.patch_size,
                            "keep": m.keep, "seed": m.seed, "copies": m.copies,
                            "skip_corrupt": config.data.skip_corrupt})
              for split in m.splits for shard in original.splits.get(split, [])]
     fingerprint = {"stage": "mask", "mask": asdict(m) | {"output": ""},
-                   "source_manifest": sha256_file(Path(source) / MANIFEST)}
+                   "source_manifest": sha256_file(storage.join(source, MANIFEST))}
     if (done := reusable(output, fingerprint, overwrite=overwrite)) is not None:
         return done
     prepare_output(output, overwrite=overwrite)
@@ -71,6 +72,13 @@ def mask_dataset(config: Config, *, source: str | None = None, output: str | Non
     return manifest
 
 
+def _same_location(a: str, b: str) -> bool:
+    """Whether two dataset locations are one: local paths resolved, URLs normalised (``s3://b/x/``)."""
+    if storage.is_remote(a) or storage.is_remote(b):
+        return storage.join(a) == storage.join(b)
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def masked_id(image_id: str, copy: int, copies: int) -> str:
     """Id of one masked version of a face: the face's own id when there is one version."""
     return image_id if copies == 1 else f"{image_id}#m{copy}"
@@ -79,7 +87,7 @@ def masked_id(image_id: str, copy: int, copies: int) -> str:
 def mask_unit(unit: Unit) -> UnitResult:
     """Masks one original shard into one masked shard (``copies`` rows per face, each its own mask)."""
     p = unit.payload
-    table = pq.read_table(p["src"], columns=["image_id", "identity", "image"])
+    table = read_table(p["src"], columns=["image_id", "identity", "image"])
     ids, identities, images = (table.column(c).to_pylist() for c in ("image_id", "identity", "image"))
     faces, reasons = decode_rows(images, image_ids=ids, paths=[p["src"]] * len(ids),
                                  skip_corrupt=p.get("skip_corrupt", False))  # (N, H, W, 3)

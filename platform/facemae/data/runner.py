@@ -4,6 +4,12 @@ A job that writes a dataset (ingest, mask) is cut into units, one output shard e
 unit is appended to a journal in the output folder; a rerun with the same settings keeps every
 shard whose file still matches its journalled checksum and runs only the rest. The manifest is
 written after the last unit, and the journal removed.
+
+The output may be an object-store prefix (``s3://bucket/prefix``, :mod:`facemae.storage`). Objects
+cannot be appended to, so there the journal object is rewritten whole, in one atomic upload, after
+each finished unit: the same JSON lines as the local file, at O(units) bytes per record, which is
+small for the hundreds of shards of a dataset. Ray tasks get the driver's storage settings
+(:func:`facemae.storage.options`, plain strings, no credential) and build their own filesystem.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
+from facemae import console, storage
 from facemae.config import RayConfig
 from facemae.data.shards import MANIFEST, DatasetError, Manifest, ShardInfo, read_manifest, sha256_file, verify_dataset
 
@@ -66,7 +73,7 @@ def reusable(root: str | os.PathLike, fingerprint: dict[str, Any], *, overwrite:
         DatasetError: ``root`` holds a dataset built with other settings and ``overwrite`` is off, or
             its shards no longer match the manifest.
     """
-    if overwrite or not (Path(root) / MANIFEST).exists():
+    if overwrite or not storage.exists(storage.join(root, MANIFEST)):
         return None
     settings, fingerprint = (_without(json.loads(json.dumps(d)), ignore)
                              for d in (read_manifest(root).settings, fingerprint))
@@ -95,6 +102,9 @@ def prepare_output(root: str | os.PathLike, *, overwrite: bool) -> None:
         DatasetError: ``root`` holds a finished dataset and ``overwrite`` is off, or holds files
             this platform did not write.
     """
+    if storage.is_remote(root):
+        _prepare_remote_output(str(root), overwrite=overwrite)
+        return
     root = Path(root)
     if (root / MANIFEST).exists():
         if not overwrite:
@@ -111,8 +121,22 @@ def prepare_output(root: str | os.PathLike, *, overwrite: bool) -> None:
         leftover.unlink()
 
 
+def _prepare_remote_output(root: str, *, overwrite: bool) -> None:
+    """:func:`prepare_output` for an object-store prefix (no temp objects to clean: uploads land whole)."""
+    if storage.exists(storage.join(root, MANIFEST)):
+        if not overwrite:
+            raise DatasetError(f"{root} already holds a finished dataset; pass --overwrite to replace it "
+                               "or choose another output location")
+        storage.delete_tree(root)
+    foreign = sorted({f.split("/")[0] for f in storage.list_files(root)} - {JOURNAL, "train", "deploy"})
+    if foreign:
+        raise DatasetError(f"{root} holds objects facemae did not write ({', '.join(foreign[:5])}); "
+                           "choose an empty or new output prefix")
+
+
 class Journal:
-    """The record of finished shards in an output folder, one JSON line each, fsynced.
+    """The record of finished shards in an output folder, one JSON line each, fsynced (on an object
+    store: the whole journal re-uploaded per record; module docstring).
 
     Opening it with another fingerprint than the one it was started with discards it and the shards
     it lists (they were built with other settings). A shard whose file no longer matches its
@@ -120,13 +144,15 @@ class Journal:
     """
 
     def __init__(self, root: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
-        self.root = Path(root)
-        self.path = self.root / JOURNAL
+        self.root = root
+        self.remote = storage.is_remote(root)
+        self.path = storage.join(root, JOURNAL) if self.remote else Path(root) / JOURNAL
+        self._lines: list[str] = []  # what the journal object holds (object stores)
         self.done = self._load(json.loads(json.dumps({"fingerprint": fingerprint})))
-        self._log = open(self.path, "a")
+        self._log = None if self.remote else open(self.path, "a")
 
     def _load(self, header: dict[str, Any]) -> dict[str, UnitResult]:
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        lines = storage.read_text(self.path).splitlines() if storage.exists(self.path) else []
         results = {}
         for line in lines[1:]:
             try:
@@ -137,25 +163,40 @@ class Journal:
             results[raw["shard"].file] = UnitResult(**raw)
         if not lines or json.loads(lines[0]) != header:
             for result in results.values():
-                (self.root / result.shard.file).unlink(missing_ok=True)
-            self.path.write_text(json.dumps(header) + "\n")
+                storage.delete(storage.join(self.root, result.shard.file))
+            self._lines = [json.dumps(header)]
+            if self.remote:
+                storage.write_text(self.path, self._lines[0] + "\n")
+            else:
+                self.path.write_text(self._lines[0] + "\n")
             return {}
-        return {rel: r for rel, r in results.items()
-                if (self.root / rel).is_file() and sha256_file(self.root / rel) == r.shard.sha256}
+        self._lines = lines  # a re-recorded shard's later line wins on load
+        done = {}
+        for rel, r in results.items():
+            shard = storage.join(self.root, rel)
+            if storage.is_file(shard) and sha256_file(shard) == r.shard.sha256:
+                done[rel] = r
+        return done
 
     def record(self, result: UnitResult) -> None:
-        self._log.write(json.dumps(asdict(result)) + "\n")
-        self._log.flush()
-        os.fsync(self._log.fileno())
+        line = json.dumps(asdict(result))
+        if self.remote:
+            self._lines.append(line)
+            storage.write_text(self.path, "\n".join(self._lines) + "\n")
+        else:
+            self._log.write(line + "\n")
+            self._log.flush()
+            os.fsync(self._log.fileno())
         self.done[result.shard.file] = result
 
     def close(self) -> None:
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
 
     def finish(self) -> None:
         """Removes the journal once the manifest is written."""
         self.close()
-        self.path.unlink(missing_ok=True)
+        storage.delete(self.path)
 
 
 def run_units(root: str | os.PathLike, units: Sequence[Unit], build: Callable[[Unit], UnitResult], *,
@@ -176,7 +217,7 @@ def run_units(root: str | os.PathLike, units: Sequence[Unit], build: Callable[[U
     journal = Journal(root, fingerprint)
     todo = [u for u in units if u.rel not in journal.done]
     with tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, unit="shard",
-              disable=not todo, leave=False) as bar:
+              disable=not todo, leave=False, file=console.bar_stream()) as bar:
         def record(result: UnitResult) -> None:
             journal.record(result)
             bar.update(1)
@@ -192,7 +233,14 @@ def run_units(root: str | os.PathLike, units: Sequence[Unit], build: Callable[[U
 
 def finish(root: str | os.PathLike) -> None:
     """Removes the journal once the manifest is written."""
-    (Path(root) / JOURNAL).unlink(missing_ok=True)
+    storage.delete(storage.join(root, JOURNAL))
+
+
+def run_unit_with_storage(build: Callable[[Unit], UnitResult], unit: Unit,
+                          storage_options: dict[str, str]) -> UnitResult:
+    """A Ray task's body: the driver's storage settings (a worker is another process), then ``build``."""
+    storage.configure(**storage_options)
+    return build(unit)
 
 
 def _run_on_ray(units: Sequence[Unit], build: Callable[[Unit], UnitResult],
@@ -202,8 +250,9 @@ def _run_on_ray(units: Sequence[Unit], build: Callable[[Unit], UnitResult],
     from facemae.cluster import ensure_ray
 
     ensure_ray(ray_config)
-    task = ray.remote(num_cpus=1)(build)
-    pending = {task.remote(u): u for u in units}
+    task = ray.remote(num_cpus=1)(run_unit_with_storage)
+    storage_options = storage.options()
+    pending = {task.remote(build, u, storage_options): u for u in units}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         unit = pending.pop(ready[0])

@@ -1,28 +1,28 @@
 """Parquet shards and the dataset manifest (DESIGN.md "Shard format").
 
-A dataset is a folder::
+A dataset is a folder, or a prefix of an object store (``s3://bucket/prefix``; :mod:`facemae.storage`)::
 
     manifest.json                 # written last: a folder without it is not a finished dataset
     train/part-00000.parquet      # one row per face
     deploy/part-00000.parquet     # identities disjoint from train
 
-Every file is written to a temporary name and renamed into place, so an interrupted writer never
-leaves a half shard that looks whole; the manifest holds each shard's row count and SHA-256.
+Every file is written to a temporary name and renamed into place (an object is uploaded to its final
+key only once complete), so an interrupted writer never leaves a half shard that looks whole; the
+manifest holds each shard's row count and SHA-256.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from facemae import storage
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,39 +70,45 @@ RELEASED_SCHEMA = pa.schema([
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex SHA-256 of a local file or an object (``s3://...``)."""
+    return storage.sha256(path)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp_path)`` and renames the result to ``path`` once it is complete and synced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Calls ``write(tmp_path)`` and puts the result at ``path`` once it is complete: renamed after an
+    fsync locally, uploaded to its final key on an object store (:func:`facemae.storage.atomic_write`)."""
+    storage.atomic_write(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    storage.write_text(path, text)
 
 
 def write_shard(root: str | os.PathLike, rel: str, table: pa.Table) -> ShardInfo:
     """Writes one Parquet shard atomically and returns what the manifest records of it."""
-    dest = Path(root) / rel
-    atomic_write(dest, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    digest: dict[str, str] = {}
+
+    def write(tmp: str) -> None:
+        pq.write_table(table, tmp, compression="zstd")
+        digest["sha256"] = storage.sha256(tmp)  # of the bytes about to be published; saves reading them back
+
+    atomic_write(storage.join(root, rel), write)
     identities = sorted(set(table.column("identity").to_pylist())) if table.num_rows else []
-    return ShardInfo(file=rel, rows=table.num_rows, sha256=sha256_file(dest), identities=identities)
+    return ShardInfo(file=rel, rows=table.num_rows, sha256=digest["sha256"], identities=identities)
+
+
+def read_table(path: str | os.PathLike, *, columns: list[str] | None = None) -> pa.Table:
+    """One shard (a local file or an object) as an Arrow table."""
+    if not storage.is_remote(path):
+        return pq.read_table(path, columns=columns)
+    fs, key = storage.resolve(path)
+    return pq.read_table(key, columns=columns, filesystem=fs)
+
+
+def parquet_rows(path: str | os.PathLike) -> int:
+    """A shard's row count, from its footer."""
+    with storage.open_input(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def shard_name(split: str, index: int) -> str:
@@ -131,10 +137,10 @@ class Manifest:
         return sum(s.rows for n in names for s in self.splits.get(n, []))
 
     def files(self, root: str | os.PathLike, split: str) -> list[str]:
-        """Absolute paths of one split's shards, in order."""
+        """Paths (or URLs) of one split's shards, in order."""
         if split not in self.splits:
             raise DatasetError(f"{root}: no split {split!r}; the dataset has {sorted(self.splits)}")
-        return [str(Path(root) / s.file) for s in self.splits[split]]
+        return [storage.join(root, s.file) for s in self.splits[split]]
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -147,7 +153,7 @@ class Manifest:
         return out
 
     def write(self, root: str | os.PathLike) -> None:
-        atomic_write_text(Path(root) / MANIFEST, json.dumps(self.to_json(), indent=1) + "\n")
+        atomic_write_text(storage.join(root, MANIFEST), json.dumps(self.to_json(), indent=1) + "\n")
 
 
 # The command that writes each kind of dataset (manifest ``settings.stage``) and how to rebuild it.
@@ -178,14 +184,14 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
             is damaged (not JSON, missing or mistyped keys), or it has a newer schema version than
             this code reads.
     """
-    path = Path(root) / MANIFEST
-    if not path.is_file():
+    path = storage.join(root, MANIFEST)
+    if not storage.is_file(path):
         raise DatasetError(f"{root} is not a finished facemae dataset (no {MANIFEST}); run `facemae ingest` "
                            "into it, or rerun the interrupted command to finish it")
     damaged = f"{path} is damaged"
     fix = f"restore it from a backup, or {REBUILD_ANY}"
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        raw = json.loads(storage.read_bytes(path).decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{damaged}: not UTF-8 text (byte {exc.start}); {fix}") from None
     except json.JSONDecodeError as exc:
@@ -239,13 +245,13 @@ def verify_dataset(root: str | os.PathLike) -> Manifest:
     problems = []
     for shards in manifest.splits.values():
         for s in shards:
-            path = Path(root) / s.file
-            if not path.is_file():
+            path = storage.join(root, s.file)
+            if not storage.is_file(path):
                 problems.append(f"{s.file} is missing")
             elif sha256_file(path) != s.sha256:
                 problems.append(f"{s.file} does not match its checksum")
-            elif pq.ParquetFile(path).metadata.num_rows != s.rows:
-                problems.append(f"{s.file} has {pq.ParquetFile(path).metadata.num_rows} rows, manifest says {s.rows}")
+            elif (rows := parquet_rows(path)) != s.rows:
+                problems.append(f"{s.file} has {rows} rows, manifest says {s.rows}")
     if problems:
         # Without --overwrite the writing command reuses the folder, verifies it and stops here again.
         rebuild = REBUILD.get(manifest.settings.get("stage"), REBUILD_ANY)
@@ -257,5 +263,4 @@ def verify_dataset(root: str | os.PathLike) -> Manifest:
 def iter_rows(paths: Iterable[str | os.PathLike], *, columns: list[str] | None = None) -> Iterable[dict[str, Any]]:
     """Yields the rows of shards one at a time (for small local jobs and tests; Ray Data reads at scale)."""
     for path in paths:
-        table = pq.read_table(path, columns=columns)
-        yield from table.to_pylist()
+        yield from read_table(path, columns=columns).to_pylist()

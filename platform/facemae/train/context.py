@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,6 +38,7 @@ from facemae.config import Config
 from facemae.data.images import corrupt_records
 from facemae.data.transforms import training_batch
 from facemae.metrics import TrainMetrics
+from facemae.tracking import ReportLogger, TrackedRun
 from facemae.train import engine as ds
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -48,7 +50,7 @@ class WorkerContext:
     """What the loop needs from its surroundings; subclasses provide batches and checkpoint storage."""
 
     def __init__(self, config: Config, *, rank: int, world_size: int, device: torch.device, num_classes: int,
-                 run_dir: Path, in_ray: bool) -> None:
+                 run_dir: Path, in_ray: bool, tracked: TrackedRun | None = None) -> None:
         self.config = config
         self.rank, self.world_size, self.device = rank, world_size, device
         self.num_classes = num_classes
@@ -68,6 +70,7 @@ class WorkerContext:
         if train.log_sample_ids:
             (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
             self._ids_file = open(run_dir / "sample_ids" / f"rank{rank:03d}.txt", "a")
+        self._tracker = ReportLogger.create(config, tracked, rank=rank, run_dir=run_dir)  # MLflow, TensorBoard
 
     # -- provided by subclasses ---------------------------------------------------------------------
     def batches(self, epoch: int, *, skip: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -110,6 +113,14 @@ class WorkerContext:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+    def track(self, metrics: dict[str, Any], directory: str | None) -> None:
+        """Rank 0, with tracking on: the report's metrics at its step, and the preview of the checkpoint
+        in ``directory``, to MLflow and TensorBoard (:mod:`facemae.tracking`)."""
+        if self._tracker is None:
+            return
+        preview = Path(directory) / PREVIEW if directory else None
+        self._tracker.log(metrics, preview=preview if preview is not None and preview.is_file() else None)
 
     def drop_corrupt(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
         """Raises for a row a training batch marks corrupt or, with ``data.skip_corrupt``, drops it and
@@ -231,6 +242,19 @@ def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     return _model_inputs({k: list(v) if v.dtype.kind in "OUS" else torch.from_numpy(np.require(v, requirements="CW"))
                           for k, v in batch.items()})
 
+
+def _tensor_collate() -> Any:
+    """:func:`_to_tensors` as the collate class ``iter_torch_batches`` expects (Ray 2.47 deprecated plain
+    functions, with a warning per worker and epoch)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class ToTensors(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            return _to_tensors(batch)
+
+    return ToTensors()
+
+
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """uint8 pixels to the model range ``[N, 3, H, W]`` in [-1, 1]; masks to float."""
     from facemae.models.fr import to_model_range
@@ -245,25 +269,29 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class RayContext(WorkerContext):
     """Inside a Ray Train worker: the dataset shard, ``ray.train.report`` and Ray's checkpoints."""
 
-    def __init__(self, config: Config, *, num_classes: int, progress_actor: Any = None) -> None:
+    def __init__(self, config: Config, *, num_classes: int, progress_actor: Any = None,
+                 tracked: TrackedRun | None = None) -> None:
         import ray.train
         import ray.train.torch
 
         tc = ray.train.get_context()
+        # DeepSpeed's ZeRO gathers call torch's deprecated all_gather_into_tensor: one FutureWarning per
+        # call site and rank, hundreds per run, about code that is not ours to change.
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor", category=FutureWarning)
         if not config.train.use_gpu:
             # Workers share the node's cores: one intra-op thread per reserved CPU, not one per core each
             # (with 2 threads each, 2 workers on 2 cores ran up to 25x slower here).
             torch.set_num_threads(max(1, round(config.train.cpus_per_worker)))
         super().__init__(config, rank=tc.get_world_rank(), world_size=tc.get_world_size(),
                          device=ray.train.torch.get_device(), num_classes=num_classes,
-                         run_dir=Path(config.run_dir()), in_ray=True)
+                         run_dir=Path(config.run_dir()), in_ray=True, tracked=tracked)
         self._shard = ray.train.get_dataset_shard("train")
         self._progress = progress_actor
 
     def batches(self, epoch: int, *, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         train = self.config.train
         it = self._shard.iter_torch_batches(batch_size=train.micro_batch, drop_last=True,
-                                            prefetch_batches=train.prefetch_batches, collate_fn=_to_tensors,
+                                            prefetch_batches=train.prefetch_batches, collate_fn=_tensor_collate(),
                                             local_shuffle_buffer_size=train.shuffle_buffer or None)
         # Ray Data's streaming split does not replay an epoch in the same order, so a resume skips
         # as many batches as were trained on: exact in count, not in which rows (see README).
@@ -294,6 +322,7 @@ class RayContext(WorkerContext):
 
         metrics = self.run_metrics(metrics)
         self.write_metrics_line(metrics)
+        self.track(metrics, directory)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
         name = f"{CHECKPOINT_PREFIX}{metrics['step']:08d}" if directory else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
@@ -308,9 +337,10 @@ class RayContext(WorkerContext):
 class LocalContext(WorkerContext):
     """One process, no Ray: shards read with pyarrow, checkpoints in ``<run_dir>/checkpoint_<step>``."""
 
-    def __init__(self, config: Config, *, files: list[str], num_classes: int, bar: Any = None) -> None:
+    def __init__(self, config: Config, *, files: list[str], num_classes: int, bar: Any = None,
+                 tracked: TrackedRun | None = None) -> None:
         super().__init__(config, rank=0, world_size=1, device=torch.device("cpu"), num_classes=num_classes,
-                         run_dir=Path(config.run_dir()), in_ray=False)
+                         run_dir=Path(config.run_dir()), in_ray=False, tracked=tracked)
         columns = [c for c in ("image_id", "identity", "image", "teacher_emb") if c in pq.read_schema(files[0]).names]
         tables = [pq.read_table(f, columns=columns) for f in files]
         self._rows = pa.concat_tables(tables).to_pydict()
@@ -354,6 +384,7 @@ class LocalContext(WorkerContext):
     def report(self, metrics: dict[str, Any], directory: str | None) -> None:
         metrics = self.run_metrics(metrics)
         self.write_metrics_line(metrics)
+        self.track(metrics, directory)
         if self._bar is not None:
             self._bar.update(metrics["step"] - self._bar.n)
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if "loss" in k})

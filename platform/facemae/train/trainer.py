@@ -16,11 +16,13 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
+from facemae import console
 from facemae.config import Config, from_dict
 from facemae.data.shards import verify_dataset
 from facemae.data.transforms import training_batch
 from facemae.losses.irm import view_name
 from facemae.models.weights import save_weights
+from facemae.tracking import TrackedRun, log_weights, tracked_run
 from facemae.train.context import LocalContext, RayContext, latest_checkpoint
 from facemae.train.engine import check_checkpoint, read_checkpoint_file, weights_only_loads
 from facemae.train.loop import PROGRESS, run
@@ -59,12 +61,16 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train",
     _check_teacher_view(config, manifest.source, root)
     if (done := finished_run(config)) is not None:
         return done
-    if config.train.num_workers == 0:
-        result = _train_local(config, files, num_classes)
-    else:
-        result = _train_ray(config, files, num_classes, callbacks=list(callbacks), show_progress=show_progress)
-    if result.checkpoint:
-        result.weights = str(export_weights(result.checkpoint, config, Path(result.run_dir) / EXPORT_DIR))
+    # One MLflow run per run folder (tracking.mlflow_uri): opened here, logged to by rank 0, ended here.
+    with tracked_run(config, folder=Path(config.run_dir()), name=config.name, kind="train") as tracked:
+        if config.train.num_workers == 0:
+            result = _train_local(config, files, num_classes, tracked=tracked)
+        else:
+            result = _train_ray(config, files, num_classes, callbacks=list(callbacks), show_progress=show_progress,
+                                tracked=tracked)
+        if result.checkpoint:
+            result.weights = str(export_weights(result.checkpoint, config, Path(result.run_dir) / EXPORT_DIR))
+        log_weights(tracked, result.weights)
     return result
 
 
@@ -97,21 +103,22 @@ def finished_run(config: Config) -> TrainResult | None:
                        weights=str(run_dir / EXPORT_DIR / "weights.safetensors"), metrics=_last_metrics(run_dir))
 
 
-def _train_local(config: Config, files: list[str], num_classes: int) -> TrainResult:
+def _train_local(config: Config, files: list[str], num_classes: int, *, tracked: TrackedRun | None) -> TrainResult:
     from facemae.train.engine import ensure_process_group
 
     ensure_process_group()
     run_dir = Path(config.run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=config.train.max_steps, desc=f"train {config.train.task}", unit="step") as bar:
-        ctx = LocalContext(config, files=files, num_classes=num_classes, bar=bar)
+    with tqdm(total=config.train.max_steps, desc=f"train {config.train.task}", unit="step",
+              file=console.bar_stream()) as bar:
+        ctx = LocalContext(config, files=files, num_classes=num_classes, bar=bar, tracked=tracked)
         run(config, ctx)
     return TrainResult(run_dir=str(run_dir), checkpoint=_str(latest_checkpoint(run_dir)), weights=None,
                        metrics=_last_metrics(run_dir))
 
 
 def _train_ray(config: Config, files: list[str], num_classes: int, *, callbacks: list[Any],
-               show_progress: bool) -> TrainResult:
+               show_progress: bool, tracked: TrackedRun | None) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -124,7 +131,8 @@ def _train_ray(config: Config, files: list[str], num_classes: int, *, callbacks:
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"config": config.to_dict(), "num_classes": num_classes, "progress": progress},
+        train_loop_config={"config": config.to_dict(), "num_classes": num_classes, "progress": progress,
+                           "tracked": tracked},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=config.name, storage_path=train.storage_root(),
@@ -164,7 +172,8 @@ def training_dataset(config: Config, files: list[str]) -> Any:
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:
     config = from_dict(Config, loop_config["config"]).validate()
-    ctx = RayContext(config, num_classes=loop_config["num_classes"], progress_actor=loop_config["progress"])
+    ctx = RayContext(config, num_classes=loop_config["num_classes"], progress_actor=loop_config["progress"],
+                     tracked=loop_config.get("tracked"))
     run(config, ctx)
 
 
@@ -175,7 +184,8 @@ def _fit_with_progress(trainer: Any, progress: Any, *, total: int, desc: str, di
     box: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: box.update(result=_capture(trainer.fit)), daemon=True)
     thread.start()
-    with tqdm(total=total, desc=desc, unit="step", mininterval=1.0, disable=disable) as bar:
+    with tqdm(total=total, desc=desc, unit="step", mininterval=1.0, disable=disable,
+              file=console.bar_stream()) as bar:
         while thread.is_alive():
             thread.join(timeout=0.5)
             step, losses = ray.get(progress.get.remote())

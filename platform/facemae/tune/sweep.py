@@ -16,13 +16,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from facemae import console
 from facemae.config import Config, RayConfig, from_dict, set_dotted
+from facemae.tracking import TrackedRun, job_run, log_folder, nested_under
 from facemae.tune.report import pareto_front, write_sweep_report
 
 METRIC, MODE = "val_objective", "min"
@@ -44,7 +47,7 @@ class SweepResult:
     pareto_png: str
 
 
-def run_sweep(config: Config, *, say: Callable[[str], None] = print, restore: bool = True) -> SweepResult:
+def run_sweep(config: Config, *, say: Callable[[str], None] = console.say, restore: bool = True) -> SweepResult:
     """Prepares the shared inputs, then runs (or, with ``restore``, resumes) the sweep.
 
     Raises:
@@ -59,9 +62,23 @@ def run_sweep(config: Config, *, say: Callable[[str], None] = print, restore: bo
                          "--set 'tune.space={mask.ratio: {choice: [0.5, 0.75]}}'")
     _check_space(config)
     ensure_ray(_ray_config(config))
+    # With tracking on, the sweep is one MLflow run: the teacher, the judge and every trial nest under it.
+    with job_run(config, folder=_sweep_path(config), name=f"{config.name}-sweep", kind="sweep") as job:
+        result = _sweep(config, say=say, restore=restore, job=job)
+        log_folder(job, Path(result.report).parent, artifact_path="report",
+                   tags={"facemae.best_trial": str(result.best_metrics.get("trial_id", "")),
+                         "facemae.best_config": json.dumps(result.best_config),
+                         **({"facemae.weights": result.best_weights} if result.best_weights else {})})
+    return result
+
+
+def _sweep(config: Config, *, say: Callable[[str], None], restore: bool, job: TrackedRun | None) -> SweepResult:
+    """The sweep proper: shared inputs, the trials (nested under ``job``), the table and the report."""
+    import ray
+
     base, dataset = prepare(config, say)
     concurrency = max_concurrent(config, ray.cluster_resources())
-    tuner, path = _tuner(base, dataset, concurrency=concurrency, restore=restore, say=say)
+    tuner, path = _tuner(base, dataset, concurrency=concurrency, restore=restore, say=say, job=job)
     say(f"sweep    {path}: {count_trials(config.tune)} trials, {concurrency} at a time")
     grid = tuner.fit()
     table = trial_table(grid, base)
@@ -116,15 +133,17 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], *, trial_id: str)
     return config
 
 
-def _trial(params: dict[str, Any], *, base: dict[str, Any], dataset: str) -> None:
-    """One trial: a whole Ray Train run whose reports reach Tune through ``TuneReportCallback``."""
+def _trial(params: dict[str, Any], *, base: dict[str, Any], dataset: str, job: TrackedRun | None = None) -> None:
+    """One trial: a whole Ray Train run whose reports reach Tune through ``TuneReportCallback`` (and, with
+    tracking on, its MLflow run, nested under the sweep's ``job``)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from facemae.train.trainer import train
 
     config = trial_config(base, params, trial_id=ray.tune.get_context().get_trial_id())
-    train(config, dataset=dataset, callbacks=[TuneReportCallback()], show_progress=False)
+    with nested_under(job):
+        train(config, dataset=dataset, callbacks=[TuneReportCallback()], show_progress=False)
 
 
 def _export(base: Config, row: dict[str, Any]) -> str:
@@ -134,14 +153,21 @@ def _export(base: Config, row: dict[str, Any]) -> str:
     return str(export_weights(row["checkpoint"], config, Path(config.run_dir()) / EXPORT_DIR))
 
 
+def _sweep_path(config: Config) -> Path:
+    """The Tune experiment folder of the sweep (restorable; it also keeps the sweep's ``mlflow.json``)."""
+    return Path(config.train.storage_root()) / f"{config.name}-sweep"
+
+
 def _tuner(base: Config, dataset: str, *, concurrency: int, restore: bool,
-           say: Callable[[str], None]) -> tuple[Any, Path]:
+           say: Callable[[str], None], job: TrackedRun | None) -> tuple[Any, Path]:
     import ray.tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from facemae.tune.callbacks import tracking_callbacks
+
     tune = base.tune
-    path = Path(base.train.storage_root()) / f"{base.name}-sweep"
-    trainable = ray.tune.with_resources(functools.partial(_trial, base=base.to_dict(), dataset=dataset),
+    path = _sweep_path(base)
+    trainable = ray.tune.with_resources(functools.partial(_trial, base=base.to_dict(), dataset=dataset, job=job),
                                         {"cpu": tune.cpus_per_trial})
     if restore and ray.tune.Tuner.can_restore(str(path)):
         say(f"restoring {path}: finished trials are kept, unfinished ones resume from their checkpoints")
@@ -160,7 +186,8 @@ def _tuner(base: Config, dataset: str, *, concurrency: int, restore: bool,
         tune_config=ray.tune.TuneConfig(metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=tune.num_samples,
                                         search_alg=BasicVariantGenerator(random_state=tune.seed,
                                                                          max_concurrent=concurrency)),
-        run_config=ray.tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=1))
+        run_config=ray.tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=1,
+                                      callbacks=tracking_callbacks(base)))
     return tuner, path
 
 

@@ -1,0 +1,335 @@
+"""Where datasets live: a local path, ``s3://bucket/prefix`` or ``gs://bucket/prefix``.
+
+Every location goes through pyarrow's filesystems, the layer Ray Data and Ray Train already use.
+Credentials come the standard way: for S3 the AWS chain (``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and ``~/.aws``, instance roles);
+for GCS Google's application default credentials (``GOOGLE_APPLICATION_CREDENTIALS``). The endpoint
+of an S3-compatible store (MinIO, Ceph, moto) and the region come from :func:`configure` (the
+``storage`` config section), else from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` and
+``AWS_REGION`` / ``AWS_DEFAULT_REGION``, as the AWS tools read them.
+
+Atomicity. :func:`atomic_write` never lets a reader see half an object under its final name: a local
+file is written to a temp name in the same folder, fsynced and renamed (``os.replace``); an object is
+first written to a local temp file and then uploaded to its final key, and an S3 object (a single PUT
+or a multipart upload) or a GCS object becomes visible only when its upload completes. A writer that
+fails before the upload leaves nothing; a process killed during the upload leaves at most an
+unfinished multipart upload, which is invisible (a bucket lifecycle rule
+``AbortIncompleteMultipartUpload`` reclaims its parts).
+
+Local paths keep their exact behaviour (``pathlib`` / ``os`` calls); only ``scheme://`` locations
+take the filesystem route. Imports stdlib and pyarrow only, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.fs as pafs
+
+SCHEMES = {"s3": "S3", "gs": "GCS", "gcs": "GCS"}
+CONNECT_TIMEOUT_S = 5.0
+RETRIES = 3  # attempts per request once a bucket answered; the first check makes one attempt only
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                  "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+PathLike = str | os.PathLike
+
+
+class StorageLocationError(ValueError):
+    """A location that names no usable place: an unknown scheme, a URL without a bucket."""
+
+
+class StorageUnreachableError(ConnectionError):
+    """A bucket that cannot be reached: wrong endpoint, missing credentials, denied access, no such bucket."""
+
+
+_options: dict[str, str] = {"endpoint_override": "", "region": ""}
+_filesystems: dict[tuple[str, str, str, str], pafs.FileSystem] = {}  # (scheme, bucket, endpoint, region)
+_lock = threading.Lock()
+
+
+def configure(*, endpoint_override: str = "", region: str = "") -> None:
+    """Sets this process's object-store settings (the ``storage`` config section); empty values fall
+    back to the AWS environment variables. Jobs call it before touching a location, and Ray tasks
+    call it with :func:`options` of their driver, since a worker is another process.
+
+    Args:
+        endpoint_override: S3-compatible endpoint, e.g. ``http://127.0.0.1:9000``.
+        region: S3 region, e.g. ``eu-west-1``.
+    """
+    _options.update(endpoint_override=endpoint_override, region=region)
+
+
+def options() -> dict[str, str]:
+    """The settings in effect, the environment's included: what a Ray task passes to :func:`configure`
+    so that it reaches the same endpoint as its driver. Holds no credential."""
+    return {"endpoint_override": _endpoint(), "region": _region()}
+
+
+def _endpoint() -> str:
+    return (_options["endpoint_override"] or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or "")
+
+
+def _region() -> str:
+    return _options["region"] or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
+
+
+def is_remote(location: PathLike) -> bool:
+    """Whether ``location`` is a ``scheme://`` URL rather than a local path."""
+    return isinstance(location, str) and "://" in location
+
+
+def split_url(location: str) -> tuple[str, str, str]:
+    """``s3://bucket/a/b`` -> ``("s3", "bucket", "a/b")``.
+
+    Raises:
+        StorageLocationError: The scheme is not one of :data:`SCHEMES`, or there is no bucket.
+    """
+    scheme, _, rest = location.partition("://")
+    scheme = scheme.lower()
+    if scheme not in SCHEMES:
+        raise StorageLocationError(f"{location}: unsupported storage scheme {scheme + '://'!r}; use a local path, "
+                                   "s3://bucket/prefix or gs://bucket/prefix")
+    bucket, _, key = rest.partition("/")
+    if not bucket or any(c in bucket for c in "?#@:"):
+        raise StorageLocationError(f"{location}: no bucket named; write {scheme}://<bucket>/<prefix>, "
+                                   f"e.g. {scheme}://my-bucket/datasets/faces")
+    return scheme, bucket, key.strip("/")
+
+
+def join(location: PathLike, *parts: str) -> str:
+    """``location/part/...``: a local path joined as ``pathlib`` does, a URL with ``/``."""
+    if is_remote(location):
+        scheme, bucket, key = split_url(str(location))
+        return "/".join([f"{scheme}://{bucket}", *(p.strip("/") for p in (key, *parts) if p.strip("/"))])
+    return str(Path(location, *parts))
+
+
+def resolve(location: PathLike) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path in it)`` of a location; the bucket of a URL is checked once per process.
+
+    Raises:
+        StorageLocationError: A malformed URL.
+        StorageUnreachableError: The bucket does not answer, naming the setting to fix.
+    """
+    if not is_remote(location):
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    scheme, bucket, key = split_url(str(location))
+    endpoint, region = (_endpoint(), _region()) if SCHEMES[scheme] == "S3" else ("", "")
+    cache_key = (SCHEMES[scheme], bucket, endpoint, region)
+    with _lock:
+        fs = _filesystems.get(cache_key)
+        if fs is None:
+            if SCHEMES[scheme] == "S3" and not endpoint and not region:
+                region = _bucket_region(bucket)
+            _check_bucket(_filesystem(scheme, endpoint, region, attempts=1), scheme=scheme, bucket=bucket,
+                          endpoint=endpoint)
+            fs = _filesystems[cache_key] = _filesystem(scheme, endpoint, region, attempts=RETRIES)
+    return fs, f"{bucket}/{key}".rstrip("/")
+
+
+def _bucket_region(bucket: str) -> str:
+    """The region of an AWS bucket (a request to another region's endpoint is refused), or "" to let
+    the check below report why it cannot be reached."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return ""
+
+
+def _filesystem(scheme: str, endpoint: str, region: str, *, attempts: int) -> pafs.FileSystem:
+    if SCHEMES[scheme] == "GCS":
+        return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=CONNECT_TIMEOUT_S * attempts))
+    # allow_delayed_open: an object smaller than one multipart part goes up in a single PUT; the cost,
+    # errors such as a missing bucket surfacing at close, is covered by the bucket check.
+    kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": 30.0,
+                              "allow_delayed_open": True,
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint  # "http://host:port" also picks the scheme
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _check_bucket(fs: pafs.FileSystem, *, scheme: str, bucket: str, endpoint: str) -> None:
+    """Fails fast, with the fix, when the bucket does not answer (one attempt, a short connect timeout)."""
+    where = f"{scheme}://{bucket}" + (f" at {endpoint}" if endpoint else "")
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as exc:
+        detail = " ".join(str(exc).split())
+        aws = re.search(r"AWS Error (.*?)(?:;|$)", detail)  # "AWS Error X during Y operation: reason; Details: ..."
+        detail = aws.group(1) if aws else detail[:200]
+        raise StorageUnreachableError(f"cannot reach {where} ({detail}); {_advice(scheme, detail)}") from None
+    if not found:
+        raise StorageUnreachableError(f"{where}: bucket {bucket!r} does not exist or is not visible with these "
+                                      f"credentials; create it, or fix the bucket name; {_advice(scheme, '')}")
+
+
+def _advice(scheme: str, detail: str) -> str:
+    """What to set, for a bucket that did not answer."""
+    if SCHEMES[scheme] == "GCS":
+        return "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (or run `gcloud auth " \
+               "application-default login`)"
+    creds = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+    have_creds = any(os.environ.get(k) for k in CREDENTIAL_ENV) or \
+        Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")).expanduser().is_file()
+    denied = any(w in detail for w in ("ACCESS_DENIED", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                       "credentials"))
+    endpoint = ("check storage.endpoint_override (or AWS_ENDPOINT_URL) names a running S3-compatible server, "
+                "e.g. http://127.0.0.1:9000, and storage.region")
+    if denied:
+        return f"access denied: {creds} to keys that may read and write this bucket"
+    if not have_creds:
+        return f"no AWS credentials found: {creds}; and {endpoint}"
+    return endpoint
+
+
+# Reading
+
+
+def exists(location: PathLike) -> bool:
+    """Whether a file, folder, object or prefix is there."""
+    if not is_remote(location):
+        return os.path.exists(location)
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(location: PathLike) -> bool:
+    """Whether a file or object (not a folder or prefix) is there."""
+    if not is_remote(location):
+        return os.path.isfile(location)
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def open_input(location: PathLike) -> Any:
+    """A seekable binary file (a ``pyarrow.NativeFile``, or Python's for a local path); close it (``with``)."""
+    if not is_remote(location):
+        return open(location, "rb")
+    fs, path = resolve(location)
+    return fs.open_input_file(path)
+
+
+def read_bytes(location: PathLike) -> bytes:
+    """A whole file's or object's bytes."""
+    with open_input(location) as f:
+        return f.read()
+
+
+def read_text(location: PathLike) -> str:
+    """A whole file or object as UTF-8 text."""
+    return read_bytes(location).decode("utf-8")
+
+
+def sha256(location: PathLike) -> str:
+    """Hex SHA-256 of a file's or object's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open_input(location) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_files(location: PathLike) -> list[str]:
+    """Every file under a folder or prefix, as sorted ``/``-separated paths relative to it; ``[]`` when
+    there is none."""
+    if not is_remote(location):
+        root = Path(location)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) \
+            if root.is_dir() else []
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+# Writing
+
+
+def open_output(location: PathLike) -> Any:
+    """A binary output stream at the final name. Not atomic (a failed local writer leaves a partial
+    file): use :func:`atomic_write` for anything a reader may trust."""
+    if not is_remote(location):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        return open(location, "wb")
+    fs, path = resolve(location)
+    return fs.open_output_stream(path)
+
+
+def atomic_write(location: PathLike, write: Callable[[str], None]) -> None:
+    """Calls ``write(tmp_path)`` with a local temp file and puts the complete result at ``location``
+    (module docstring: renamed after fsync locally, uploaded to the final key on an object store)."""
+    if is_remote(location):
+        fd, tmp = tempfile.mkstemp(prefix="facemae-upload-", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            fs, path = resolve(location)
+            # One C++ copy: no Python code runs between the parts of the upload, so an exception
+            # here cannot complete it half-written.
+            pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return
+    path = Path(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(location: PathLike, text: str) -> None:
+    """Writes ``text`` (UTF-8) atomically."""
+    atomic_write(location, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def delete(location: PathLike) -> None:
+    """Removes one file or object; a missing one is fine.
+
+    On S3, pyarrow then writes an empty ``<parent>/`` marker object so that the "folder" still exists
+    (Arrow's ``S3FileSystem::DeleteFile``, no option turns it off); :func:`list_files` leaves such
+    markers out.
+    """
+    if not is_remote(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = resolve(location)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def delete_tree(location: PathLike) -> None:
+    """Removes a folder, or every object under a prefix, and what it holds; a missing one is fine."""
+    if not is_remote(location):
+        shutil.rmtree(location, ignore_errors=not os.path.exists(location))
+        return
+    fs, path = resolve(location)
+    if "/" not in path:
+        raise StorageLocationError(f"{location}: refusing to delete a whole bucket; name a prefix inside it")
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def make_dirs(location: PathLike) -> None:
+    """Creates a local folder; object stores have no folders, so a URL needs nothing."""
+    if not is_remote(location):
+        Path(location).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,253 @@
+"""Datasets on an object store (issue 12, part 1): facemae.storage against a real S3-compatible server
+(moto's standalone server on localhost), then ingest -> mask -> verify on s3://, resume, bad locations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import free_ports, make_folder
+from facemae import cli, storage
+from facemae.config import load_config
+from facemae.data import synthetic
+from facemae.data.images import decode_rgb
+from facemae.data.ingest import ingest
+from facemae.data.runner import JOURNAL, UnitResult
+from facemae.data.shards import MANIFEST, iter_rows, read_manifest
+
+FACEMAE = str(Path(sys.executable).parent / "facemae")
+SYNTHETIC = ["data.num_identities=6", "data.images_per_identity=3", "data.rows_per_shard=4",
+             "data.deploy_fraction=0.34"]
+
+
+@pytest.fixture(autouse=True)
+def default_storage():
+    """Each test leaves this process's storage settings as it found them: the defaults."""
+    yield
+    storage.configure()
+
+
+@pytest.fixture
+def s3(s3_server):
+    """The session's server, with this process's storage settings pointing at it for one test."""
+    endpoint, bucket, client = s3_server
+    storage.configure(endpoint_override=endpoint)
+    return endpoint, bucket, client
+
+
+def _objects(client, bucket: str, prefix: str) -> dict[str, dict]:
+    """``{key relative to prefix: its listing entry}`` of every object under ``prefix/``, but the empty
+    ``folder/`` markers pyarrow leaves after a delete (storage.delete)."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+    return {o["Key"][len(prefix) + 1:]: o for page in pages for o in page.get("Contents", [])
+            if not (o["Key"].endswith("/") and o["Size"] == 0)}
+
+
+def _body(client, bucket: str, key: str) -> bytes:
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+# (a) The storage layer itself.
+
+def test_write_read_list_checksum_and_delete(s3):
+    _, bucket, client = s3
+    root = f"s3://{bucket}/unit"
+    storage.write_text(storage.join(root, "a.txt"), "héllo\n")
+    payload = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()  # several MiB
+    storage.atomic_write(storage.join(root, "sub", "b.bin"), lambda tmp: Path(tmp).write_bytes(payload))
+    assert storage.read_text(f"{root}/a.txt") == "héllo\n"
+    assert storage.list_files(root) == ["a.txt", "sub/b.bin"]
+    assert storage.list_files(f"s3://{bucket}/nothing-here") == []
+    assert storage.is_file(f"{root}/sub/b.bin") and not storage.is_file(f"{root}/sub")
+    assert storage.exists(f"{root}/sub") and not storage.exists(f"{root}/c.txt")
+    assert _body(client, bucket, "unit/sub/b.bin") == payload
+    assert storage.sha256(f"{root}/sub/b.bin") == hashlib.sha256(_body(client, bucket, "unit/sub/b.bin")).hexdigest()
+    storage.delete(f"{root}/a.txt")
+    storage.delete(f"{root}/a.txt")  # a missing object is fine
+    assert set(_objects(client, bucket, "unit")) == {"sub/b.bin"}
+    storage.delete_tree(root)
+    assert _objects(client, bucket, "unit") == {}
+
+
+def test_an_interrupted_write_leaves_nothing_under_the_final_key(s3):
+    _, bucket, client = s3
+    key = f"s3://{bucket}/atomic/shard.parquet"
+
+    def half_then_fail(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half a shard")
+        raise KeyboardInterrupt  # the writer is killed mid-shard
+
+    with pytest.raises(KeyboardInterrupt):
+        storage.atomic_write(key, half_then_fail)
+    assert _objects(client, bucket, "atomic") == {}
+    storage.write_text(key, "whole")
+    with pytest.raises(KeyboardInterrupt):
+        storage.atomic_write(key, half_then_fail)
+    assert _body(client, bucket, "atomic/shard.parquet") == b"whole"  # the old object stands
+
+
+def test_local_paths_keep_their_atomic_rename(tmp_path):
+    target = tmp_path / "d" / "x.txt"
+    storage.write_text(target, "one")
+
+    def half_then_fail(tmp: str) -> None:
+        Path(tmp).write_text("tw")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        storage.atomic_write(target, half_then_fail)
+    assert target.read_text() == "one" and storage.list_files(tmp_path) == ["d/x.txt"]  # no temp file left
+    assert storage.join(tmp_path, "d", "x.txt") == str(target)
+
+
+@pytest.mark.parametrize("url, says", [
+    ("s3://", "no bucket named; write s3://<bucket>/<prefix>"),
+    ("s3:///key", "no bucket named"),
+    ("ftp://host/x", "unsupported storage scheme 'ftp://'; use a local path, s3://bucket/prefix or gs://"),
+])
+def test_malformed_urls_are_refused(url, says):
+    with pytest.raises(storage.StorageLocationError, match="^" + re.escape(url) + ": "):
+        storage.join(url, "manifest.json")
+    with pytest.raises(ValueError, match=re.escape(says)):
+        storage.resolve(url)
+
+
+def test_a_missing_bucket_and_a_dead_endpoint_fail_fast_naming_the_fix(s3):
+    endpoint, _, _ = s3
+    with pytest.raises(storage.StorageUnreachableError, match="bucket 'no-such-bucket' does not exist"):
+        storage.exists("s3://no-such-bucket/x")
+    (port,) = free_ports(1)  # nothing listens there
+    storage.configure(endpoint_override=f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(storage.StorageUnreachableError, match=f"cannot reach s3://b at http://127.0.0.1:{port} .*"
+                                                              "check storage.endpoint_override"):
+        storage.exists("s3://b/x")
+    assert time.monotonic() - start < 10
+
+
+# (b) ingest -> mask -> verify on s3://, through the command line, Ray tasks writing the shards.
+
+def _facemae(capsys, *argv: str) -> dict:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _facemae_process(*argv: str) -> dict:
+    """``facemae argv`` in its own process, with its own embedded Ray: its workers inherit this
+    environment's AWS keys, as a real cluster's nodes have their own. (Workers of a Ray started
+    before the keys were set would write anonymously, which moto accepts and stores wrongly.)"""
+    done = subprocess.run([FACEMAE, *argv, "--set=ray.num_cpus=2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _check_bucket_matches_manifest(client, bucket: str, prefix: str) -> dict:
+    """Every shard the manifest names is an object whose bytes hash to its recorded SHA-256, and
+    nothing else is there (no journal, no temp object)."""
+    manifest = json.loads(_body(client, bucket, f"{prefix}/{MANIFEST}"))
+    shards = [s for split in manifest["splits"].values() for s in split]
+    objects = _objects(client, bucket, prefix)
+    assert set(objects) == {MANIFEST, *(s["file"] for s in shards)}
+    for s in shards:
+        assert hashlib.sha256(_body(client, bucket, f"{prefix}/{s['file']}")).hexdigest() == s["sha256"], s["file"]
+    return manifest
+
+
+def test_ingest_mask_verify_on_s3_then_resume_redoes_only_the_missing_shard(s3, capsys, tmp_path, monkeypatch):
+    endpoint, bucket, client = s3
+    data, masked = f"s3://{bucket}/syn", f"s3://{bucket}/syn-masked"
+    settings = [f"--set=storage.endpoint_override={endpoint}", *(f"--set={s}" for s in SYNTHETIC)]
+    summary = _facemae_process("ingest", *settings, "--output", data, "--workers", "2")  # 5 shards: Ray tasks
+    assert summary["counts"]["train"]["images"] + summary["counts"]["deploy"]["images"] == 18
+    original = _check_bucket_matches_manifest(client, bucket, "syn")
+    assert len(original["splits"]["train"]) == 3 and len(original["splits"]["deploy"]) == 2
+
+    # Byte for byte the dataset a local ingest writes.
+    local = ingest(load_config(None, [f"data.output={tmp_path / 'ds'}", "data.workers=1", *SYNTHETIC]))
+    assert {s.file: s.sha256 for g in local.splits.values() for s in g} == \
+        {s["file"]: s["sha256"] for g in original["splits"].values() for s in g}
+
+    _facemae(capsys, "mask", *settings, f"--set=data.output={data}", "--output", masked)
+    assert _check_bucket_matches_manifest(client, bucket, "syn-masked")["kind"] == "masked"
+
+    # verify has no config: the endpoint comes from AWS_ENDPOINT_URL, as for the AWS tools.
+    storage.configure()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    assert _facemae(capsys, "verify", data)["counts"] == summary["counts"]
+    rows = list(iter_rows(read_manifest(data).files(data, "deploy")))
+    identity, index = (int(x) for x in rows[0]["image_id"].split("-")[1:])
+    np.testing.assert_array_equal(decode_rgb(rows[0]["image"]), synthetic.generate_image(identity, index, seed=0))
+
+    # A run killed before its last shard: no manifest, a journal of the others, one shard missing.
+    lost, finished = original["splits"]["train"][1]["file"], read_manifest(data).splits
+    journal = [json.dumps({"fingerprint": original["settings"]})] + [
+        json.dumps(asdict(UnitResult(split=split, shard=shard)))
+        for split, shards in finished.items() for shard in shards if shard.file != lost]
+    client.put_object(Bucket=bucket, Key=f"syn/{JOURNAL}", Body="\n".join(journal) + "\n")
+    for key in (MANIFEST, lost):
+        client.delete_object(Bucket=bucket, Key=f"syn/{key}")
+    before = _objects(client, bucket, "syn")
+    time.sleep(1.1)  # LastModified has one-second resolution
+    _facemae(capsys, "ingest", *settings, "--output", data, "--workers", "2")
+    after = _objects(client, bucket, "syn")
+    rewritten = {k for k in after if k not in before or after[k]["LastModified"] != before[k]["LastModified"]}
+    assert rewritten == {lost, MANIFEST} and JOURNAL not in after
+    assert _check_bucket_matches_manifest(client, bucket, "syn") == original
+
+
+def test_a_local_image_folder_ingests_to_s3_byte_for_byte(s3, tmp_path):
+    endpoint, bucket, client = s3
+    pixels = make_folder(tmp_path / "faces", identities=3, images=2)
+    out = f"s3://{bucket}/folder-ds"
+    ingest(load_config(None, ["data.source=folder", f"data.path={tmp_path / 'faces'}", f"data.output={out}",
+                              "data.workers=1", "data.rows_per_shard=2", f"storage.endpoint_override={endpoint}"]))
+    _check_bucket_matches_manifest(client, bucket, "folder-ds")
+    rows = {r["image_id"]: r for split in ("train", "deploy") for r in iter_rows(read_manifest(out).files(out, split))}
+    assert set(rows) == set(pixels)
+    for image_id, row in rows.items():
+        np.testing.assert_array_equal(decode_rgb(row["image"]), pixels[image_id])
+
+
+# (d) One clear line for a bad location or a store that cannot be reached.
+
+def _error_line(capsys, *argv: str) -> str:
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("output, says", [
+    ("s3://", "data.output=s3://: no bucket named; write s3://<bucket>/<prefix>"),
+    ("ftp://host/faces", "data.output=ftp://host/faces: unsupported storage scheme 'ftp://'"),
+])
+def test_a_bad_url_is_one_line(capsys, output, says):
+    assert says in _error_line(capsys, "ingest", "--output", output, "--set=data.num_identities=2")
+
+
+def test_missing_credentials_and_a_dead_endpoint_are_one_line_naming_what_to_set(capsys, monkeypatch):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    (port,) = free_ports(1)
+    start = time.monotonic()
+    line = _error_line(capsys, "ingest", "--output", "s3://facemae-test/x", "--set=data.num_identities=2",
+                       f"--set=storage.endpoint_override=http://127.0.0.1:{port}")
+    assert time.monotonic() - start < 15
+    assert f"cannot reach s3://facemae-test at http://127.0.0.1:{port}" in line
+    assert "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in line
+    assert "storage.endpoint_override" in line
