@@ -163,7 +163,7 @@ def _tuner(base: Config, dataset: str, *, concurrency: int, restore: bool,
     import ray.tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from facemae.tune.callbacks import tracking_callbacks
+    from facemae.tune.callbacks import TrialBar, tracking_callbacks
 
     tune = base.tune
     path = _sweep_path(base)
@@ -187,7 +187,7 @@ def _tuner(base: Config, dataset: str, *, concurrency: int, restore: bool,
                                         search_alg=BasicVariantGenerator(random_state=tune.seed,
                                                                          max_concurrent=concurrency)),
         run_config=ray.tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=1,
-                                      callbacks=tracking_callbacks(base)))
+                                      callbacks=[TrialBar(count_trials(tune)), *tracking_callbacks(base)]))
     return tuner, path
 
 
