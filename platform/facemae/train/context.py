@@ -177,7 +177,9 @@ class WorkerContext:
         return {**metrics, "images_trained": images, "corrupt_skipped": corrupt,
                 "images_per_s": round(self.metrics.images_per_second(), 2),
                 "step_time_s": round(self.metrics.median_step_seconds(), 4),
-                "data_wait_fraction": round(self.metrics.data_wait_fraction(), 4), "time": round(time.time(), 3)}
+                "data_wait_fraction": round(self.metrics.data_wait_fraction(), 4), "time": round(time.time(), 3),
+                **({"gpu_mem_peak_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
+                   if self.device.type == "cuda" else {})}
 
     def saved(self, engine: Any, directory: str, step: int) -> None:
         """After a checkpoint (every rank): the run totals go into it; with ``train.debug_state_dir``,
