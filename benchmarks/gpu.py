@@ -44,7 +44,7 @@ from typing import Any
 from provenance import RESULTS, commit, provenance
 
 from facemae import console
-from facemae.cluster import shutdown_embedded
+from facemae.cli import job_console
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets; matched in order
 # against torch.cuda.get_device_name().
@@ -195,14 +195,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cpu_smoke:
         args.steps, args.warmup, args.log_every = min(args.steps, 6), 0, 1
-    with tempfile.TemporaryDirectory(prefix="facemae-gpu-") as tmp, \
-            console.quiet(console.default_log_path("gpu-benchmark"), verbose=args.verbose) as log:
-        if log:
-            console.say(console.describe(log))
-        try:
-            figures = run(args, Path(args.keep or tmp))
-        finally:
-            shutdown_embedded()
+    with tempfile.TemporaryDirectory(prefix="facemae-gpu-") as tmp, job_console("gpu-benchmark", verbose=args.verbose):
+        figures = run(args, Path(args.keep or tmp))
     print(table(figures))
     if args.cpu_smoke:
         print("(--cpu-smoke: the figures check the script, not a machine; nothing written)")

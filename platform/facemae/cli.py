@@ -11,10 +11,11 @@ shows it on the console instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from facemae import console, sdk
 from facemae.cluster import input_errors_unwrapped, shutdown_embedded
@@ -296,9 +297,7 @@ def one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with console.quiet(console.default_log_path(args.command), verbose=args.verbose) as log:
-        if log:
-            console.say(console.describe(log))
+    with job_console(args.command, verbose=args.verbose):
         try:
             with input_errors_unwrapped():  # a corrupt row found on a Ray worker: its message, not Ray's wrapper
                 summary = args.run(args)
@@ -310,10 +309,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             after = "the job goes on on the cluster" if args.command == "submit" else "a rerun resumes"
             console.error(f"facemae {args.command}: interrupted; {after}")
             return 130
-        finally:
-            shutdown_embedded()  # while its last words still go to the log
         console.say(json.dumps(summary, default=str))
     return 0
+
+
+@contextlib.contextmanager
+def job_console(name: str, *, verbose: bool) -> Iterator[None]:
+    """A command's quiet console (:func:`facemae.console.quiet`): its first line names the log file, and an
+    embedded Ray cluster the command started is stopped inside it, so that Ray's last words go to the log.
+
+    Args:
+        name: Names the log file, e.g. ``train``.
+        verbose: Show library output on the console instead.
+    """
+    with console.quiet(console.default_log_path(name), verbose=verbose) as log:
+        if log:
+            console.say(console.describe(log))
+        try:
+            yield
+        finally:
+            shutdown_embedded()
 
 
 def job_parser(doc: str, *, default_config: str, example: str) -> argparse.ArgumentParser:
@@ -342,16 +357,12 @@ def run_job(name: str, body: Callable[[], None], *, verbose: bool = False) -> in
         body: The job.
         verbose: Show library output on the console instead of in the log file.
     """
-    with console.quiet(console.default_log_path(Path(name).stem), verbose=verbose) as log:
-        if log:
-            console.say(console.describe(log))
+    with job_console(Path(name).stem, verbose=verbose):
         try:
             body()
         except USER_ERRORS as exc:
             console.error(f"{name}: {one_line(exc)}")
             return 2
-        finally:
-            shutdown_embedded()
     return 0
 
 

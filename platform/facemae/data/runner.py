@@ -165,10 +165,7 @@ class Journal:
             for result in results.values():
                 storage.delete(storage.join(self.root, result.shard.file))
             self._lines = [json.dumps(header)]
-            if self.remote:
-                storage.write_text(self.path, self._lines[0] + "\n")
-            else:
-                self.path.write_text(self._lines[0] + "\n")
+            storage.write_text(self.path, self._lines[0] + "\n")
             return {}
         self._lines = lines  # a re-recorded shard's later line wins on load
         done = {}
