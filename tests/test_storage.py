@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import free_ports, make_folder
 from facemae import cli, storage
+from facemae.sdk import train_run
 from facemae.config import load_config
 from facemae.data import synthetic
 from facemae.data.images import decode_rgb
@@ -143,11 +145,12 @@ def _facemae(capsys, *argv: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _facemae_process(*argv: str) -> dict:
+def _facemae_process(*argv: str, cwd: Path | None = None) -> dict:
     """``facemae argv`` in its own process, with its own embedded Ray: its workers inherit this
     environment's AWS keys, as a real cluster's nodes have their own. (Workers of a Ray started
     before the keys were set would write anonymously, which moto accepts and stores wrongly.)"""
-    done = subprocess.run([FACEMAE, *argv, "--set=ray.num_cpus=2"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([FACEMAE, *argv, "--set=ray.num_cpus=2"], capture_output=True, text=True, timeout=400,
+                          cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -219,6 +222,138 @@ def test_a_local_image_folder_ingests_to_s3_byte_for_byte(s3, tmp_path):
         np.testing.assert_array_equal(decode_rgb(row["image"]), pixels[image_id])
 
 
+# (c) The whole platform on the store: the main job (ingest, mask, IRM teacher, teacher embeddings,
+# FaceMAE on 2 Ray workers with checkpoints), its resume, generation and evaluation, nothing local.
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "train_smoke.yaml")
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG, from its IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_the_main_job_resume_generate_and_evaluate_run_entirely_on_s3(s3, tmp_path):
+    endpoint, bucket, client = s3
+    root = f"s3://{bucket}/e2e"
+    settings = ["--config", SMOKE, f"--set=storage.endpoint_override={endpoint}", "--set=name=e2e",
+                f"--set=data.output={root}/data", f"--set=train.storage_path={root}/runs", "--set=train.checkpoint_every=2"]
+    work = tmp_path / "cwd"
+    work.mkdir()
+
+    first = _facemae_process("train", *settings, "--set=train.max_steps=3", cwd=work)
+    assert first["metrics"]["step"] == 3 and first["teacher"] == f"{root}/runs/e2e-teacher/export/weights.safetensors"
+    second = _facemae_process("train", *settings, "--set=train.max_steps=5", cwd=work)  # same run, resumed
+    run = f"{root}/runs/e2e"
+    assert second["checkpoint"] == f"{run}/checkpoint_00000005" and second["run_dir"] == run
+    assert second["weights"] == f"{run}/export/weights.safetensors"
+
+    # Every dataset is on the bucket whole: each shard's bytes hash to its manifest's checksum.
+    prefixes = sorted({k.split("/")[0] for k in _objects(client, bucket, "e2e") if k.split("/")[0] != "runs"})
+    embedded = [p for p in prefixes if p.startswith("data-teacher-")]
+    assert prefixes == sorted(["data", "data-masked", *embedded]) and len(embedded) == 1
+    for prefix in prefixes:
+        _check_bucket_matches_manifest(client, bucket, f"e2e/{prefix}")
+
+    # The run: Ray Train's checkpoints (the newest two), metrics of both attempts, exported weights.
+    runs = _objects(client, bucket, "e2e/runs/e2e")
+    checkpoints = sorted({k.split("/")[0] for k in runs if "/" in k and k.startswith("checkpoint_")})
+    assert checkpoints == ["checkpoint_00000004", "checkpoint_00000005"]
+    assert json.loads(_body(client, bucket, "e2e/runs/e2e/checkpoint_00000005/progress.json"))["step"] == 5
+    assert _png_size(_body(client, bucket, "e2e/runs/e2e/checkpoint_00000005/preview.png")) == (8 * 112, 3 * 112)
+    lines = [json.loads(x) for x in _body(client, bucket, "e2e/runs/e2e/metrics.jsonl").decode().splitlines()]
+    assert [(x["step"], x["attempt"]) for x in lines] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2)]
+    info = json.loads(_body(client, bucket, "e2e/runs/e2e/export/weights.json"))
+    assert info["checkpoint"] == f"{run}/checkpoint_00000005" and info["task"] == "mae"
+    weights = _body(client, bucket, "e2e/runs/e2e/export/weights.safetensors")
+    teacher = f"{root}/runs/e2e-teacher/export/weights.safetensors"
+    assert json.loads(_body(client, bucket, f"e2e/{embedded[0]}/{MANIFEST}"))["source"]["teacher"] == teacher
+
+    # Generation reads the masked shards and the weights from the bucket and writes the release there.
+    released = f"{root}/released"
+    _facemae_process("generate", *settings, "--output", released, "--set=generate.actors=1", cwd=work)
+    manifest = _check_bucket_matches_manifest(client, bucket, "e2e/released")
+    assert manifest["settings"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert manifest["report"]["images"] == json.loads(_body(client, bucket, f"e2e/data-masked/{MANIFEST}"))[
+        "report"]["images"]
+
+    # Evaluation: verification pairs drawn from the bucket's originals, privacy of the release, both
+    # embedded by Ray Data actor pools that load the teacher's weights from the bucket.
+    scores = _facemae_process("evaluate", *settings, "--fr", teacher, "--pairs-from", f"{root}/data",
+                              "--set=eval.pairs=20", "--set=eval.bins=[]", "--set=eval.ray_threshold=0",
+                              "--judge", teacher, "--released", released, cwd=work)
+    pairs = scores["verification"]["heldout_pairs"]
+    assert pairs["n_pairs"] == 20 and 0.0 <= pairs["accuracy"] <= 1.0
+    assert 0.0 <= scores["privacy"]["image_leak@1"] <= 1.0
+
+    # Nothing went to the local disk but the jobs' logs.
+    assert [p.name for p in work.rglob("*")] == [], sorted(str(p) for p in work.rglob("*"))
+
+
+def test_a_one_process_run_checkpoints_resumes_and_exports_on_s3(s3, tmp_path):
+    """train.num_workers=0 (no Ray): its own checkpoint uploads, progress.json last, the newest two kept;
+    metrics.jsonl and the sample-id log rewritten whole; the rerun resumes from the bucket."""
+    endpoint, bucket, client = s3
+    root = f"s3://{bucket}/local-run"
+    overrides = [f"storage.endpoint_override={endpoint}", f"data.output={root}/data", "data.workers=1",
+                 *SYNTHETIC, "name=solo", f"train.storage_path={root}/runs", "train.num_workers=0",
+                 "train.task=fr", "model.fr=fr_tiny", "model.embedding_size=32", "train.micro_batch=4",
+                 "train.checkpoint_every=1", "train.log_every=1", "train.log_sample_ids=true", "train.warmup_steps=1",
+                 "tracking.tensorboard=true"]
+    ingest(load_config(None, overrides))
+    first = train_run(None, overrides=[*overrides, "train.max_steps=2"])
+    assert first.checkpoint == f"{root}/runs/solo/checkpoint_00000002" and first.metrics["step"] == 2
+    second = train_run(None, overrides=[*overrides, "train.max_steps=4"])
+    assert second.checkpoint == f"{root}/runs/solo/checkpoint_00000004"
+    assert second.weights == f"{root}/runs/solo/export/weights.safetensors"
+
+    run = _objects(client, bucket, "local-run/runs/solo")
+    assert sorted({k.split("/")[0] for k in run if k.startswith("checkpoint_")}) == \
+        ["checkpoint_00000003", "checkpoint_00000004"]
+    lines = [json.loads(x) for x in _body(client, bucket, "local-run/runs/solo/metrics.jsonl").decode().splitlines()]
+    assert [(x["step"], x["attempt"]) for x in lines] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    ids = _body(client, bucket, "local-run/runs/solo/sample_ids/rank000.txt").decode().split()
+    assert len(ids) == 4 * 4  # four steps of four faces, both attempts
+    info = json.loads(_body(client, bucket, "local-run/runs/solo/export/weights.json"))
+    assert info["checkpoint"] == second.checkpoint
+    events = sorted(k for k in run if k.startswith("tensorboard/events.out.tfevents."))
+    assert len(events) == 2  # one event file per start, each uploaded whole after every report
+    assert all(_body(client, bucket, f"local-run/runs/solo/{k}").count(b"loss") >= 2 for k in events)
+    # The exported weights load from the bucket, equal to the checkpoint's merged state.
+    from facemae.models.weights import load_fr_backbone
+    from facemae.train.trainer import consolidated_state
+
+    model = load_fr_backbone(second.weights)
+    with storage.local_folder(second.checkpoint) as local:
+        state = consolidated_state(local)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[f"backbone.{key}"].float()), key
+    # A third run of the same name finds it finished: nothing retrains, nothing is rewritten.
+    before = _objects(client, bucket, "local-run/runs/solo")
+    again = train_run(None, overrides=[*overrides, "train.max_steps=4"])
+    assert again.checkpoint == second.checkpoint and _objects(client, bucket, "local-run/runs/solo") == before
+
+
+def test_a_sweep_report_is_written_to_s3_whole(s3):
+    from facemae.tune.report import write_sweep_report
+
+    endpoint, bucket, client = s3
+    table = [{"trial": f"t{i}", "params": {"mask.ratio": r}, "status": "COMPLETED", "step": 4, "val_irm": irm,
+              "val_identity_leak@1": leak, "val_image_leak@1": leak / 2, "val_recon_loss": 0.1,
+              "val_objective": irm + leak, "pareto": i < 2}
+             for i, (r, irm, leak) in enumerate([(0.5, 0.1, 0.9), (0.75, 0.3, 0.4), (0.9, 0.5, 0.8)])]
+    md, png = write_sweep_report(table, f"s3://{bucket}/reports/sweep", objective="balanced",
+                                 sweep=f"s3://{bucket}/runs/demo-sweep")
+    assert (md, png) == (f"s3://{bucket}/reports/sweep/pareto.md", f"s3://{bucket}/reports/sweep/pareto.png")
+    assert set(_objects(client, bucket, "reports/sweep")) == {"trials.json", "pareto.md", "pareto.png"}
+    assert json.loads(_body(client, bucket, "reports/sweep/trials.json")) == table
+    text = _body(client, bucket, "reports/sweep/pareto.md").decode()
+    assert text.startswith("# Sweep demo-sweep") and text.count("| yes |") == 2
+    width, height = _png_size(_body(client, bucket, "reports/sweep/pareto.png"))
+    assert width > 100 and height > 100
+
+
 # (d) One clear line for a bad location or a store that cannot be reached.
 
 def _error_line(capsys, *argv: str) -> str:
@@ -235,6 +370,11 @@ def _error_line(capsys, *argv: str) -> str:
 ])
 def test_a_bad_url_is_one_line(capsys, output, says):
     assert says in _error_line(capsys, "ingest", "--output", output, "--set=data.num_identities=2")
+
+
+def test_a_bad_run_location_is_one_line_before_any_work(capsys):
+    line = _error_line(capsys, "train", "--set=train.storage_path=s3:///runs")
+    assert line.startswith("facemae train: error: train.storage_path=s3:///runs: no bucket named")
 
 
 def test_missing_credentials_and_a_dead_endpoint_are_one_line_naming_what_to_set(capsys, monkeypatch):

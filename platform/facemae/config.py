@@ -287,7 +287,8 @@ class TrainConfig:
         log_every: Optimizer steps between metric reports.
         max_failures: Worker-group restarts from the last checkpoint before the run fails.
         resume_from: A checkpoint folder to start from when the run has none of its own.
-        storage_path: Folder of all runs; a run lives in ``<storage_path>/<name>``.
+        storage_path: Folder of all runs; a run lives in ``<storage_path>/<name>``. A local path or
+            ``s3://bucket/prefix`` / ``gs://bucket/prefix`` (checkpoints, metrics, exported weights).
         prefetch_batches: Batches Ray Data prepares ahead of each worker.
         shuffle_buffer: Rows of each worker's local shuffle buffer (shards are identity-sorted); 0 = off.
         metrics_port: Port of rank 0's Prometheus endpoint; 0 turns it off.
@@ -358,12 +359,17 @@ class TrainConfig:
         return self.base_lr * self.global_batch(world_size) / 256
 
     def storage_root(self) -> str:
+        """``storage_path`` as an absolute local path, or the object-store URL as written."""
+        if storage.is_remote(self.storage_path):
+            return self.storage_path.rstrip("/")
         return str(Path(self.storage_path).expanduser().resolve())
 
     def run_dir_for(self, name: str) -> str:
-        return str(Path(self.storage_root()) / name)
+        return storage.join(self.storage_root(), name)
 
     def validate(self) -> None:
+        for key in ("storage_path", "teacher", "judge", "resume_from"):
+            _check_location(f"train.{key}", getattr(self, key))
         if self.task not in ("mae", "fr"):
             raise ValueError(f"train.task={self.task!r} must be 'mae' (FaceMAE) or 'fr' (face recognition)")
         if self.fr_backbone and self.fr_backbone not in FR_MODELS:
@@ -430,6 +436,8 @@ class GenerateConfig:
             raise ValueError(f"generate.method={self.method!r} must be 'reconstruct' or 'masked'")
         if self.batch_size < 1 or self.actors < 1 or self.cpus_per_actor <= 0:
             raise ValueError("generate.batch_size and generate.actors must be >= 1, generate.cpus_per_actor > 0")
+        for key in ("weights", "masked", "output"):
+            _check_location(f"generate.{key}", getattr(self, key))
 
 
 @dataclass
@@ -486,6 +494,7 @@ class ExperimentConfig:
             raise ValueError("experiment.judge_steps and experiment.fr_steps must be >= 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"experiment.seeds={self.seeds} must be a non-empty list of distinct seeds, e.g. [0, 1, 2]")
+        _check_location("experiment.output", self.output)
 
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -534,6 +543,7 @@ class TuneConfig:
                       for k, spec in self.space.items()}
 
     def validate(self) -> None:
+        _check_location("tune.output", self.output)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"tune.objective={self.objective!r} must be one of {OBJECTIVES}")
         if self.scheduler not in ("asha", "fifo"):

@@ -16,12 +16,11 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from facemae import console
+from facemae import console, storage
 from facemae.config import Config
 from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
@@ -153,11 +152,11 @@ def _scores(config: Config, row: str, weights: str, *, dataset: str, judge: str,
     rerun or a run of more seeds scores only what changed."""
     masked = config.masked_output()
     inputs = {"fr": sha256_file(weights), "judge": sha256_file(judge), "eval": dataclasses.asdict(config.eval),
-              **{k: sha256_file(Path(d) / MANIFEST) for k, d in (("released", dataset),
+              **{k: sha256_file(storage.join(d, MANIFEST)) for k, d in (("released", dataset),
                                                                    ("originals", config.data.output),
                                                                    ("masked", masked))}}
-    path = Path(cache) / "experiment_scores.json"
-    if path.is_file() and (kept := json.loads(path.read_text())).get("inputs") == inputs:
+    path = storage.join(cache, "experiment_scores.json")
+    if storage.is_file(path) and (kept := json.loads(storage.read_text(path))).get("inputs") == inputs:
         return kept["scores"]
     fidelity = None if row == "originals" else {
         k: v for k, v in release_fidelity(dataset, originals=config.data.output, masked=masked).items() if k != "images"}
@@ -174,10 +173,10 @@ def run_experiment(config: Config, *, say: Callable[[str], None] = console.say) 
     every training run of it nests under it, and the report folder is logged as its artifacts.
     """
     config.check_mae_patch_size()
-    folder = Path(config.train.run_dir_for(f"{config.name}-experiment"))
+    folder = config.train.run_dir_for(f"{config.name}-experiment")
     with job_run(config, folder=folder, name=config.name, kind="experiment") as job:
         result = _experiment(config, say)
-        log_folder(job, Path(result.report).parent, artifact_path="report")
+        log_folder(job, config.experiment.output, artifact_path="report")
     return result
 
 
@@ -238,25 +237,29 @@ def science_json(config: Config, result: ExperimentResult) -> dict[str, Any]:
             "rows": {row: {k: v for k, v in m.items() if k in SCIENCE_METRICS} for row, m in result.rows.items()}}
 
 
-def write_report(config: Config, result: ExperimentResult) -> Path:
+def write_report(config: Config, result: ExperimentResult) -> str:
     """``report.md`` (means, CIs, paired differences, targets), ``report.json`` (every number, per seed),
-    ``science.json`` (per-seed values), and three PNGs (the first seed's releases and ROC)."""
+    ``science.json`` (per-seed values), and three PNGs (the first seed's releases and ROC), into
+    ``experiment.output`` (a local folder or an object-store location).
+
+    Returns:
+        The location of ``report.md``.
+    """
     from facemae.report import plot_privacy_utility, plot_roc, reconstruction_grid
 
-    out = Path(config.experiment.output)
-    out.mkdir(parents=True, exist_ok=True)
     stats = summarise(result.rows)
     checks = target_checks(result.rows)
     everything = {**science_json(config, result), "rows": result.rows, **stats, "targets": checks,
                   "runs": {str(s): t for s, t in result.runs.items()}}
-    (out / "report.json").write_text(json.dumps(everything, indent=1, default=float) + "\n")
-    (out / "science.json").write_text(json.dumps(science_json(config, result), indent=1) + "\n")
-    first = result.table
-    reconstruction_grid({row: r["dataset"] for row, r in first.items()}, out / "reconstructions.png")
-    plot_roc(first, out / "roc.png")
-    plot_privacy_utility(first, out / "privacy_utility.png")
-    (out / "report.md").write_text("\n".join(report_lines(config, result, stats, checks)))
-    return out / "report.md"
+    with storage.output_folder(config.experiment.output) as out:
+        (out / "report.json").write_text(json.dumps(everything, indent=1, default=float) + "\n")
+        (out / "science.json").write_text(json.dumps(science_json(config, result), indent=1) + "\n")
+        first = result.table
+        reconstruction_grid({row: r["dataset"] for row, r in first.items()}, out / "reconstructions.png")
+        plot_roc(first, out / "roc.png")
+        plot_privacy_utility(first, out / "privacy_utility.png")
+        (out / "report.md").write_text("\n".join(report_lines(config, result, stats, checks)))
+    return storage.join(config.experiment.output, "report.md")
 
 
 def report_lines(config: Config, result: ExperimentResult, stats: dict[str, Any],

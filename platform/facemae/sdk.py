@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence, TypeVar
 
-from facemae import console
+from facemae import console, storage
 from facemae.config import Config, _apply_override, from_dict, load_config
 
 if TYPE_CHECKING:
@@ -72,7 +72,9 @@ def resolve_config(config: ConfigSource = None, *, overrides: Sequence[str] = ()
     if address:
         resolved = dataclasses.replace(resolved, ray=dataclasses.replace(resolved.ray, address=address,
                                                                           num_cpus=None))
-    return resolved.validate()
+    resolved = resolved.validate()
+    storage.configure(**dataclasses.asdict(resolved.storage))  # the endpoint of every s3:// location it names
+    return resolved
 
 
 def _override(config: Config, overrides: Sequence[str]) -> Config:

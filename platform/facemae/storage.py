@@ -22,6 +22,8 @@ take the filesystem route. Imports stdlib and pyarrow only, so every layer may u
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import os
 import re
@@ -30,7 +32,7 @@ import tempfile
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow.fs as pafs
 
@@ -333,3 +335,153 @@ def make_dirs(location: PathLike) -> None:
     """Creates a local folder; object stores have no folders, so a URL needs nothing."""
     if not is_remote(location):
         Path(location).mkdir(parents=True, exist_ok=True)
+
+
+# Folders: checkpoints and exports travel as whole folders between a local temp folder and a location.
+
+
+def child_folders(location: PathLike) -> list[str]:
+    """Names of the folders (prefixes) directly under ``location``, sorted; ``[]`` when there is none."""
+    if not is_remote(location):
+        return sorted(p.name for p in Path(location).iterdir() if p.is_dir()) if os.path.isdir(location) else []
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def upload_file(local: PathLike, location: PathLike) -> None:
+    """Copies one local file to ``location`` whole (:func:`atomic_write`'s guarantee)."""
+    atomic_write(location, lambda tmp: shutil.copyfile(local, tmp))
+
+
+def upload_folder(local: PathLike, location: PathLike, *, last: Sequence[str] = ()) -> None:
+    """Copies every file of a local folder under ``location``, each whole; the files named in ``last``
+    (relative paths) go up after all the others, so a reader that waits for them finds the rest complete."""
+    files = sorted(p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file())
+    for rel in sorted(files, key=lambda f: (f in last, last.index(f) if f in last else 0, f)):
+        upload_file(Path(local, rel), join(location, rel))
+
+
+def download_folder(location: PathLike, local: PathLike) -> None:
+    """Copies every file under ``location`` into the local folder ``local`` (created)."""
+    for rel in list_files(location):
+        download_file(join(location, rel), Path(local, rel))
+
+
+def download_file(location: PathLike, local: PathLike) -> None:
+    """Copies one file or object to the local path ``local`` (its folder created)."""
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    with open_input(location) as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+@contextlib.contextmanager
+def local_folder(location: PathLike) -> Iterator[str]:
+    """A local folder holding what ``location`` holds, for code that reads files by name (DeepSpeed's
+    checkpoint loader): the folder itself when local, else a temporary copy removed afterwards."""
+    if not is_remote(location):
+        yield str(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="facemae-download-") as tmp:
+        download_folder(location, tmp)
+        yield tmp
+
+
+_cached: dict[str, str] = {}
+_cache_dir: list[str] = []
+
+
+def cached_file(location: PathLike) -> str:
+    """A local path of a file: itself when local, else a copy downloaded once per process (and again
+    when the object changed size) into a temporary folder removed at exit. For read-only inputs that
+    libraries open by name (safetensors' header reader, ``load_file``)."""
+    if not is_remote(location):
+        return str(location)
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{location}: no such object")
+    key = f"{location}#{info.size}#{info.mtime_ns}"
+    with _lock:
+        if key in _cached and os.path.isfile(_cached[key]):
+            return _cached[key]
+        if not _cache_dir:
+            _cache_dir.append(tempfile.mkdtemp(prefix="facemae-cache-"))
+            atexit.register(shutil.rmtree, _cache_dir[0], ignore_errors=True)
+        local = os.path.join(_cache_dir[0], hashlib.sha256(key.encode()).hexdigest()[:16], path.rsplit("/", 1)[-1])
+    download_file(location, local + ".part")
+    os.replace(local + ".part", local)
+    with _lock:
+        _cached[key] = local
+    return local
+
+
+def for_arrow(locations: Sequence[str]) -> tuple[list[str], pafs.FileSystem | None]:
+    """``(paths, filesystem)`` to hand Ray Data's ``read_parquet`` or pyarrow: local paths as they are
+    with ``None`` (the default), object locations as paths in their filesystem, which carries the
+    endpoint and region of :func:`configure` (a bare URL would reach AWS itself). All on one store."""
+    if not locations or not is_remote(locations[0]):
+        return list(locations), None
+    resolved = [resolve(loc) for loc in locations]
+    fs = resolved[0][0]
+    if any(other is not fs for other, _ in resolved):
+        raise StorageLocationError(f"{locations[0]} and others: read from one bucket at a time")
+    return [path for _, path in resolved], fs
+
+
+class AppendLog:
+    """A text file that grows by lines (metrics.jsonl, sample ids). Appended in place when local. An
+    object cannot grow, so on a store a local copy (started from the object, when there is one) takes
+    the lines and :meth:`flush` uploads it whole, replacing the object: a reader sees the log as of
+    the last flush, never half a line."""
+
+    def __init__(self, location: PathLike) -> None:
+        self.location = str(location)
+        self.remote = is_remote(location)
+        if self.remote:
+            fd, self._local = tempfile.mkstemp(prefix="facemae-log-", suffix=".txt")
+            os.close(fd)
+            if is_file(location):
+                download_file(location, self._local)
+        else:
+            self._local = self.location
+            Path(self._local).parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self._local, "a", encoding="utf-8")
+        self._dirty = False
+
+    def text(self) -> str:
+        """What the log holds so far."""
+        self._file.flush()
+        return Path(self._local).read_text(encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        """Appends ``text``; on disk on return when local, at the next :meth:`flush` on a store."""
+        self._file.write(text)
+        self._file.flush()
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Uploads the log when it is on a store and has grown since the last flush."""
+        if self.remote and self._dirty:
+            upload_file(self._local, self.location)
+        self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
+        if self.remote:
+            Path(self._local).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_folder(location: PathLike) -> Iterator[Path]:
+    """A local folder to write a set of files into (a report): ``location`` itself when local (created);
+    for an object-store location a temporary folder whose files are uploaded, each whole, once the block
+    ends without an error."""
+    if not is_remote(location):
+        Path(location).mkdir(parents=True, exist_ok=True)
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="facemae-output-") as tmp:
+        yield Path(tmp)
+        upload_folder(tmp, location)

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from facemae import console
+from facemae import console, storage
 from facemae.config import Config
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def _check_server(uri: str) -> None:
                          "tracking.mlflow_uri") from None
 
 
-def open_run(config: Config, *, folder: Path, name: str, kind: str) -> TrackedRun | None:
+def open_run(config: Config, *, folder: str | os.PathLike, name: str, kind: str) -> TrackedRun | None:
     """Continues the MLflow run ``<folder>/mlflow.json`` names, or starts one (nested under the enclosing
     job's run), and logs the config as params; None when ``tracking.mlflow_uri`` is empty.
 
@@ -148,7 +149,7 @@ def open_run(config: Config, *, folder: Path, name: str, kind: str) -> TrackedRu
     return run
 
 
-def _continue_or_start(client: Any, config: Config, *, folder: Path, name: str, kind: str,
+def _continue_or_start(client: Any, config: Config, *, folder: str | os.PathLike, name: str, kind: str,
                        parent: TrackedRun | None) -> TrackedRun:
     uri, params = config.tracking.mlflow_uri, flat_params(config)
     run = _resumable(client, folder, uri)
@@ -167,12 +168,12 @@ def _continue_or_start(client: Any, config: Config, *, folder: Path, name: str, 
     return run
 
 
-def _resumable(client: Any, folder: Path, uri: str) -> TrackedRun | None:
+def _resumable(client: Any, folder: str | os.PathLike, uri: str) -> TrackedRun | None:
     """The run ``<folder>/mlflow.json`` names, if it is on this server and not deleted."""
     from mlflow.exceptions import MlflowException
 
     try:
-        run = TrackedRun(**json.loads((folder / RUN_FILE).read_text()))
+        run = TrackedRun(**json.loads(storage.read_text(storage.join(folder, RUN_FILE))))
     except (OSError, ValueError, TypeError):  # none yet, or not ours
         return None
     if run.uri != uri:
@@ -183,11 +184,8 @@ def _resumable(client: Any, folder: Path, uri: str) -> TrackedRun | None:
         return None
 
 
-def _write_run_file(folder: Path, run: TrackedRun) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(asdict(run)) + "\n")
-    os.replace(tmp, folder / RUN_FILE)
+def _write_run_file(folder: str | os.PathLike, run: TrackedRun) -> None:
+    storage.write_text(storage.join(folder, RUN_FILE), json.dumps(asdict(run)) + "\n")
 
 
 def _experiment_id(client: Any, name: str) -> str:
@@ -229,7 +227,7 @@ def end_run(run: TrackedRun | None, *, status: str = "FINISHED") -> None:
 
 
 @contextlib.contextmanager
-def tracked_run(config: Config, *, folder: Path, name: str, kind: str) -> Iterator[TrackedRun | None]:
+def tracked_run(config: Config, *, folder: str | os.PathLike, name: str, kind: str) -> Iterator[TrackedRun | None]:
     """:func:`open_run` for the block, ended FINISHED, FAILED on an error, KILLED on Ctrl+C; yields None
     when MLflow is off. Also checks ``tracking.tensorboard`` can write before anything runs.
 
@@ -251,7 +249,7 @@ def tracked_run(config: Config, *, folder: Path, name: str, kind: str) -> Iterat
 
 
 @contextlib.contextmanager
-def job_run(config: Config, *, folder: Path, name: str, kind: str) -> Iterator[TrackedRun | None]:
+def job_run(config: Config, *, folder: str | os.PathLike, name: str, kind: str) -> Iterator[TrackedRun | None]:
     """:func:`tracked_run` of a job that trains several runs (a sweep, an experiment): the runs opened
     inside the block are nested under it."""
     with tracked_run(config, folder=folder, name=name, kind=kind) as run, nested_under(run):
@@ -277,34 +275,38 @@ def log_weights(run: TrackedRun | None, weights: str | None) -> None:
     def log_them() -> None:
         client = _client(run.uri)
         client.set_tag(run.run_id, "facemae.weights", weights)
-        info = Path(weights).with_name(WEIGHTS_INFO)
-        if info.is_file():
-            client.log_artifact(run.run_id, str(info), artifact_path="export")
+        info = f"{weights.rsplit('/', 1)[0]}/{WEIGHTS_INFO}" if storage.is_remote(weights) else \
+            str(Path(weights).with_name(WEIGHTS_INFO))
+        if storage.is_file(info):
+            client.log_artifact(run.run_id, storage.cached_file(info), artifact_path="export")
 
     _best_effort(f"logging the weights of run {run.run_id}", log_them)
 
 
-def log_folder(run: TrackedRun | None, folder: Path, *, artifact_path: str, tags: dict[str, str] | None = None) -> None:
-    """Logs every file of ``folder`` (a report) as artifacts under ``artifact_path``, and ``tags``."""
+def log_folder(run: TrackedRun | None, folder: str | os.PathLike, *, artifact_path: str,
+               tags: dict[str, str] | None = None) -> None:
+    """Logs every file of ``folder`` (a report; local or on an object store) as artifacts under
+    ``artifact_path``, and ``tags``."""
     if run is None:
         return
 
     def log_it() -> None:
         client = _client(run.uri)
-        client.log_artifacts(run.run_id, str(folder), artifact_path=artifact_path)
+        with storage.local_folder(folder) as local:
+            client.log_artifacts(run.run_id, local, artifact_path=artifact_path)
         for key, value in (tags or {}).items():
             client.set_tag(run.run_id, key, value[:MAX_VALUE_LENGTH])
 
     _best_effort(f"logging {folder} to run {run.run_id}", log_it)
 
 
-def end_if_running(folder: Path, *, uri: str, status: str, tags: dict[str, str]) -> None:
+def end_if_running(folder: str | os.PathLike, *, uri: str, status: str, tags: dict[str, str]) -> None:
     """Ends the run ``<folder>/mlflow.json`` names if it is still RUNNING, with ``tags``: a Tune trial that
     ASHA stops ends with its process, before its own :func:`tracked_run` could end its run."""
-    path = folder / RUN_FILE
-    if not uri or not path.is_file():
+    path = storage.join(folder, RUN_FILE)
+    if not uri or not storage.is_file(path):
         return
-    run = TrackedRun(**json.loads(path.read_text()))
+    run = TrackedRun(**json.loads(storage.read_text(path)))
     if run.uri != uri:
         return
 
@@ -344,7 +346,7 @@ class ReportLogger:
     """Rank 0's side: each report's metrics at their step, and each checkpoint's preview, to MLflow and
     TensorBoard. A failing MLflow call is warned about once; the run goes on without MLflow."""
 
-    def __init__(self, run: TrackedRun | None, *, tensorboard_dir: Path | None) -> None:
+    def __init__(self, run: TrackedRun | None, *, tensorboard_dir: str | None) -> None:
         self._run = run
         self._client = None
         if run is not None:
@@ -357,11 +359,11 @@ class ReportLogger:
         self._events = _EventFile(tensorboard_dir) if tensorboard_dir is not None else None
 
     @classmethod
-    def create(cls, config: Config, run: TrackedRun | None, *, rank: int, run_dir: Path) -> ReportLogger | None:
+    def create(cls, config: Config, run: TrackedRun | None, *, rank: int, run_dir: str) -> ReportLogger | None:
         """Rank 0's logger when tracking is on, else None."""
         if rank != 0 or (run is None and not config.tracking.tensorboard):
             return None
-        return cls(run, tensorboard_dir=run_dir / TENSORBOARD_DIR if config.tracking.tensorboard else None)
+        return cls(run, tensorboard_dir=storage.join(run_dir, TENSORBOARD_DIR) if config.tracking.tensorboard else None)
 
     def log(self, metrics: dict[str, Any], *, preview: Path | None = None) -> None:
         """Logs every numeric value of one report but ``step`` (the x-axis) and ``time`` (the timestamp)."""
@@ -391,13 +393,16 @@ class ReportLogger:
 
 class _EventFile:
     """A TensorBoard event file written as reports come: ``SummaryWriter`` queues events to a thread that
-    writes them out every two minutes, so a worker that ends first would lose its last reports."""
+    writes them out every two minutes, so a worker that ends first would lose its last reports. In a run
+    folder on an object store the file is written locally and uploaded whole after each report."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: str) -> None:
         from tensorboardX.event_file_writer import EventsWriter
 
-        folder.mkdir(parents=True, exist_ok=True)
-        self._writer = EventsWriter(str(folder / "events"))  # events.out.tfevents.<time>.<host>, one per start
+        self._remote = folder if storage.is_remote(folder) else None
+        local = tempfile.mkdtemp(prefix="facemae-tensorboard-") if self._remote else folder
+        Path(local).mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(Path(local) / "events"))  # events.out.tfevents.<time>.<host>, one per start
 
     def write(self, values: dict[str, float], *, step: int, when: float, preview: Path | None) -> None:
         """One event of every scalar of a report (and the checkpoint's preview image), on disk on return."""
@@ -415,3 +420,6 @@ class _EventFile:
         merged = Summary(value=[value for part in parts for value in part.value])
         self._writer.write_event(Event(wall_time=when, step=step, summary=merged))
         self._writer.flush()
+        if self._remote:
+            local = Path(self._writer._file_name)  # noqa: SLF001  tensorboardX names it per start; no getter
+            storage.upload_file(local, storage.join(self._remote, local.name))

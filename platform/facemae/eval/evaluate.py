@@ -7,12 +7,13 @@ plain functions of :mod:`facemae.eval.verification` and :mod:`facemae.measures.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from facemae import storage
 from facemae.config import Config
 from facemae.data.images import corrupt_records, decode_face, decode_rows
 from facemae.data.shards import iter_rows, verify_dataset
@@ -39,8 +40,10 @@ class Embeddings:
 class FlipSumEmbedder:
     """Ray Data callable class: an FR backbone loaded once per actor; encoded faces in, embeddings out."""
 
-    def __init__(self, weights: str, batch_size: int = 64) -> None:
+    def __init__(self, weights: str, batch_size: int = 64, storage_options: dict[str, str] | None = None) -> None:
         from facemae.models.weights import load_fr_backbone
+
+        storage.configure(**(storage_options or {}))  # the driver's endpoint: weights may be on a store
 
         self.model, self.batch_size = load_fr_backbone(weights), batch_size
 
@@ -88,9 +91,11 @@ def _embed_on_ray(config: Config, weights: str, files: list[str]) -> dict[str, l
     from facemae.cluster import ensure_ray
 
     ensure_ray(config.ray)
-    ds = ray.data.read_parquet(files, include_paths=True)
+    paths, fs = storage.for_arrow(files)
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
     ds = ds.map_batches(FlipSumEmbedder, fn_constructor_kwargs={"weights": weights,
-                                                                "batch_size": config.eval.batch_size},
+                                                                "batch_size": config.eval.batch_size,
+                                                                "storage_options": storage.options()},
                         batch_size=config.eval.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=config.generate.actors),
                         num_cpus=config.generate.cpus_per_actor)
@@ -119,6 +124,7 @@ def verify(config: Config, weights: str, *, pairs_from: str | None = None) -> di
     """
     from facemae.models.weights import load_fr_backbone
 
+    storage.configure(**asdict(config.storage))
     model, results = load_fr_backbone(weights), {}
     for path in config.eval.bins:
         pairs = load_verification_bin(path)
@@ -164,6 +170,7 @@ def privacy(config: Config, judge: str, *, released: str, originals: str, split:
     """
     from facemae.models.weights import check_weights
 
+    storage.configure(**asdict(config.storage))
     check_weights(judge, task="fr")
     gallery = embed_split(config, judge, originals, split)
     queries = embed_split(config, judge, released, split)

@@ -11,12 +11,13 @@ with another view.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from facemae import storage
 from facemae.config import Config, LossConfig
 from facemae.data.runner import REPORT_LIMIT, Journal, UnitResult, corrupt_report, prepare_output, reusable
 from facemae.data.shards import MANIFEST, ORIGINAL_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
@@ -29,10 +30,13 @@ EMBEDDED_SCHEMA = ORIGINAL_SCHEMA.append(pa.field("teacher_emb", pa.list_(pa.flo
 class TeacherEmbedder:
     """Ray Data callable class: loads the frozen teacher once per actor, embeds batches of originals."""
 
-    def __init__(self, weights: str, use_gpu: bool = False, view: str = "raw", sigma: float = 1.5) -> None:
+    def __init__(self, weights: str, use_gpu: bool = False, view: str = "raw", sigma: float = 1.5,
+                 storage_options: dict[str, str] | None = None) -> None:
         import torch
 
         from facemae.models.weights import load_fr_backbone
+
+        storage.configure(**(storage_options or {}))  # the driver's endpoint: weights may be on a store
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_fr_backbone(weights).to(self.device)
@@ -86,20 +90,21 @@ def embed_dataset(config: Config, *, source: str, weights: str, output: str | No
     """
     from facemae.models.weights import check_weights
 
-    weights = str(check_weights(weights, task="fr").path)
+    storage.configure(**asdict(config.storage))
+    weights = check_weights(weights, task="fr").location
     original = verify_dataset(source)
     if original.kind != "original":
         raise ValueError(f"{source} is a {original.kind} dataset; teacher embeddings are computed on originals")
     weights_sha = sha256_file(weights)
     output = output or embedded_output(source, weights, config.loss)
     view = view_name(config.loss.irm_view, config.loss.irm_blur_sigma)
-    fingerprint = {"stage": "embed", "source_manifest": sha256_file(Path(source) / MANIFEST),
+    fingerprint = {"stage": "embed", "source_manifest": sha256_file(storage.join(source, MANIFEST)),
                    "teacher_sha256": weights_sha, **({} if view == "raw" else {"teacher_view": view})}
     if (done := reusable(output, fingerprint, overwrite=overwrite)) is not None:
         return done
     prepare_output(output, overwrite=overwrite)
     journal = Journal(output, fingerprint)
-    shards = {str(Path(source) / s.file): (split, s) for split, group in original.splits.items() for s in group}
+    shards = {storage.join(source, s.file): (split, s) for split, group in original.splits.items() for s in group}
     todo = {path: v for path, v in shards.items() if v[1].file not in journal.done}
     if todo:
         _stream(config, todo, weights=weights, output=output, journal=journal)
@@ -124,8 +129,10 @@ def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, o
     ensure_ray(config.ray)
     use_gpu = config.train.use_gpu
     actors = max(1, config.train.num_workers)
-    ds = ray.data.read_parquet(list(todo), columns=["image_id", "identity", "image"], include_paths=True)
-    kwargs = {"weights": weights, "use_gpu": use_gpu, "view": config.loss.irm_view, "sigma": config.loss.irm_blur_sigma}
+    paths, fs = storage.for_arrow(list(todo))
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "identity", "image"], include_paths=True)
+    kwargs = {"weights": weights, "use_gpu": use_gpu, "view": config.loss.irm_view, "sigma": config.loss.irm_blur_sigma,
+              "storage_options": storage.options()}
     ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs=kwargs,
                         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=config.train.micro_batch,
                         batch_format="numpy", **({"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}))

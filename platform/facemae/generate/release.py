@@ -11,13 +11,14 @@ of the paper's comparison) through the same path, with no model.
 from __future__ import annotations
 
 import io
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from facemae import storage
 from facemae.config import Config
 from facemae.data.runner import Journal, UnitResult, corrupt_report, prepare_output, reusable
 from facemae.data.shards import MANIFEST, RELEASED_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
@@ -37,8 +38,10 @@ class Reconstructor:
     """Ray Data callable class: FaceMAE loaded once per actor; masked records in, released PNGs out."""
 
     def __init__(self, weights: str | None, *, method: str, patch_size: int, paste_visible: bool,
-                 use_gpu: bool = False) -> None:
+                 use_gpu: bool = False, storage_options: dict[str, str] | None = None) -> None:
         import torch
+
+        storage.configure(**(storage_options or {}))  # the driver's endpoint: weights may be on a store
 
         self.method, self.patch_size, self.paste_visible = method, patch_size, paste_visible
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -125,24 +128,25 @@ def generate_released(config: Config, *, masked: str | None = None, output: str 
             message names the dataset, the shard and the image_id.
     """
     g = config.generate
+    storage.configure(**asdict(config.storage))
     masked, output = released_paths(config, masked=masked, output=output)
     source = verify_dataset(masked)
     if source.kind != "masked":
         raise ValueError(f"{masked} is a {source.kind} dataset; generation reads the owner's masked shards "
                          "(the output of `facemae mask`)")
-    weights = g.weights or str(Path(config.run_dir()) / "export" / WEIGHTS)
+    weights = g.weights or storage.join(config.run_dir(), "export", WEIGHTS)
     if g.method == "reconstruct":
-        if not Path(weights).exists():
+        if not storage.exists(weights):
             raise ValueError(f"no FaceMAE weights at {weights}; train first (jobs/train.py) or set generate.weights")
         weights = str(check_mae(weights, patch_size=source.mask["patch_size"], masked=masked))
     weights_sha = sha256_file(weights) if g.method == "reconstruct" else None
     fingerprint = {"stage": "generate", "method": g.method, "paste_visible": config.loss.paste_visible,
-                   "source_manifest": sha256_file(Path(masked) / MANIFEST), "weights_sha256": weights_sha}
+                   "source_manifest": sha256_file(storage.join(masked, MANIFEST)), "weights_sha256": weights_sha}
     if (done := reusable(output, fingerprint, overwrite=overwrite)) is not None:
         return done
     prepare_output(output, overwrite=overwrite)
     journal = Journal(output, fingerprint)
-    shards = {str(Path(masked) / s.file): (split, s) for split, group in source.splits.items() for s in group}
+    shards = {storage.join(masked, s.file): (split, s) for split, group in source.splits.items() for s in group}
     todo = {path: v for path, v in shards.items() if v[1].file not in journal.done}
     if todo:
         _stream(config, todo, weights=weights, patch_size=source.mask["patch_size"], output=output,
@@ -160,12 +164,12 @@ def generate_released(config: Config, *, masked: str | None = None, output: str 
     return manifest
 
 
-def check_mae(weights: str, *, patch_size: int, masked: str) -> Path:
+def check_mae(weights: str, *, patch_size: int, masked: str) -> str:
     """Checks on the driver, from the file's header, that ``weights`` is a FaceMAE for shards cut into
     ``patch_size`` patches, before any Ray actor loads it.
 
     Returns:
-        The weights file (``weights`` may name the export folder holding it).
+        The weights file's location (``weights`` may name the export folder holding it).
 
     Raises:
         WeightsError: Not a FaceMAE, not safetensors, damaged, or of another patch size.
@@ -178,7 +182,7 @@ def check_mae(weights: str, *, patch_size: int, masked: str) -> Path:
         raise WeightsError(f"{header.path} holds {header.describe()} with {p}-pixel patches, but {masked} was "
                            f"masked with {patch_size}-pixel patches; pass a FaceMAE trained with "
                            f"mask.patch_size={patch_size}, or mask again with --patch-size {p}")
-    return header.path
+    return header.location
 
 
 def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, patch_size: int, output: str,
@@ -191,11 +195,12 @@ def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, p
     g = config.generate
     ensure_ray(config.ray)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(list(todo), include_paths=True)
+    paths, fs = storage.for_arrow(list(todo))
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
     ds = ds.map_batches(Reconstructor, batch_size=g.batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"weights": weights, "method": g.method,
                                                "patch_size": patch_size, "paste_visible": config.loss.paste_visible,
-                                               "use_gpu": g.use_gpu},
+                                               "use_gpu": g.use_gpu, "storage_options": storage.options()},
                         compute=ray.data.ActorPoolStrategy(size=g.actors),
                         **({"num_gpus": 1} if g.use_gpu else {"num_cpus": g.cpus_per_actor}))
     write_as_shards_complete(ds, todo, columns=("image_id", "source_id", "identity", "image", "corrupt", "path"),

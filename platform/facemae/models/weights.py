@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from facemae import storage
 from facemae.models.registry import build_fr, build_mae
 
 WEIGHTS = "weights.safetensors"
@@ -55,7 +56,8 @@ FIND = {"fr": "pass the export/weights.safetensors of a train.task=fr run (e.g. 
 class WeightsHeader:
     """What a weights file holds, read from its header alone: no tensor is loaded."""
 
-    path: Path  # the .safetensors file
+    path: Path  # the .safetensors file on this machine (a downloaded copy when it lives on an object store)
+    location: str  # where it lives: the local path, or its s3:// / gs:// URL; what messages name
     info: dict[str, Any]  # facemae's description of it: task, model, embedding_size, run...
     shapes: dict[str, tuple[int, ...]]
 
@@ -69,21 +71,37 @@ class WeightsHeader:
 
 
 def weights_file(path: str | Path) -> Path:
-    """The ``.safetensors`` file a path names: the file itself, or the export folder holding it.
+    """The ``.safetensors`` file a path names (the file itself, or the export folder holding it) on
+    this machine: a location on an object store is downloaded once per process.
 
     Raises:
         WeightsError: Neither exists.
     """
+    return Path(storage.cached_file(weights_location(path)))
+
+
+def weights_location(path: str | Path) -> str:
+    """Where the ``.safetensors`` file a path names lives: a local path or an object-store URL.
+
+    Raises:
+        WeightsError: Neither the file nor an export folder holding it exists.
+    """
+    if storage.is_remote(path):
+        for candidate in (str(path), storage.join(path, WEIGHTS)):
+            if storage.is_file(candidate):
+                return candidate
+        raise WeightsError(f"{path} does not exist; pass the {WEIGHTS} a training run exported "
+                           f"(<storage_path>/<name>/export/{WEIGHTS}) or its export folder")
     path = Path(path)
     if path.is_dir():
         if not (path / WEIGHTS).is_file():
             raise WeightsError(f"{path} is a folder without {WEIGHTS}; pass a training run's export folder "
                                f"(<run>/export) or the {WEIGHTS} in it")
-        return path / WEIGHTS
+        return str(path / WEIGHTS)
     if not path.is_file():
         raise WeightsError(f"{path} does not exist; pass the {WEIGHTS} a training run exported "
                            f"(<storage_path>/<name>/export/{WEIGHTS})")
-    return path
+    return str(path)
 
 
 def read_header(path: str | Path) -> WeightsHeader:
@@ -94,22 +112,23 @@ def read_header(path: str | Path) -> WeightsHeader:
     """
     from safetensors import SafetensorError, safe_open
 
-    file = weights_file(path)
+    location = weights_location(path)
+    file = Path(storage.cached_file(location))
     try:
         with safe_open(str(file), framework="pt") as f:
             metadata = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except SafetensorError as exc:
-        raise WeightsError(f"{file} is not a readable safetensors file ({_looks_like(file) or exc}); pass the "
+        raise WeightsError(f"{location} is not a readable safetensors file ({_looks_like(file) or exc}); pass the "
                            f"{WEIGHTS} a facemae training run exported") from None
     try:
         info = json.loads(metadata.get("facemae", "{}"))
     except json.JSONDecodeError:
         info = None
     if not isinstance(info, dict):
-        raise WeightsError(f"{file}: its facemae description is damaged (not a JSON object); export the weights "
+        raise WeightsError(f"{location}: its facemae description is damaged (not a JSON object); export the weights "
                            "again from the run's checkpoint, or pass other weights")
-    return WeightsHeader(path=file, info=info, shapes=shapes)
+    return WeightsHeader(path=file, location=location, info=info, shapes=shapes)
 
 
 def _looks_like(file: Path) -> str:
@@ -140,7 +159,7 @@ def check_weights(path: str | Path, *, task: str) -> WeightsHeader:
     """
     header = read_header(path)
     if header.info.get("task") != task:
-        raise WeightsError(f"{header.path} holds {header.describe()}, but {EXPECTED[task]} is needed here; "
+        raise WeightsError(f"{header.location} holds {header.describe()}, but {EXPECTED[task]} is needed here; "
                            f"{FIND[task]}")
     import facemae.models.fr
     import facemae.models.mae  # noqa: F401  imported outside the meta device, so module-level tensors stay real
@@ -155,7 +174,7 @@ def check_weights(path: str | Path, *, task: str) -> WeightsHeader:
                 for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
     problems += resized[:3] + ["..."] * (len(resized) > 3)
     if problems:
-        raise WeightsError(f"{header.path}: its tensors do not fit the {header.info['model']} its description "
+        raise WeightsError(f"{header.location}: its tensors do not fit the {header.info['model']} its description "
                            f"names ({'; '.join(problems)}); export the weights again from the run's checkpoint, "
                            "or pass other weights")
     return header
@@ -166,14 +185,14 @@ def _build(header: WeightsHeader) -> nn.Module:
     info = header.info
     needed = ["model", "embedding_size"] if info["task"] == "fr" else ["model"]
     if missing := [k for k in needed if k not in info]:
-        raise WeightsError(f"{header.path}: its facemae description lacks {', '.join(missing)}; export the "
+        raise WeightsError(f"{header.location}: its facemae description lacks {', '.join(missing)}; export the "
                            "weights again from the run's checkpoint")
     try:
         if info["task"] == "fr":
             return build_fr(info["model"], embedding_size=info["embedding_size"])
         return build_mae(info["model"], norm_pix_loss=info.get("norm_pix_loss", False))
     except (ValueError, TypeError) as exc:  # a model this version's registry does not know
-        raise WeightsError(f"{header.path} holds {header.describe()}, which this facemae cannot build ({exc}); "
+        raise WeightsError(f"{header.location} holds {header.describe()}, which this facemae cannot build ({exc}); "
                            "upgrade facemae, or pass weights of a model it lists") from None
 
 
@@ -311,10 +330,10 @@ def export_onnx(weights_path: str | Path, output_path: str | Path, *, opset: int
     header = read_header(weights_path)
     task = header.info.get("task")
     if task not in EXPECTED:
-        raise WeightsError(f"{header.path} holds {header.describe()}; ONNX export needs {EXPECTED['fr']} or "
+        raise WeightsError(f"{header.location} holds {header.describe()}; ONNX export needs {EXPECTED['fr']} or "
                            f"{EXPECTED['mae']}: pass the export/{WEIGHTS} of a facemae training run")
     if header.info.get("norm_pix_loss"):
-        raise WeightsError(f"{header.path} holds {header.describe()} trained with norm_pix_loss, whose predictions "
+        raise WeightsError(f"{header.location} holds {header.describe()} trained with norm_pix_loss, whose predictions "
                            "are per-patch-normalised values, not pixels; export a FaceMAE trained with "
                            "loss.norm_pix_loss=false")
     model = _load(header.path, task=task)

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from facemae import storage
 from facemae.config import Config
 from facemae.data.images import corrupt_records
 from facemae.data.transforms import training_batch
@@ -42,6 +43,7 @@ from facemae.tracking import ReportLogger, TrackedRun
 from facemae.train import engine as ds
 
 CHECKPOINT_PREFIX = "checkpoint_"
+METRICS_LOG = "metrics.jsonl"
 PREVIEW = "preview.png"
 RUN_TOTALS = "run_totals.json"  # images trained and corrupt row ids, next to progress.json
 
@@ -50,7 +52,7 @@ class WorkerContext:
     """What the loop needs from its surroundings; subclasses provide batches and checkpoint storage."""
 
     def __init__(self, config: Config, *, rank: int, world_size: int, device: torch.device, num_classes: int,
-                 run_dir: Path, in_ray: bool, tracked: TrackedRun | None = None) -> None:
+                 run_dir: str, in_ray: bool, tracked: TrackedRun | None = None) -> None:
         self.config = config
         self.rank, self.world_size, self.device = rank, world_size, device
         self.num_classes = num_classes
@@ -66,10 +68,9 @@ class WorkerContext:
         self._gather_group: Any = None
         self._attempt: int | None = None  # of this run: read from metrics.jsonl at the first line
         self._logged_before = 0  # highest step an earlier attempt logged
-        self._ids_file = None
-        if train.log_sample_ids:
-            (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
-            self._ids_file = open(run_dir / "sample_ids" / f"rank{rank:03d}.txt", "a")
+        self._metrics_log: storage.AppendLog | None = None  # rank 0's metrics.jsonl, opened at its first line
+        self._ids_file = storage.AppendLog(storage.join(run_dir, "sample_ids", f"rank{rank:03d}.txt")) \
+            if train.log_sample_ids else None
         self._tracker = ReportLogger.create(config, tracked, rank=rank, run_dir=run_dir)  # MLflow, TensorBoard
 
     # -- provided by subclasses ---------------------------------------------------------------------
@@ -96,7 +97,6 @@ class WorkerContext:
                              losses=losses)
         if self._ids_file is not None:
             self._ids_file.write("".join(f"{u}\n" for u in batch["uid"].tolist()))
-            self._ids_file.flush()
 
     def write_metrics_line(self, metrics: dict[str, Any]) -> None:
         """Appends rank 0's line to ``<run>/metrics.jsonl``, marked with this start's ``attempt`` (1 for a
@@ -104,15 +104,21 @@ class WorkerContext:
         already (a restart from a checkpoint trains those steps again): keep the last attempt's line."""
         if self.rank != 0:
             return
-        log = self.run_dir / "metrics.jsonl"
-        if self._attempt is None:
-            self._attempt, self._logged_before = _attempt_after(log)
+        if self._metrics_log is None:
+            self._metrics_log = storage.AppendLog(storage.join(self.run_dir, METRICS_LOG))
+            self._attempt, self._logged_before = _attempt_after(self._metrics_log.text())
         line = {**metrics, "attempt": self._attempt}
         if line.get("step", 0) <= self._logged_before:
             line["repeat"] = True
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        self._metrics_log.write(json.dumps(line) + "\n")
+        self._metrics_log.flush()  # on an object store: the whole log, replaced
+
+    def close(self) -> None:
+        """Puts the last lines of the run's logs in place (an object store's copies are uploaded)."""
+        for log in (self._metrics_log, self._ids_file):
+            if log is not None:
+                log.close()
+        self._metrics_log = self._ids_file = None
 
     def track(self, metrics: dict[str, Any], directory: str | None) -> None:
         """Rank 0, with tracking on: the report's metrics at its step, and the preview of the checkpoint
@@ -173,6 +179,8 @@ class WorkerContext:
         return self.metrics.run_totals()
 
     def run_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        if self._ids_file is not None:
+            self._ids_file.flush()  # the sample ids up to this report, with it
         images, corrupt = self.sync_run_totals()
         return {**metrics, "images_trained": images, "corrupt_skipped": corrupt,
                 "images_per_s": round(self.metrics.images_per_second(), 2),
@@ -286,7 +294,7 @@ class RayContext(WorkerContext):
             torch.set_num_threads(max(1, round(config.train.cpus_per_worker)))
         super().__init__(config, rank=tc.get_world_rank(), world_size=tc.get_world_size(),
                          device=ray.train.torch.get_device(), num_classes=num_classes,
-                         run_dir=Path(config.run_dir()), in_ray=True, tracked=tracked)
+                         run_dir=config.run_dir(), in_ray=True, tracked=tracked)
         self._shard = ray.train.get_dataset_shard("train")
         self._progress = progress_actor
 
@@ -306,8 +314,20 @@ class RayContext(WorkerContext):
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            self._restoring = self.config.train.resume_from or None
-            yield self._restoring
+            if not self.config.train.resume_from:
+                yield None
+                return
+            with storage.local_folder(self.config.train.resume_from) as directory:  # downloaded when remote
+                self._restoring = directory
+                yield directory
+            return
+        if storage.is_remote(self.config.run_dir()):
+            # Each rank downloads into its own folder. as_directory() shares one per node, and a rank
+            # that takes its lock after another's download ended downloads again over the files the
+            # other is reading (seen here: an empty run_totals.json on S3).
+            with tempfile.TemporaryDirectory(prefix=f"facemae-restore-rank{self.rank}-") as directory:
+                self._restoring = checkpoint.to_directory(directory)
+                yield directory
             return
         with checkpoint.as_directory() as directory:
             self._restoring = directory
@@ -342,9 +362,11 @@ class LocalContext(WorkerContext):
     def __init__(self, config: Config, *, files: list[str], num_classes: int, bar: Any = None,
                  tracked: TrackedRun | None = None) -> None:
         super().__init__(config, rank=0, world_size=1, device=torch.device("cpu"), num_classes=num_classes,
-                         run_dir=Path(config.run_dir()), in_ray=False, tracked=tracked)
-        columns = [c for c in ("image_id", "identity", "image", "teacher_emb") if c in pq.read_schema(files[0]).names]
-        tables = [pq.read_table(f, columns=columns) for f in files]
+                         run_dir=config.run_dir(), in_ray=False, tracked=tracked)
+        paths, fs = storage.for_arrow(files)
+        names = pq.read_schema(paths[0], filesystem=fs).names
+        columns = [c for c in ("image_id", "identity", "image", "teacher_emb") if c in names]
+        tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in paths]
         self._rows = pa.concat_tables(tables).to_pydict()
         self._rows["path"] = [f for f, t in zip(files, tables) for _ in range(t.num_rows)]  # names a bad row's shard
         self._bar = bar
@@ -365,23 +387,36 @@ class LocalContext(WorkerContext):
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[str | None]:
-        latest = latest_checkpoint(self.run_dir)
-        self._restoring = str(latest) if latest else (self.config.train.resume_from or None)
-        yield self._restoring
+        location = latest_checkpoint(self.run_dir) or self.config.train.resume_from or None
+        if location is None:
+            yield None
+            return
+        with storage.local_folder(location) as directory:  # downloaded when on an object store
+            self._restoring = directory
+            yield directory
 
     @contextlib.contextmanager
     def checkpoint_dir(self, step: int) -> Iterator[str]:
-        final = self.run_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.run_dir))
+        """A folder to save into that appears at ``<run>/checkpoint_<step>`` whole or not at all: renamed
+        into place locally; on an object store uploaded file by file with ``progress.json`` last, the
+        file :func:`latest_checkpoint` waits for."""
+        final = storage.join(self.run_dir, f"{CHECKPOINT_PREFIX}{step:08d}")
+        remote = storage.is_remote(final)
+        if not remote:
+            Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step:08d}.", dir=None if remote else self.run_dir)
         try:
-            yield str(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # a checkpoint folder appears whole or not at all
+            yield tmp
+            storage.delete_tree(final)
+            if remote:
+                storage.upload_folder(tmp, final, last=["progress.json"])
+            else:
+                os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        for old in sorted(self.run_dir.glob(f"{CHECKPOINT_PREFIX}*"))[:-self.config.train.keep_checkpoints]:
-            shutil.rmtree(old)
+        done = [name for name in storage.child_folders(self.run_dir) if name.startswith(CHECKPOINT_PREFIX)]
+        for old in done[:-self.config.train.keep_checkpoints]:
+            storage.delete_tree(storage.join(self.run_dir, old))
 
     def report(self, metrics: dict[str, Any], directory: str | None) -> None:
         metrics = self.run_metrics(metrics)
@@ -398,12 +433,10 @@ class LocalContext(WorkerContext):
             self._bar.update(step - self._bar.n)
 
 
-def _attempt_after(log: Path) -> tuple[int, int]:
-    """``(this start's attempt number, highest step logged so far)`` from a run's metrics.jsonl."""
-    if not log.is_file():
-        return 1, 0
+def _attempt_after(log: str) -> tuple[int, int]:
+    """``(this start's attempt number, highest step logged so far)`` from a run's metrics.jsonl text."""
     lines = []
-    for text in log.read_text().splitlines():
+    for text in log.splitlines():
         try:
             lines.append(json.loads(text))
         except json.JSONDecodeError:  # a line cut short when a killed run was writing it
@@ -413,7 +446,10 @@ def _attempt_after(log: Path) -> tuple[int, int]:
     return lines[-1].get("attempt", 1) + 1, max(line.get("step", 0) for line in lines)
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint folder of a run (one with ``progress.json``), or None."""
-    done = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / "progress.json").is_file()]
-    return max(done, key=lambda p: p.name) if done else None
+def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint folder of a run (one with ``progress.json``), or None; a local
+    path or an object-store URL, as ``run_dir`` is."""
+    for name in reversed(storage.child_folders(run_dir)):
+        if name.startswith(CHECKPOINT_PREFIX) and storage.is_file(storage.join(run_dir, name, "progress.json")):
+            return storage.join(run_dir, name)
+    return None

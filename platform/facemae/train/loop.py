@@ -49,6 +49,17 @@ def run(config: Config, ctx: WorkerContext) -> Progress:
     validator = Validator.create(config, teacher=getattr(module, "teacher", None), device=ctx.device)
     guard = StepGuard(mode=train.nonfinite, max_nonfinite=train.max_nonfinite, diverge_factor=train.diverge_factor)
     progress = _restore(engine, ctx, guard)
+    try:
+        _train(config, ctx, engine, module, progress, validator=validator, guard=guard, dtype=dtype)
+    finally:
+        ctx.close()
+    return progress
+
+
+def _train(config: Config, ctx: WorkerContext, engine: Any, module: torch.nn.Module, progress: Progress, *,
+           validator: Validator | None, guard: StepGuard, dtype: torch.dtype) -> None:
+    """Steps until ``train.max_steps``, checkpointing and reporting on the way."""
+    train = config.train
     last: dict[str, Any] = {}
     while progress.step < train.max_steps:
         seen = 0
@@ -92,7 +103,6 @@ def run(config: Config, ctx: WorkerContext) -> Progress:
                                  "or train.num_workers, or ingest more images")
             progress.epoch += 1
             progress.batch_in_epoch = 0
-    return progress
 
 
 def _timed(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[tuple[dict[str, torch.Tensor], float]]:

@@ -8,22 +8,23 @@ run's latest checkpoint (Ray Train V2 keeps the run's state there).
 
 from __future__ import annotations
 
+import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from tqdm import tqdm
 
-from facemae import console
+from facemae import console, storage
 from facemae.config import Config, from_dict
 from facemae.data.shards import verify_dataset
 from facemae.data.transforms import training_batch
 from facemae.losses.irm import view_name
-from facemae.models.weights import save_weights
+from facemae.models.weights import WEIGHTS, WEIGHTS_INFO, save_weights
 from facemae.tracking import TrackedRun, log_weights, tracked_run
-from facemae.train.context import LocalContext, RayContext, latest_checkpoint
+from facemae.train.context import METRICS_LOG, LocalContext, RayContext, latest_checkpoint
 from facemae.train.engine import check_checkpoint, read_checkpoint_file, weights_only_loads
 from facemae.train.loop import PROGRESS, run
 
@@ -52,6 +53,7 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train",
         callbacks: Ray Train ``UserCallback``s (a Tune trial passes ``TuneReportCallback``).
         show_progress: The driver's progress bar (Tune trials turn it off: their logs are files).
     """
+    storage.configure(**asdict(config.storage))  # where s3:// locations of the config point
     root = dataset or config.data.output
     manifest = verify_dataset(root)
     files = manifest.files(root, split)
@@ -62,14 +64,14 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train",
     if (done := finished_run(config)) is not None:
         return done
     # One MLflow run per run folder (tracking.mlflow_uri): opened here, logged to by rank 0, ended here.
-    with tracked_run(config, folder=Path(config.run_dir()), name=config.name, kind="train") as tracked:
+    with tracked_run(config, folder=config.run_dir(), name=config.name, kind="train") as tracked:
         if config.train.num_workers == 0:
             result = _train_local(config, files, num_classes, tracked=tracked)
         else:
             result = _train_ray(config, files, num_classes, callbacks=list(callbacks), show_progress=show_progress,
                                 tracked=tracked)
         if result.checkpoint:
-            result.weights = str(export_weights(result.checkpoint, config, Path(result.run_dir) / EXPORT_DIR))
+            result.weights = export_weights(result.checkpoint, config, storage.join(result.run_dir, EXPORT_DIR))
         log_weights(tracked, result.weights)
     return result
 
@@ -91,29 +93,29 @@ def finished_run(config: Config) -> TrainResult | None:
     the same weights again; this skips that, whether the run trained on Ray workers or in-process."""
     import json
 
-    run_dir = Path(config.run_dir())
+    run_dir = config.run_dir()
     checkpoint = latest_checkpoint(run_dir)
-    info = run_dir / EXPORT_DIR / "weights.json"
-    if checkpoint is None or not info.is_file():
+    info = storage.join(run_dir, EXPORT_DIR, "weights.json")
+    if checkpoint is None or not storage.is_file(info):
         return None
-    step = json.loads((checkpoint / PROGRESS).read_text()).get("step", 0)
-    if step < config.train.max_steps or json.loads(info.read_text()).get("checkpoint") != str(checkpoint):
+    step = json.loads(storage.read_text(storage.join(checkpoint, PROGRESS))).get("step", 0)
+    if step < config.train.max_steps or json.loads(storage.read_text(info)).get("checkpoint") != checkpoint:
         return None
-    return TrainResult(run_dir=str(run_dir), checkpoint=str(checkpoint),
-                       weights=str(run_dir / EXPORT_DIR / "weights.safetensors"), metrics=_last_metrics(run_dir))
+    return TrainResult(run_dir=run_dir, checkpoint=checkpoint,
+                       weights=storage.join(run_dir, EXPORT_DIR, "weights.safetensors"), metrics=_last_metrics(run_dir))
 
 
 def _train_local(config: Config, files: list[str], num_classes: int, *, tracked: TrackedRun | None) -> TrainResult:
     from facemae.train.engine import ensure_process_group
 
     ensure_process_group()
-    run_dir = Path(config.run_dir())
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = config.run_dir()
+    storage.make_dirs(run_dir)
     with tqdm(total=config.train.max_steps, desc=f"train {config.train.task}", unit="step",
               file=console.bar_stream()) as bar:
         ctx = LocalContext(config, files=files, num_classes=num_classes, bar=bar, tracked=tracked)
         run(config, ctx)
-    return TrainResult(run_dir=str(run_dir), checkpoint=_str(latest_checkpoint(run_dir)), weights=None,
+    return TrainResult(run_dir=run_dir, checkpoint=latest_checkpoint(run_dir), weights=None,
                        metrics=_last_metrics(run_dir))
 
 
@@ -126,16 +128,19 @@ def _train_ray(config: Config, files: list[str], num_classes: int, *, callbacks:
     from facemae.cluster import ensure_ray, input_errors_unwrapped
 
     train = config.train
+    # Ray Train keeps the run (its state, the checkpoints) through the same pyarrow filesystem as ours,
+    # so an S3-compatible store's endpoint reaches it: a bare s3:// URL would go to AWS itself.
+    (root,), filesystem = storage.for_arrow([train.storage_root()])
     ensure_ray(config.ray)
     progress = _start_progress_actor()
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"config": config.to_dict(), "num_classes": num_classes, "progress": progress,
-                           "tracked": tracked},
+                           "tracked": tracked, "storage": storage.options()},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=config.name, storage_path=train.storage_root(),
+        run_config=RunConfig(name=config.name, storage_path=root, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              callbacks=callbacks or None),
@@ -144,7 +149,8 @@ def _train_ray(config: Config, files: list[str], num_classes: int, *, callbacks:
         result = _fit_with_progress(trainer, progress, total=train.max_steps, desc=f"train {train.task}",
                                     disable=not show_progress)
     ray.kill(progress)
-    checkpoint = _checkpoint_path(result.checkpoint) if result.checkpoint else None
+    checkpoint = storage.join(config.run_dir(), result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]) \
+        if result.checkpoint else None
     return TrainResult(run_dir=config.run_dir(), checkpoint=checkpoint, weights=None,
                        metrics=dict(result.metrics or {}))
 
@@ -161,16 +167,18 @@ def training_dataset(config: Config, files: list[str]) -> Any:
 
     from facemae.data.transforms import columns_for
 
-    columns = columns_for(pq.read_schema(files[0]).names)
+    paths, fs = storage.for_arrow(files)
+    columns = columns_for(pq.read_schema(paths[0], filesystem=fs).names)
     # The driver shows one training progress bar; per-operator bars of every epoch would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(files, columns=columns, shuffle="files", include_paths=True)
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, shuffle="files", include_paths=True)
     return ds.map_batches(training_batch, batch_format="numpy", batch_size=config.train.micro_batch,
                           fn_kwargs={"task": config.train.task, "num_patches": config.mask.num_patches,
                                      "keep": config.mask.keep, "flip": config.train.task == "fr"})
 
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:
+    storage.configure(**loop_config.get("storage", {}))  # the driver's endpoint: a worker is another process
     config = from_dict(Config, loop_config["config"]).validate()
     ctx = RayContext(config, num_classes=loop_config["num_classes"], progress_actor=loop_config["progress"],
                      tracked=loop_config.get("tracked"))
@@ -205,24 +213,23 @@ def _capture(fn: Any) -> Any:
         return exc
 
 
-def _checkpoint_path(checkpoint: Any) -> str:
-    return str(checkpoint.path)
-
-
-def _last_metrics(run_dir: Path) -> dict[str, Any]:
+def _last_metrics(run_dir: str) -> dict[str, Any]:
     import json
 
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    log = storage.join(run_dir, METRICS_LOG)
+    lines = storage.read_text(log).splitlines() if storage.is_file(log) else []
     return json.loads(lines[-1]) if lines else {}
 
 
-def _str(path: Path | None) -> str | None:
-    return str(path) if path else None
+def export_weights(checkpoint: str, config: Config, out_dir: str) -> str:
+    """Writes inference weights (fp32 safetensors) from a DeepSpeed checkpoint of any ZeRO stage; both
+    may be local folders or object-store locations.
 
-
-def export_weights(checkpoint: str | Path, config: Config, out_dir: Path) -> Path:
-    """Writes inference weights (fp32 safetensors) from a DeepSpeed checkpoint of any ZeRO stage."""
-    state = consolidated_state(checkpoint)
+    Returns:
+        The ``weights.safetensors`` location.
+    """
+    with storage.local_folder(checkpoint) as local:  # DeepSpeed's merger reads files by name
+        state = consolidated_state(local)
     prefix = "mae." if config.train.task == "mae" else "backbone."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     name = config.model.mae if config.train.task == "mae" else (config.train.fr_backbone or config.model.fr)
@@ -233,7 +240,12 @@ def export_weights(checkpoint: str | Path, config: Config, out_dir: Path) -> Pat
     module.load_state_dict(weights)
     info = {"task": config.train.task, "model": name, "embedding_size": config.model.embedding_size,
             "norm_pix_loss": config.loss.norm_pix_loss, "run": config.name, "checkpoint": str(checkpoint)}
-    return save_weights(module, out_dir, info)
+    if not storage.is_remote(out_dir):
+        return str(save_weights(module, out_dir, info))
+    with tempfile.TemporaryDirectory(prefix="facemae-export-") as tmp:
+        save_weights(module, tmp, info)
+        storage.upload_folder(tmp, out_dir, last=[WEIGHTS_INFO])  # weights.json last: finished_run() reads it
+    return storage.join(out_dir, WEIGHTS)
 
 
 def consolidated_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:

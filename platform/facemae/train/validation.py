@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from facemae import storage
 from facemae.config import Config
 from facemae.data.images import decode_rows
 from facemae.data.masking import image_mask_seed, random_keep
@@ -70,15 +71,17 @@ def load_validation_set(config: Config, *, device: torch.device) -> ValidationSe
     if not files:
         raise ValueError(f"train.val_every needs held-out identities, but {root} has no deploy split; ingest with "
                          "data.deploy_fraction > 0 or set train.val_every=0")
+    paths, fs = storage.for_arrow(files)  # an s3:// dataset through its endpoint
+    path_of = dict(zip(files, paths))
     index = [(f, i, image_id, identity) for f in files
-             for i, (image_id, identity) in enumerate(zip(*pq.read_table(f, columns=["image_id", "identity"])
-                                                          .to_pydict().values()))]
+             for i, (image_id, identity) in enumerate(zip(*pq.read_table(path_of[f], columns=["image_id", "identity"],
+                                                                         filesystem=fs).to_pydict().values()))]
     n = min(config.train.val_images, len(index))
     picked = sorted(np.random.default_rng(config.train.seed).choice(len(index), n, replace=False))
     chosen = [index[j] for j in picked]
     pixels, reasons = [], []
     for f in dict.fromkeys(c[0] for c in chosen):  # read each file's image column once
-        images = pq.read_table(f, columns=["image"]).column("image")
+        images = pq.read_table(path_of[f], columns=["image"], filesystem=fs).column("image")
         rows = [c for c in chosen if c[0] == f]
         decoded, why = decode_rows([images[i].as_py() for _, i, _, _ in rows], image_ids=[c[2] for c in rows],
                                    paths=[f] * len(rows), skip_corrupt=config.data.skip_corrupt)

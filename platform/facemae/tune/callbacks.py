@@ -9,7 +9,6 @@ nested under the sweep's, params the trial's whole config, every report at its s
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -58,7 +57,7 @@ class EndTrialRuns(LoggerCallback):
         self._base = base
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
-        folder = Path(self._base.train.run_dir_for(f"{self._base.name}-sweep-{trial.trial_id}"))
+        folder = self._base.train.run_dir_for(f"{self._base.name}-sweep-{trial.trial_id}")
         end_if_running(folder, uri=self._base.tracking.mlflow_uri, status="FAILED" if failed else "FINISHED",
                        tags={"facemae.tune_status": "ERROR" if failed else "STOPPED"})
 

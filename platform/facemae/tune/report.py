@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from facemae import storage
 from facemae.data.shards import atomic_write_text
 
 
@@ -24,14 +25,13 @@ def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[bo
     return out
 
 
-def write_sweep_report(table: list[dict[str, Any]], output: Path, *, objective: str, sweep: str) -> tuple[Path, Path]:
-    """Writes ``trials.json``, ``pareto.md`` (the table, front marked) and ``pareto.png``."""
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "trials.json", json.dumps(table, indent=1, default=str) + "\n")
+def write_sweep_report(table: list[dict[str, Any]], output: str, *, objective: str, sweep: str) -> tuple[str, str]:
+    """Writes ``trials.json``, ``pareto.md`` (the table, front marked) and ``pareto.png`` into ``output``
+    (a local folder or an object-store location); returns the locations of the last two."""
     keys = sorted({k for row in table for k in row["params"]})
     head = ["trial", *keys, "status", "step", "val_irm", "val_identity_leak@1", "val_image_leak@1",
             "val_recon_loss", "val_objective", "pareto"]
-    lines = [f"# Sweep {Path(sweep).name}", "",
+    lines = [f"# Sweep {sweep.rstrip('/').rsplit('/', 1)[-1]}", "",
              f"Objective: `{objective}` (minimised: `val_objective`). Utility is `val_irm`, the change of the "
              "frozen teacher's relations among held-out faces when they are reconstructed (lower is better); "
              "privacy is `val_identity_leak@1`, how often the judge's nearest original shares the identity "
@@ -42,9 +42,11 @@ def write_sweep_report(table: list[dict[str, Any]], output: Path, *, objective: 
                  *(_fmt(row[k]) for k in head[len(keys) + 3:-1]), "yes" if row["pareto"] else ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "![Pareto front](pareto.png)", ""]
-    atomic_write_text(output / "pareto.md", "\n".join(lines))
-    _plot(table, output / "pareto.png")
-    return output / "pareto.md", output / "pareto.png"
+    with storage.output_folder(output) as folder:
+        atomic_write_text(folder / "trials.json", json.dumps(table, indent=1, default=str) + "\n")
+        atomic_write_text(folder / "pareto.md", "\n".join(lines))
+        _plot(table, folder / "pareto.png")
+    return storage.join(output, "pareto.md"), storage.join(output, "pareto.png")
 
 
 def _fmt(value: Any) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from facemae import console
+from facemae import console, storage
 from facemae.config import Config, RayConfig, from_dict, set_dotted
 from facemae.tracking import TrackedRun, job_run, log_folder, nested_under
 from facemae.tune.report import pareto_front, write_sweep_report
@@ -65,7 +65,7 @@ def run_sweep(config: Config, *, say: Callable[[str], None] = console.say, resto
     # With tracking on, the sweep is one MLflow run: the teacher, the judge and every trial nest under it.
     with job_run(config, folder=_sweep_path(config), name=f"{config.name}-sweep", kind="sweep") as job:
         result = _sweep(config, say=say, restore=restore, job=job)
-        log_folder(job, Path(result.report).parent, artifact_path="report",
+        log_folder(job, _report_folder(config), artifact_path="report",
                    tags={"facemae.best_trial": str(result.best_metrics.get("trial_id", "")),
                          "facemae.best_config": json.dumps(result.best_config),
                          **({"facemae.weights": result.best_weights} if result.best_weights else {})})
@@ -88,8 +88,8 @@ def _sweep(config: Config, *, say: Callable[[str], None], restore: bool, job: Tr
     best = min((r for r in table if r[METRIC] is not None), key=lambda r: r[METRIC])
     if best["weights"] is None and best["checkpoint"]:  # stopped before its own export
         best["weights"] = _export(base, best)
-    output = Path(config.tune.output or f"reports/{config.name}-sweep")
-    report, png = write_sweep_report(table, output, objective=config.tune.objective, sweep=str(path))
+    output = _report_folder(config)
+    report, png = write_sweep_report(table, output, objective=config.tune.objective, sweep=path)
     say(f"best     {best['trial']} {best['params']}: {METRIC} {best[METRIC]:.4f}")
     say(f"report   {report}")
     return SweepResult(path=str(path), best_config=best["params"], best_metrics=best["metrics"],
@@ -115,11 +115,16 @@ def prepare(config: Config, say: Callable[[str], None]) -> tuple[Config, str]:
     # Every report must carry the objective (Tune checks each result for the metric): reports come
     # at log steps, checkpoint steps and the last step, so all of them are validation steps.
     # Tune runs each trial in its own trial folder as working directory: paths must be absolute.
-    base = dataclasses.replace(config, data=dataclasses.replace(config.data, output=str(Path(config.data.output).resolve())),
+    base = dataclasses.replace(config, data=dataclasses.replace(config.data, output=_absolute(config.data.output)),
                                train=dataclasses.replace(
         t, task="mae", teacher=teacher, judge=judge, val_every=every, log_every=every,
         checkpoint_every=math.ceil(t.checkpoint_every / every) * every, metrics_port=0, debug_state_dir=""))
-    return base, str(Path(dataset).resolve())
+    return base, _absolute(dataset)
+
+
+def _absolute(location: str) -> str:
+    """A local path made absolute (Tune runs each trial in its own folder); a URL as it is."""
+    return location if storage.is_remote(location) else str(Path(location).resolve())
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], *, trial_id: str) -> Config:
@@ -150,16 +155,22 @@ def _export(base: Config, row: dict[str, Any]) -> str:
     from facemae.train.trainer import EXPORT_DIR, export_weights
 
     config = trial_config(base.to_dict(), row["params"], trial_id=row["trial"])
-    return str(export_weights(row["checkpoint"], config, Path(config.run_dir()) / EXPORT_DIR))
+    return export_weights(row["checkpoint"], config, storage.join(config.run_dir(), EXPORT_DIR))
 
 
-def _sweep_path(config: Config) -> Path:
-    """The Tune experiment folder of the sweep (restorable; it also keeps the sweep's ``mlflow.json``)."""
-    return Path(config.train.storage_root()) / f"{config.name}-sweep"
+def _report_folder(config: Config) -> str:
+    """Where the sweep's report goes: ``tune.output``, a local folder or an object-store location."""
+    return config.tune.output or f"reports/{config.name}-sweep"
+
+
+def _sweep_path(config: Config) -> str:
+    """The Tune experiment folder of the sweep (restorable; it also keeps the sweep's ``mlflow.json``):
+    a local path or an object-store location, beside the runs."""
+    return storage.join(config.train.storage_root(), f"{config.name}-sweep")
 
 
 def _tuner(base: Config, dataset: str, *, concurrency: int, restore: bool,
-           say: Callable[[str], None], job: TrackedRun | None) -> tuple[Any, Path]:
+           say: Callable[[str], None], job: TrackedRun | None) -> tuple[Any, str]:
     import ray.tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -167,11 +178,13 @@ def _tuner(base: Config, dataset: str, *, concurrency: int, restore: bool,
 
     tune = base.tune
     path = _sweep_path(base)
+    (tune_path,), filesystem = storage.for_arrow([path])  # Tune reaches an S3-compatible store through it
     trainable = ray.tune.with_resources(functools.partial(_trial, base=base.to_dict(), dataset=dataset, job=job),
                                         {"cpu": tune.cpus_per_trial})
-    if restore and ray.tune.Tuner.can_restore(str(path)):
+    if restore and ray.tune.Tuner.can_restore(tune_path, storage_filesystem=filesystem):
         say(f"restoring {path}: finished trials are kept, unfinished ones resume from their checkpoints")
-        return ray.tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True), path
+        return ray.tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
+                                      storage_filesystem=filesystem), path
     scheduler = None
     if tune.scheduler == "asha":
         # One rung past the last report: a trial that reaches max_t is stopped by ASHA at once, before
@@ -186,7 +199,8 @@ def _tuner(base: Config, dataset: str, *, concurrency: int, restore: bool,
         tune_config=ray.tune.TuneConfig(metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=tune.num_samples,
                                         search_alg=BasicVariantGenerator(random_state=tune.seed,
                                                                          max_concurrent=concurrency)),
-        run_config=ray.tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=1,
+        run_config=ray.tune.RunConfig(name=tune_path.rsplit("/", 1)[-1], storage_path=tune_path.rsplit("/", 1)[0],
+                                      storage_filesystem=filesystem, verbose=1,
                                       callbacks=[TrialBar(count_trials(tune)), *tracking_callbacks(base)]))
     return tuner, path
 
@@ -268,15 +282,15 @@ def trial_table(grid: Any, base: Config) -> list[dict[str, Any]]:
     for result in grid:
         metrics = dict(result.metrics or {})
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        run_dir = Path(base.train.run_dir_for(f"{base.name}-sweep-{trial_id}"))
-        weights = run_dir / "export" / "weights.safetensors"
-        checkpoint = latest_checkpoint(run_dir) if run_dir.exists() else None
+        run_dir = base.train.run_dir_for(f"{base.name}-sweep-{trial_id}")
+        weights = storage.join(run_dir, "export", "weights.safetensors")
+        checkpoint = latest_checkpoint(run_dir)
         step = metrics.get("step")
         status = "ERROR" if result.error else "COMPLETED" if step == base.train.max_steps else "STOPPED"
         rows.append({"trial": trial_id, "params": dict(result.config or {}), "status": status, "step": step,
                      **{k: metrics.get(k) for k in REPORTED},
-                     "checkpoint": str(checkpoint) if checkpoint else None,
-                     "weights": str(weights) if weights.is_file() else None,
+                     "checkpoint": checkpoint,
+                     "weights": weights if storage.is_file(weights) else None,
                      "error": str(result.error).splitlines()[0] if result.error else None,
                      "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
     front = pareto_front([(r["val_irm"], r["val_identity_leak@1"]) for r in rows])
