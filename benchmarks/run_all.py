@@ -1,0 +1,335 @@
+"""Every performance figure of the platform as a ratio against a baseline measured in the same run.
+
+Writes ``benchmarks/results/performance.json`` (``{"date", "machine", "commit", "command", "figures":
+{name: {"value", "baseline", "ratio", "goal", "met", "unit", "how"}}}``) and ``performance.md``.
+Each timed figure is the median of ``--repeats`` repeats; its baseline is timed in the same run, on the
+same threads, so the ratio holds across machines where the absolute numbers do not.
+
+Figures (their goals from the performance issue):
+
+- ``train_step_mfu``: model FLOP/s of the main job's training step (``train.yaml``'s FaceMAE + IRM with
+  stored teacher embeddings, forward + backward + AdamW on one micro-batch; FLOPs counted by
+  ``torch.utils.flop_counter``) over the measured fp32 GEMM rate on the same threads. Goal >= 0.50.
+- ``experiment_mae_step_mfu`` / ``experiment_fr_step_mfu``: the same for ``experiment.yaml``'s FaceMAE
+  and FR (ArcFace) steps. Goal >= 0.60.
+- ``irm_overhead``: the FaceMAE + IRM step (stored embeddings) over the plain MAE step plus one teacher
+  forward + backward (to its input, weights frozen) on the released batch, each timed apart. Goal <= 1.10.
+- ``generate_pool`` / ``embed_pool``: images/s of the generation and teacher-embedding Ray Data actor
+  pools (read, decode, model, encode, write shards) over a bare forward of the same model on the same
+  images in one process with as many threads as the pool has CPUs. Goal >= 0.80.
+
+Figures not measured yet (``data_wait``, ``data_headroom``, ``data_vs_dataloader``, ``ray_ds_overhead``,
+``worker_memory``) are listed with ``value: null`` and why, so the table shows what is still open.
+
+    python benchmarks/run_all.py [--repeats 5] [--threads 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from facemae import console
+from facemae.cli import job_console
+from facemae.config import Config, load_config
+from facemae.losses.margin import build_head
+from facemae.models.registry import build_fr, build_mae
+from facemae.train.steps import fr_step, freeze_teacher, mae_irm_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import RESULTS, provenance  # noqa: E402  (a sibling script, not a package)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+GEMM_SIZE = 1024  # square fp32 matmul of the GEMM baseline: large enough to run at the BLAS peak
+
+NOT_MEASURED = {
+    "data_wait": ("whole-run data-wait fraction of a main-job-sized run, epoch starts included", "< 0.05"),
+    "data_headroom": ("images/s Ray Data delivers to a worker over the training step's consumption", ">= 4.0"),
+    "data_vs_dataloader": ("the same pipeline over a torch DataLoader on the same shards and cores", ">= 1.0"),
+    "ray_ds_overhead": ("DeepSpeed-on-Ray Train step over a plain torch DDP step, same model and processes",
+                        "<= 1.10"),
+    "worker_memory": ("peak RSS per training worker at experiment.yaml over its state lower bound", "<= 2.0"),
+}
+
+
+def median_seconds(fn: Callable[[], Any], *, repeats: int, inner: int = 1, warmup: int = 2) -> float:
+    """Median over ``repeats`` of the mean seconds of ``inner`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+def gemm_rate(*, repeats: int) -> float:
+    """FLOP/s of a square fp32 matmul on this process's threads: the hardware baseline of every MFU."""
+    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
+    seconds = median_seconds(lambda: torch.mm(a, b), repeats=repeats, inner=5)
+    return 2 * GEMM_SIZE ** 3 / seconds
+
+
+def counted_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (forward and backward), by torch's FLOP counter."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@dataclasses.dataclass
+class Step:
+    """One training step to time: ``run`` is forward + backward + update, ``compute`` forward + backward."""
+
+    run: Callable[[], None]
+    compute: Callable[[], None]
+
+
+def mae_step(config: Config, *, batch: int, irm: bool = True) -> tuple[Step, torch.nn.Module, dict[str, Any]]:
+    """The FaceMAE (+ IRM with stored teacher embeddings, as the main job trains) step on random faces."""
+    model = build_mae(config.model.mae, norm_pix_loss=config.loss.norm_pix_loss)
+    teacher = freeze_teacher(build_fr(config.model.teacher, embedding_size=config.model.embedding_size))
+    if not irm:
+        config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, lambda_irm=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    data: dict[str, Any] = {"image": torch.rand(batch, 3, 112, 112) * 2 - 1, "identity": torch.arange(batch)}
+    with torch.no_grad():
+        data["teacher_emb"] = teacher(data["image"])
+    generator = torch.Generator().manual_seed(0)
+
+    def compute() -> None:
+        mae_irm_step(model, teacher, data, config, generator=generator)["loss"].backward()
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        compute()
+        optimizer.step()
+
+    return Step(run=run, compute=compute), teacher, data
+
+
+def fr_train_step(config: Config, *, batch: int) -> Step:
+    """The FR (margin head) step of an FR model trained on a dataset, on random faces."""
+    backbone = build_fr(config.model.fr, embedding_size=config.model.embedding_size)
+    head = build_head(config.loss.margin, config.model.embedding_size, max(2, batch), s=config.loss.s,
+                      m=config.loss.margin_m)
+    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
+    data = {"image": torch.rand(batch, 3, 112, 112) * 2 - 1, "identity": torch.arange(batch) % max(2, batch)}
+
+    def compute() -> None:
+        fr_step(backbone, head, data, config)["loss"].backward()
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        compute()
+        optimizer.step()
+
+    return Step(run=run, compute=compute)
+
+
+def figure(value: float | None, baseline: float | None, *, goal: str, unit: str, how: str,
+           ratio: float | None = None) -> dict[str, Any]:
+    """One row of the table; ``ratio`` defaults to value / baseline and ``met`` is read off ``goal``."""
+    if ratio is None and value is not None and baseline:
+        ratio = value / baseline
+    op, target = goal.split()
+    met = ratio is not None and {">=": ratio >= float(target), "<=": ratio <= float(target),
+                                 "<": ratio < float(target)}[op]
+    return {"value": value, "baseline": baseline, "ratio": ratio, "goal": goal, "met": met, "unit": unit, "how": how}
+
+
+def mfu_figure(step: Step, *, rate: float, repeats: int, goal: str, what: str) -> dict[str, Any]:
+    flops = counted_flops(step.compute)
+    seconds = median_seconds(step.run, repeats=repeats)
+    return figure(flops / seconds, rate, goal=goal, unit="FLOP/s",
+                  how=f"{what}: {flops / 1e9:.2f} GFLOP per step in {seconds * 1e3:.1f} ms (median of {repeats})")
+
+
+def compute_figures(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The single-process figures: MFU of the training steps and IRM's overhead."""
+    torch.manual_seed(0)
+    rate = gemm_rate(repeats=args.repeats)
+    console.say(f"[perf] fp32 GEMM {GEMM_SIZE}^3 on {torch.get_num_threads()} thread(s): {rate / 1e9:.1f} GFLOP/s")
+    train = load_config(CONFIGS / "train.yaml")
+    experiment = load_config(CONFIGS / "experiment.yaml")
+    out: dict[str, dict[str, Any]] = {}
+    main_step, teacher, data = mae_step(train, batch=train.train.micro_batch)
+    out["train_step_mfu"] = mfu_figure(main_step, rate=rate, repeats=args.repeats, goal=">= 0.50",
+                                       what=f"train.yaml {train.model.mae} + IRM ({train.model.teacher}), "
+                                            f"batch {train.train.micro_batch}")
+    console.say(f"[perf] train_step_mfu {out['train_step_mfu']['ratio']:.3f}")
+    exp_step, _, _ = mae_step(experiment, batch=experiment.train.micro_batch)
+    out["experiment_mae_step_mfu"] = mfu_figure(exp_step, rate=rate, repeats=args.repeats, goal=">= 0.60",
+                                                what=f"experiment.yaml {experiment.model.mae} + IRM, "
+                                                     f"batch {experiment.train.micro_batch}")
+    console.say(f"[perf] experiment_mae_step_mfu {out['experiment_mae_step_mfu']['ratio']:.3f}")
+    out["experiment_fr_step_mfu"] = mfu_figure(fr_train_step(experiment, batch=experiment.train.micro_batch),
+                                               rate=rate, repeats=args.repeats, goal=">= 0.60",
+                                               what=f"experiment.yaml {experiment.model.fr} + "
+                                                    f"{experiment.loss.margin}, batch {experiment.train.micro_batch}")
+    console.say(f"[perf] experiment_fr_step_mfu {out['experiment_fr_step_mfu']['ratio']:.3f}")
+
+    # IRM's overhead: the whole step against its two parts timed apart.
+    mae_only, _, _ = mae_step(train, batch=train.train.micro_batch, irm=False)
+    released = data["image"].clone().requires_grad_(True)
+
+    def teacher_pass() -> None:
+        teacher(released).sum().backward()  # IRM's backward reaches the images through the frozen teacher
+        released.grad = None
+
+    whole = median_seconds(main_step.run, repeats=args.repeats)
+    parts = median_seconds(mae_only.run, repeats=args.repeats) + median_seconds(teacher_pass, repeats=args.repeats)
+    out["irm_overhead"] = figure(whole, parts, goal="<= 1.10", unit="s/step",
+                                 how=f"FaceMAE + IRM step {whole * 1e3:.1f} ms vs MAE step + teacher forward and "
+                                     f"backward {parts * 1e3:.1f} ms (medians of {args.repeats})")
+    console.say(f"[perf] irm_overhead {out['irm_overhead']['ratio']:.3f}")
+    return out
+
+
+def pool_figures(args: argparse.Namespace, work: Path) -> dict[str, dict[str, Any]]:
+    """Generation and teacher-embedding actor pools against a bare forward of their model, same images."""
+    import numpy as np
+
+    from facemae.cluster import ensure_ray
+    from facemae.data.images import decode_rows
+    from facemae.data.ingest import ingest
+    from facemae.data.owner import mask_dataset
+    from facemae.data.shards import iter_rows, read_manifest
+    from facemae.generate.embed import embed_dataset
+    from facemae.generate.release import generate_released
+    from facemae.losses.irm import irm_view
+    from facemae.models.fr import to_model_range
+    from facemae.models.mae import masked_record_input
+    from facemae.models.weights import save_weights
+
+    ids = 20 if args.quick else 200
+    config = load_config(CONFIGS / "train_smoke.yaml", [
+        f"data.output={work / 'data'}", f"data.num_identities={ids}", "data.images_per_identity=10",
+        "data.deploy_fraction=0.5", "data.rows_per_shard=100", f"train.storage_path={work / 'runs'}",
+        "generate.actors=2", "ray.num_cpus=2"])
+    mae_weights = save_weights(build_mae(config.model.mae), work / "mae", {
+        "task": "mae", "model": config.model.mae, "norm_pix_loss": False, "run": "benchmark"})
+    fr_weights = save_weights(build_fr(config.model.teacher, embedding_size=config.model.embedding_size),
+                              work / "teacher", {"task": "fr", "model": config.model.teacher,
+                                                 "embedding_size": config.model.embedding_size, "run": "benchmark"})
+    config = dataclasses.replace(config, generate=dataclasses.replace(config.generate, weights=str(mae_weights)))
+    ingest(config)
+    mask_dataset(config)
+    ensure_ray(config.ray)
+    # Each actor runs torch on one thread (Ray sets OMP_NUM_THREADS=1 for a fractional CPU): the bare
+    # forward gets as many threads as the pool has actors.
+    cpus = config.generate.actors
+    threads = torch.get_num_threads()
+    out: dict[str, dict[str, Any]] = {}
+
+    # Generation: the pool end to end (read, decode, FaceMAE, PNG encode, shards) vs the bare forward.
+    masked = config.masked_output()
+    images = read_manifest(masked).num_images()
+    pool = median_seconds(lambda: generate_released(config, output=str(work / "released"), overwrite=True),
+                          repeats=args.pool_repeats, warmup=1)
+    records = list(iter_rows(read_manifest(masked).files(masked, "deploy")))
+    model = build_mae(config.model.mae).eval()
+    size = config.generate.batch_size
+    batches = [masked_record_input([r["visible"] for r in records[i:i + size]], [r["mask"] for r in records[i:i + size]],
+                                   patch_size=model.patch_size) for i in range(0, len(records), size)]
+
+    def bare_generate() -> None:
+        with torch.inference_mode():
+            for x, m in batches:
+                _, pred, _ = model(x, mask=m)
+                model.compose(x, pred, m)
+
+    torch.set_num_threads(cpus)
+    bare = median_seconds(bare_generate, repeats=args.pool_repeats, warmup=1)
+    torch.set_num_threads(threads)
+    out["generate_pool"] = figure(images / pool, images / bare, goal=">= 0.80", unit="images/s",
+                                  how=f"{images} faces, {config.generate.actors} actors x 1 thread vs one process "
+                                      f"on {cpus} threads "
+                                      f"(medians of {args.pool_repeats})")
+    console.say(f"[perf] generate_pool {out['generate_pool']['ratio']:.3f}")
+
+    # Teacher embeddings: the pool over every original vs the bare teacher forward in the IRM view.
+    originals = config.data.output
+    n = read_manifest(originals).num_images()
+    pool = median_seconds(lambda: embed_dataset(config, source=originals, weights=str(fr_weights),
+                                                output=str(work / "embedded"), overwrite=True),
+                          repeats=args.pool_repeats, warmup=1)
+    rows = [r for split in ("train", "deploy") for r in iter_rows(read_manifest(originals).files(originals, split))]
+    pixels, _ = decode_rows([r["image"] for r in rows], image_ids=[r["image_id"] for r in rows],
+                            paths=["-"] * len(rows), skip_corrupt=False)
+    faces = to_model_range(torch.from_numpy(np.asarray(pixels)))
+    teacher = freeze_teacher(build_fr(config.model.teacher, embedding_size=config.model.embedding_size)).eval()
+    size = config.train.micro_batch
+
+    def bare_embed() -> None:
+        with torch.inference_mode():
+            for i in range(0, len(faces), size):
+                teacher(irm_view(faces[i:i + size], view=config.loss.irm_view, sigma=config.loss.irm_blur_sigma))
+
+    actors = max(1, config.train.num_workers)  # embed_dataset's pool size
+    torch.set_num_threads(actors)
+    bare = median_seconds(bare_embed, repeats=args.pool_repeats, warmup=1)
+    torch.set_num_threads(threads)
+    out["embed_pool"] = figure(n / pool, n / bare, goal=">= 0.80", unit="images/s",
+                               how=f"{n} faces, {actors} actors x 1 thread vs one process on {actors} threads "
+                                   f"(medians of {args.pool_repeats})")
+    console.say(f"[perf] embed_pool {out['embed_pool']['ratio']:.3f}")
+    return out
+
+
+def write_results(figures: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "performance.json").write_text(json.dumps({**meta, "figures": figures}, indent=1) + "\n")
+    lines = ["# Performance", "", f"{meta['date']}, {meta['machine']}, commit {meta['commit']}: `{meta['command']}`",
+             "", "| figure | value | baseline | ratio | goal | met | how |", "|---|---|---|---|---|---|---|"]
+    for name, f in figures.items():
+        cells = [name, _fmt(f["value"], f["unit"]), _fmt(f["baseline"], f["unit"]),
+                 "-" if f["ratio"] is None else f"{f['ratio']:.3f}", f["goal"],
+                 "yes" if f["met"] else ("not measured" if f["value"] is None else "no"), f["how"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    (RESULTS / "performance.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "FLOP/s":
+        return f"{value / 1e9:.2f} GFLOP/s"
+    return f"{value:.4g} {unit}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of each timed step (median)")
+    parser.add_argument("--pool-repeats", type=int, default=3, help="repeats of each actor-pool run (median)")
+    # One thread, as a training worker with one reserved CPU runs (facemae.train.context).
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="smaller pool datasets (a smoke run of the script)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Ray and torch output here, not in the log")
+    args = parser.parse_args()
+    meta = provenance()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="facemae-perf-") as work, job_console("performance", verbose=args.verbose):
+        figures = compute_figures(args)
+        figures.update(pool_figures(args, Path(work)))
+    for name, (how, goal) in NOT_MEASURED.items():
+        figures[name] = figure(None, None, goal=goal, unit="", how=f"not measured yet: {how}")
+    write_results(figures, meta)
+    met = sum(f["met"] for f in figures.values())
+    console.say(f"[perf] {met} of {len(figures)} goals met; {RESULTS / 'performance.md'}")
+
+
+if __name__ == "__main__":
+    main()
