@@ -11,8 +11,6 @@ plain-MAE baseline measured in the same run, so the IRM overhead ratio is compar
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -21,6 +19,7 @@ from facemae.config import Config, load_config
 from facemae.losses.margin import build_head
 from facemae.models.registry import MAE_SPECS, build_fr, build_mae
 from facemae.train.steps import fr_step, freeze_teacher, mae_irm_step
+from run_all import median_seconds  # a sibling script: benchmarks/ is on sys.path when run
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -28,16 +27,8 @@ def _params(module: torch.nn.Module) -> int:
 
 
 def _median_step(step: Callable[[], None], *, steps: int, repeats: int) -> float:
-    """Median over ``repeats`` of the mean seconds per step of ``steps`` calls, after one warm-up run."""
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+    """Median over ``repeats`` of the mean seconds per step of ``steps`` calls, after two warm-up steps."""
+    return median_seconds(step, repeats=repeats, inner=steps)
 
 
 def _mae_step(config: Config, *, batch: int, stored_emb: bool = False) -> tuple[Callable[[], None], int]:
