@@ -70,16 +70,6 @@ class WeightsHeader:
         return f"{kind} ({fields})"
 
 
-def weights_file(path: str | Path) -> Path:
-    """The ``.safetensors`` file a path names (the file itself, or the export folder holding it) on
-    this machine: a location on an object store is downloaded once per process.
-
-    Raises:
-        WeightsError: Neither exists.
-    """
-    return Path(storage.cached_file(weights_location(path)))
-
-
 def weights_location(path: str | Path) -> str:
     """Where the ``.safetensors`` file a path names lives: a local path or an object-store URL.
 
