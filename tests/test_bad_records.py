@@ -140,16 +140,18 @@ def test_two_workers_sum_images_and_corrupt_rows_over_ranks(tmp_path, bad, ray_c
     config = _config(bad, tmp_path, "name=two", "data.skip_corrupt=true", "train.num_workers=2",
                      "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4", "train.log_sample_ids=true")
     result = train(config)
-    # Each worker reads 16 of the 32 rows per epoch, 2 micro-batches: 4 steps are two epochs, so the
-    # bad row was read twice (maybe once on each rank) and every other row twice.
+    # Each worker takes 2 micro-batches of 8 per epoch from one stream of passes over the 32 rows: 4 steps
+    # are 64 rows of the stream, about two passes, so the bad row was dealt 1 to 3 times (to either rank)
+    # and dropped each time; the run's totals count every trained row and the bad row once.
     trained = [(Path(result.run_dir) / "sample_ids" / f"rank{r:03d}.txt").read_text().split() for r in (0, 1)]
     assert str(image_uid(bad["train_row"][1])) not in trained[0] + trained[1]
-    assert len(trained[0]) + len(trained[1]) == 2 * 31
+    images = len(trained[0]) + len(trained[1])
+    assert 64 - 3 <= images <= 64 - 1
     lines = [json.loads(x) for x in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["images_trained"] == result.metrics["images_trained"] == 2 * 31  # the run's, not rank 0's
+    assert lines[-1]["images_trained"] == result.metrics["images_trained"] == images  # the run's, not rank 0's
     assert lines[-1]["corrupt_skipped"] == result.metrics["corrupt_skipped"] == 1
     totals = json.loads((Path(result.checkpoint) / "run_totals.json").read_text())
-    assert totals == {"images_trained": 62, "corrupt_uids": [image_uid(bad["train_row"][1])]}
+    assert totals == {"images_trained": images, "corrupt_uids": [image_uid(bad["train_row"][1])]}
 
 
 def test_masking_skips_and_lists_the_bad_original(tmp_path, bad):

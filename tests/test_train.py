@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def _metrics(run_dir: str) -> list[dict]:
 
 
 @pytest.mark.ray
-def test_two_workers_zero2_learn_on_disjoint_data_and_checkpoint(tmp_path, dataset, teacher, ray_cluster):
+def test_two_workers_zero2_learn_from_one_stream_of_passes_and_checkpoint(tmp_path, dataset, teacher, ray_cluster):
     from facemae.train.trainer import train
 
     config = _config(tmp_path, dataset, teacher, "name=two-workers", "train.num_workers=2", "train.zero_stage=2",
@@ -52,16 +53,23 @@ def test_two_workers_zero2_learn_on_disjoint_data_and_checkpoint(tmp_path, datas
     print(f"recon loss {first:.4f} -> {last:.4f}; irm {history[0]['irm_loss']:.4f} -> {history[-1]['irm_loss']:.4f}")
     assert last < 0.7 * first
     assert all(m["irm_loss"] > 0 for m in history)
+    # Rank 0's seconds of compute and data wait add up over the run; 30 batches of the median step time.
+    totals = [(m["compute_total_s"], m["data_wait_total_s"]) for m in history]
+    assert all(b[0] > a[0] and b[1] >= a[1] for a, b in zip(totals, totals[1:]))
+    step = float(np.median([m["step_time_s"] for m in history]))
+    assert history[-1]["compute_total_s"] > 0.5 * 30 * step
+    assert all(0.2 < m["rss_peak_gib"] < 8 for m in history)  # a worker with torch and DeepSpeed loaded
 
-    # Ray Data's streaming split gives each worker its own rows: 72 training images, 36 each,
-    # 4 batches of 8 per epoch; the first epoch of the two ranks is disjoint.
+    # One stream of 6 passes over the 96 training images (3 shards), dealt to the ranks as they ask:
+    # 6 batches of 8 per rank and epoch, 30 steps = 5 epochs = 480 rows. Every training row was
+    # trained on, no row of another split, none more often than the stream holds it; each rank's
+    # 256-row shuffle buffer (2.7 passes here) mixes the passes, so which 96 rows stay unused is random.
     train_uids = {image_uid(r["image_id"]) for r in iter_rows(read_manifest(dataset).files(dataset, "train"))}
     seen = [[int(x) for x in (Path(result.run_dir) / "sample_ids" / f"rank{r:03d}.txt").read_text().split()]
             for r in (0, 1)]
-    epoch0 = [set(ids[:32]) for ids in seen]
-    assert len(epoch0[0]) == len(epoch0[1]) == 32 and not epoch0[0] & epoch0[1]
-    assert epoch0[0] | epoch0[1] <= train_uids
     assert len(seen[0]) == len(seen[1]) == 30 * 8
+    counts = Counter(seen[0] + seen[1])
+    assert set(counts) == train_uids and max(counts.values()) <= 6, counts
 
     ckpt = Path(result.checkpoint)
     assert ckpt.name == "checkpoint_00000030"
@@ -102,6 +110,26 @@ def _assert_same(saved, restored, where: str = "state") -> int:
 
 
 @pytest.mark.ray
+def test_the_training_stream_holds_each_pass_whole_with_fresh_masks(tmp_path, dataset, teacher, ray_cluster):
+    from facemae.train.trainer import passes_needed, training_dataset
+
+    config = _config(tmp_path, dataset, teacher, "train.num_workers=2", "train.max_steps=10")
+    files = read_manifest(dataset).files(dataset, "train")
+    # 96 rows, 2 workers x 8: 6 batches per epoch; 10 steps need 2 epochs, and one pass to spare.
+    assert passes_needed(config.train, 96) == 3
+    rows = training_dataset(config, files, passes=3).take_all()
+    train_uids = {image_uid(r["image_id"]) for r in iter_rows(files)}
+    uids = Counter(int(r["uid"]) for r in rows)
+    assert set(uids) == train_uids and set(uids.values()) == {3}  # every row once per pass, none dropped
+    masks: dict[int, list[bytes]] = {}
+    for r in rows:
+        assert r["mask"].shape == (config.mask.num_patches,) and int(r["mask"].sum()) == config.mask.num_patches - config.mask.keep
+        assert r["image"].shape == (112, 112, 3) and r["corrupt"] == "" and r["path"].endswith(".parquet")
+        masks.setdefault(int(r["uid"]), []).append(r["mask"].tobytes())
+    assert all(len(set(m)) == 3 for m in masks.values())  # masked afresh in every pass
+
+
+@pytest.mark.ray
 def test_resume_restores_exact_state_and_continues_at_the_next_step(tmp_path, dataset, teacher, ray_cluster):
     from facemae.train.trainer import train
 
@@ -126,7 +154,7 @@ def test_resume_restores_exact_state_and_continues_at_the_next_step(tmp_path, da
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # 6 follows 5: the second run did not start at step 0
     assert Path(second.checkpoint).name == "checkpoint_00000008"
     progress = json.loads((Path(second.checkpoint) / "progress.json").read_text())
-    assert progress["step"] == 8 and progress["epoch"] == 1  # 4 batches per epoch per worker
+    assert progress["step"] == 8 and progress["epoch"] == 1  # 6 batches per epoch per worker
 
 
 @pytest.mark.ray

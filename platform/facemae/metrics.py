@@ -55,6 +55,7 @@ class TrainMetrics:
         self._labels = labels
         self._world = world_size
         self._recent: deque[tuple[int, float, float]] = deque(maxlen=20)
+        self._totals = [0.0, 0.0]  # seconds of compute and of data wait since this process started
         self._last_step = 0
         self.port = self._serve(port, host) if port is not None else None
         self._ray = _RayMetrics(run=run, rank=rank) if in_ray else None
@@ -82,6 +83,8 @@ class TrainMetrics:
         for name, value in losses.items():
             self._loss.labels(component=name, **self._labels).set(value)
         self._recent.append((images, step_s, wait_s))
+        self._totals[0] += step_s
+        self._totals[1] += wait_s
         rate = self.images_per_second()
         self._rate.labels(**self._labels).set(rate)
         if self._ray is not None:
@@ -117,6 +120,11 @@ class TrainMetrics:
         """Share of the last batches' wall time spent waiting for data."""
         total = sum(s + w for _, s, w in self._recent)
         return sum(w for _, _, w in self._recent) / total if total > 0 else 0.0
+
+    def seconds_totals(self) -> tuple[float, float]:
+        """``(compute, data wait)`` seconds of every batch this process trained on: the whole attempt's
+        data-wait fraction, epoch starts included, is ``wait / (compute + wait)``."""
+        return self._totals[0], self._totals[1]
 
 
 class _RayMetrics:

@@ -1,4 +1,5 @@
-"""Batch transforms between shard rows and model inputs (numpy only: runs in Ray Data tasks or locally).
+"""Batch transforms between shard rows and model inputs (numpy and pyarrow only: they run in Ray Data
+tasks, whose processes should not import torch, or locally).
 
 A training batch is a dict of numpy arrays:
     ``image``       uint8 ``[N, 112, 112, 3]`` decoded originals;
@@ -17,9 +18,10 @@ A training batch is a dict of numpy arrays:
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from facemae.data.images import decode_rows
 
@@ -69,6 +71,18 @@ def training_batch(batch: dict[str, Any], *, task: str, num_patches: int = 0, ke
     if "teacher_emb" in batch:
         out["teacher_emb"] = np.stack([np.asarray(e, dtype=np.float32) for e in batch["teacher_emb"]])
     return out
+
+
+def training_file_batches(item: Any, *, filesystem: Any, columns: list[str], micro_batch: int, task: str,
+                       num_patches: int, keep: int) -> Iterator[dict[str, Any]]:
+    """One shard file of ``item["path"]`` as training batches of ``micro_batch`` rows (a Ray Data task:
+    yielded one by one, so the first batch streams on before the file's last row is decoded)."""
+    (path,) = item.column("path").to_pylist()
+    table = pq.read_table(path, columns=columns, filesystem=filesystem)
+    for start in range(0, table.num_rows, micro_batch):
+        rows = table.slice(start, micro_batch).to_pydict()
+        rows["path"] = [path] * len(rows["image_id"])
+        yield training_batch(rows, task=task, num_patches=num_patches, keep=keep, flip=task == "fr")
 
 
 def columns_for(names: Sequence[str]) -> list[str]:

@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -182,10 +183,14 @@ class WorkerContext:
         if self._ids_file is not None:
             self._ids_file.flush()  # the sample ids up to this report, with it
         images, corrupt = self.sync_run_totals()
+        compute_s, wait_s = self.metrics.seconds_totals()
         return {**metrics, "images_trained": images, "corrupt_skipped": corrupt,
                 "images_per_s": round(self.metrics.images_per_second(), 2),
                 "step_time_s": round(self.metrics.median_step_seconds(), 4),
-                "data_wait_fraction": round(self.metrics.data_wait_fraction(), 4), "time": round(time.time(), 3),
+                "data_wait_fraction": round(self.metrics.data_wait_fraction(), 4),
+                "compute_total_s": round(compute_s, 3), "data_wait_total_s": round(wait_s, 3),  # this attempt, rank 0
+                "rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+                "time": round(time.time(), 3),
                 **({"gpu_mem_peak_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
                    if self.device.type == "cuda" else {})}
 
@@ -279,7 +284,7 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class RayContext(WorkerContext):
     """Inside a Ray Train worker: the dataset shard, ``ray.train.report`` and Ray's checkpoints."""
 
-    def __init__(self, config: Config, *, num_classes: int, progress_actor: Any = None,
+    def __init__(self, config: Config, *, num_classes: int, rows: int, progress_actor: Any = None,
                  tracked: TrackedRun | None = None) -> None:
         import ray.train
         import ray.train.torch
@@ -297,15 +302,41 @@ class RayContext(WorkerContext):
                          run_dir=config.run_dir(), in_ray=True, tracked=tracked)
         self._shard = ray.train.get_dataset_shard("train")
         self._progress = progress_actor
+        # An epoch is this rank's share of one pass: the same count on every rank, so their steps pair up.
+        self._per_epoch = rows // (self.world_size * config.train.micro_batch)
+        self._stream: Iterator[dict[str, torch.Tensor]] | None = None
 
     def batches(self, epoch: int, *, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The epoch's next ``per_epoch - skip`` batches of the run's one stream.
+
+        The dataset holds every epoch's pass back to back (:func:`facemae.train.trainer.training_dataset`)
+        and is iterated once: an epoch's first batches come as fast as any other's, where a fresh
+        iteration per epoch waited seconds for Ray Data to start its pipeline again. A resume takes the
+        rest of the interrupted epoch from the stream: exact in count, not in which rows (Ray Data's
+        streaming split does not replay a pass in the same order; see README). Should the stream end
+        early (skipped non-finite batches used it up), the next iteration of the dataset continues it.
+        """
+        wanted = self._per_epoch - skip
+        while wanted > 0:
+            fresh = self._stream is None
+            if fresh:
+                self._stream = self.drop_corrupt(self._iterate())
+            taken = 0
+            for batch in itertools.islice(self._stream, wanted):
+                taken += 1
+                yield batch
+            wanted -= taken
+            if wanted > 0:
+                self._stream = None  # ended: every rank ends it at the same batch (an equal split)
+                if fresh and taken == 0:
+                    return
+
+    def _iterate(self) -> Iterator[dict[str, torch.Tensor]]:
         train = self.config.train
-        it = self._shard.iter_torch_batches(batch_size=train.micro_batch, drop_last=True,
-                                            prefetch_batches=train.prefetch_batches, collate_fn=_tensor_collate(),
-                                            local_shuffle_buffer_size=train.shuffle_buffer or None)
-        # Ray Data's streaming split does not replay an epoch in the same order, so a resume skips
-        # as many batches as were trained on: exact in count, not in which rows (see README).
-        yield from self.drop_corrupt(itertools.islice(it, skip, None))
+        return iter(self._shard.iter_torch_batches(batch_size=train.micro_batch, drop_last=True,
+                                                   prefetch_batches=train.prefetch_batches,
+                                                   collate_fn=_tensor_collate(),
+                                                   local_shuffle_buffer_size=train.shuffle_buffer or None))
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[str | None]:

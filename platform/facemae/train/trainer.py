@@ -18,9 +18,8 @@ import torch
 from tqdm import tqdm
 
 from facemae import console, storage
-from facemae.config import Config, from_dict
+from facemae.config import Config, TrainConfig, from_dict
 from facemae.data.shards import verify_dataset
-from facemae.data.transforms import training_batch
 from facemae.losses.irm import view_name
 from facemae.models.weights import WEIGHTS, WEIGHTS_INFO, save_weights
 from facemae.tracking import TrackedRun, log_weights, tracked_run
@@ -68,8 +67,8 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train",
         if config.train.num_workers == 0:
             result = _train_local(config, files, num_classes, tracked=tracked)
         else:
-            result = _train_ray(config, files, num_classes, callbacks=list(callbacks), show_progress=show_progress,
-                                tracked=tracked)
+            result = _train_ray(config, files, num_classes, rows=manifest.num_images(split),
+                                callbacks=list(callbacks), show_progress=show_progress, tracked=tracked)
         if result.checkpoint:
             result.weights = export_weights(result.checkpoint, config, storage.join(result.run_dir, EXPORT_DIR))
         log_weights(tracked, result.weights)
@@ -119,7 +118,7 @@ def _train_local(config: Config, files: list[str], num_classes: int, *, tracked:
                        metrics=_last_metrics(run_dir))
 
 
-def _train_ray(config: Config, files: list[str], num_classes: int, *, callbacks: list[Any],
+def _train_ray(config: Config, files: list[str], num_classes: int, *, rows: int, callbacks: list[Any],
                show_progress: bool, tracked: TrackedRun | None) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -136,15 +135,15 @@ def _train_ray(config: Config, files: list[str], num_classes: int, *, callbacks:
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"config": config.to_dict(), "num_classes": num_classes, "progress": progress,
-                           "tracked": tracked, "storage": storage.options()},
+        train_loop_config={"config": config.to_dict(), "num_classes": num_classes, "rows": rows,
+                           "progress": progress, "tracked": tracked, "storage": storage.options()},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=config.name, storage_path=root, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              callbacks=callbacks or None),
-        datasets={"train": training_dataset(config, files)})
+        datasets={"train": training_dataset(config, files, passes=passes_needed(config.train, rows))})
     with input_errors_unwrapped():  # a corrupt row: its one-line message, not Train's worker tracebacks
         result = _fit_with_progress(trainer, progress, total=train.max_steps, desc=f"train {train.task}",
                                     disable=not show_progress)
@@ -155,33 +154,47 @@ def _train_ray(config: Config, files: list[str], num_classes: int, *, callbacks:
                        metrics=dict(result.metrics or {}))
 
 
-def training_dataset(config: Config, files: list[str]) -> Any:
-    """The streaming Ray Dataset of training batches (decoded, flipped or masked afresh every epoch).
+def passes_needed(train: TrainConfig, rows: int) -> int:
+    """Passes over ``rows`` training images that ``train.max_steps`` optimizer steps consume from scratch,
+    plus one to spare (a resume needs fewer; batches the step guard skips use up a few more)."""
+    per_epoch = max(1, rows // (max(1, train.num_workers) * train.micro_batch))
+    return -(-train.max_steps * train.grad_accum // per_epoch) + 1
 
-    Each row carries its shard file (``include_paths``) so that a corrupt image can be named by
-    dataset, shard and image_id; it stays in its batch, marked, for the worker to raise for or, with
-    ``data.skip_corrupt``, to drop and count (:mod:`facemae.train.context`).
+
+def training_dataset(config: Config, files: list[str], *, passes: int = 1) -> Any:
+    """The streaming Ray Dataset of training batches: ``passes`` passes over ``files`` back to back, each
+    in its own file order (``train.seed`` and the pass), decoded, flipped or masked afresh as they stream.
+
+    Workers iterate it once for the whole run (:class:`facemae.train.context.RayContext`), so an epoch
+    boundary does not restart Ray Data's pipeline. The stream is one read task per file and pass, in
+    that order (``read_parquet`` would read a path listed twice once). Each row carries its shard file
+    (``path``) so that a corrupt image can be named by dataset, shard and image_id; it stays in its
+    batch, marked, for the worker to raise for or, with ``data.skip_corrupt``, to drop and count.
     """
+    import numpy as np
     import pyarrow.parquet as pq
     import ray.data
 
-    from facemae.data.transforms import columns_for
+    from facemae.data.transforms import columns_for, training_file_batches
 
     paths, fs = storage.for_arrow(files)
     columns = columns_for(pq.read_schema(paths[0], filesystem=fs).names)
+    order = [{"path": paths[i]} for p in range(passes)
+             for i in np.random.default_rng([config.train.seed, p]).permutation(len(paths))]
     # The driver shows one training progress bar; per-operator bars of every epoch would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, shuffle="files", include_paths=True)
-    return ds.map_batches(training_batch, batch_format="numpy", batch_size=config.train.micro_batch,
-                          fn_kwargs={"task": config.train.task, "num_patches": config.mask.num_patches,
-                                     "keep": config.mask.keep, "flip": config.train.task == "fr"})
+    reads = ray.data.from_items(order, override_num_blocks=len(order))
+    return reads.map_batches(
+        training_file_batches, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"filesystem": fs, "columns": columns, "micro_batch": config.train.micro_batch,
+                   "task": config.train.task, "num_patches": config.mask.num_patches, "keep": config.mask.keep})
 
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:
     storage.configure(**loop_config.get("storage", {}))  # the driver's endpoint: a worker is another process
     config = from_dict(Config, loop_config["config"]).validate()
-    ctx = RayContext(config, num_classes=loop_config["num_classes"], progress_actor=loop_config["progress"],
-                     tracked=loop_config.get("tracked"))
+    ctx = RayContext(config, num_classes=loop_config["num_classes"], rows=loop_config["rows"],
+                     progress_actor=loop_config["progress"], tracked=loop_config.get("tracked"))
     run(config, ctx)
 
 
