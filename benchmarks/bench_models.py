@@ -19,7 +19,7 @@ from facemae.config import Config, load_config
 from facemae.losses.margin import build_head
 from facemae.models.registry import MAE_SPECS, build_fr, build_mae
 from facemae.train.steps import fr_step, freeze_teacher, mae_irm_step
-from run_all import median_seconds  # a sibling script: benchmarks/ is on sys.path when run
+from figures import median_seconds  # a sibling script: benchmarks/ is on sys.path when run
 
 
 def _params(module: torch.nn.Module) -> int:

@@ -9,11 +9,27 @@ dashboard agent exports with a ``ray_`` prefix (REFERENCE.md section 6).
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 from collections import deque
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory in GiB: Linux's ``VmHWM``. ``ru_maxrss`` would do elsewhere,
+    but on Linux it keeps the peak of the process that exec'ed this one (a job script's child reads
+    at least what its parent held when it forked)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2 ** 20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20)
 
 
 class TrainMetrics:

@@ -10,28 +10,21 @@ of the paper's comparison) through the same path, with no model.
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from facemae import storage
 from facemae.config import Config
+from facemae.data.images import encode_png
 from facemae.data.runner import Journal, UnitResult, corrupt_report, prepare_output, reusable
 from facemae.data.shards import MANIFEST, RELEASED_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
 from facemae.generate.streaming import write_as_shards_complete
 from facemae.models.weights import WEIGHTS
 
 METHODS = ("reconstruct", "masked")
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 class Reconstructor:
@@ -65,7 +58,7 @@ class Reconstructor:
         images = np.full(len(reasons), b"", dtype=object)
         if good:
             pixels = self._release([batch["visible"][i] for i in good], [batch["mask"][i] for i in good])
-            images[good] = [_png(p) for p in pixels]
+            images[good] = [encode_png(p) for p in pixels]
         return {"image_id": batch["image_id"], "source_id": batch["source_id"], "identity": batch["identity"],
                 "image": images, "path": batch["path"], "corrupt": np.array(reasons, dtype=object)}
 

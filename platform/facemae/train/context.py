@@ -21,7 +21,6 @@ import io
 import itertools
 import json
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -39,7 +38,7 @@ from facemae import storage
 from facemae.config import Config
 from facemae.data.images import corrupt_records
 from facemae.data.transforms import training_batch
-from facemae.metrics import TrainMetrics
+from facemae.metrics import TrainMetrics, peak_rss_gib
 from facemae.tracking import ReportLogger, TrackedRun
 from facemae.train import engine as ds
 
@@ -189,7 +188,7 @@ class WorkerContext:
                 "step_time_s": round(self.metrics.median_step_seconds(), 4),
                 "data_wait_fraction": round(self.metrics.data_wait_fraction(), 4),
                 "compute_total_s": round(compute_s, 3), "data_wait_total_s": round(wait_s, 3),  # this attempt, rank 0
-                "rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+                "rss_peak_gib": round(peak_rss_gib(), 3),
                 "time": round(time.time(), 3),
                 **({"gpu_mem_peak_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
                    if self.device.type == "cuda" else {})}
