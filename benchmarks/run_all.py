@@ -20,8 +20,8 @@ Figures (their goals from the performance issue):
   ``generate_pool_marginal``: the generation pool's per-face rate once started (two dataset sizes, the
   fixed cost per run in ``how``), over the same bare forward.
 
-Figures not measured yet (``data_wait``, ``data_headroom``, ``data_vs_dataloader``, ``ray_ds_overhead``,
-``worker_memory``) are listed with ``value: null`` and why, so the table shows what is still open.
+The figures of the Ray path (``data_wait``, ``data_headroom``, ``data_vs_dataloader``, ``ray_ds_overhead``,
+``worker_memory``) are measured by ``perf_pipeline.py`` around one run of the main job (see its docstring).
 
     python benchmarks/run_all.py [--repeats 5] [--threads 1] [--quick]
 """
@@ -34,7 +34,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,33 +48,12 @@ from facemae.models.registry import build_fr, build_mae
 from facemae.train.steps import fr_step, freeze_teacher, mae_irm_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import RESULTS, provenance  # noqa: E402  (a sibling script, not a package)
+import perf_pipeline  # noqa: E402  (sibling scripts, not a package)
+from figures import figure, median_seconds, seconds_in_turns  # noqa: E402
+from provenance import RESULTS, provenance  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 GEMM_SIZE = 1024  # square fp32 matmul of the GEMM baseline: large enough to run at the BLAS peak
-
-NOT_MEASURED = {
-    "data_wait": ("whole-run data-wait fraction of a main-job-sized run, epoch starts included", "< 0.05"),
-    "data_headroom": ("images/s Ray Data delivers to a worker over the training step's consumption", ">= 4.0"),
-    "data_vs_dataloader": ("the same pipeline over a torch DataLoader on the same shards and cores", ">= 1.0"),
-    "ray_ds_overhead": ("DeepSpeed-on-Ray Train step over a plain torch DDP step, same model and processes",
-                        "<= 1.10"),
-    "worker_memory": ("peak RSS per training worker at experiment.yaml over its state lower bound", "<= 2.0"),
-}
-
-
-def median_seconds(fn: Callable[[], Any], *, repeats: int, inner: int = 1, warmup: int = 2) -> float:
-    """Median over ``repeats`` of the mean seconds of ``inner`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
-
 
 def gemm_rate(*, repeats: int) -> float:
     """FLOP/s of a square fp32 matmul on this process's threads: the hardware baseline of every MFU."""
@@ -141,17 +119,6 @@ def fr_train_step(config: Config, *, batch: int) -> Step:
     return Step(run=run, compute=compute)
 
 
-def figure(value: float | None, baseline: float | None, *, goal: str, unit: str, how: str,
-           ratio: float | None = None) -> dict[str, Any]:
-    """One row of the table; ``ratio`` defaults to value / baseline and ``met`` is read off ``goal``."""
-    if ratio is None and value is not None and baseline:
-        ratio = value / baseline
-    op, target = goal.split()
-    met = ratio is not None and {">=": ratio >= float(target), "<=": ratio <= float(target),
-                                 "<": ratio < float(target)}[op]
-    return {"value": value, "baseline": baseline, "ratio": ratio, "goal": goal, "met": met, "unit": unit, "how": how}
-
-
 def mfu_figure(step: Step, *, rate: float, repeats: int, goal: str, what: str) -> dict[str, Any]:
     flops = counted_flops(step.compute)
     seconds = median_seconds(step.run, repeats=repeats)
@@ -171,7 +138,13 @@ def compute_figures(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out["train_step_mfu"] = mfu_figure(main_step, rate=rate, repeats=args.repeats, goal=">= 0.50",
                                        what=f"train.yaml {train.model.mae} + IRM ({train.model.teacher}), "
                                             f"batch {train.train.micro_batch}")
-    console.say(f"[perf] train_step_mfu {out['train_step_mfu']['ratio']:.3f}")
+    # The same code at a width the GEMM fills: is the gap the model's size or our step?
+    wide = dataclasses.replace(train, model=dataclasses.replace(train.model, mae="facemae_vit_small_p8"))
+    wide_step, _, _ = mae_step(wide, batch=8, irm=False)
+    wide_mfu = counted_flops(wide_step.compute) / median_seconds(wide_step.run, repeats=3, warmup=1) / rate
+    out["train_step_mfu"]["how"] += (f"; the plain MAE step of facemae_vit_small_p8 (width 384, batch 8) runs at "
+                                     f"{wide_mfu:.2f} of the GEMM rate")
+    console.say(f"[perf] train_step_mfu {out['train_step_mfu']['ratio']:.3f} (width 384: {wide_mfu:.2f})")
     exp_step, _, _ = mae_step(experiment, batch=experiment.train.micro_batch)
     out["experiment_mae_step_mfu"] = mfu_figure(exp_step, rate=rate, repeats=args.repeats, goal=">= 0.60",
                                                 what=f"experiment.yaml {experiment.model.mae} + IRM, "
@@ -191,11 +164,14 @@ def compute_figures(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         teacher(released).sum().backward()  # IRM's backward reaches the images through the frozen teacher
         released.grad = None
 
-    whole = median_seconds(main_step.run, repeats=args.repeats)
-    parts = median_seconds(mae_only.run, repeats=args.repeats) + median_seconds(teacher_pass, repeats=args.repeats)
-    out["irm_overhead"] = figure(whole, parts, goal="<= 1.10", unit="s/step",
+    turns = seconds_in_turns({"whole": main_step.run, "mae": mae_only.run, "teacher": teacher_pass},
+                             repeats=args.repeats, inner=3)
+    ratio = statistics.median(w / (m + t) for w, m, t in zip(turns["whole"], turns["mae"], turns["teacher"]))
+    whole, parts = statistics.median(turns["whole"]), statistics.median(turns["mae"]) + statistics.median(turns["teacher"])
+    out["irm_overhead"] = figure(whole, parts, ratio=ratio, goal="<= 1.10", unit="s/step",
                                  how=f"FaceMAE + IRM step {whole * 1e3:.1f} ms vs MAE step + teacher forward and "
-                                     f"backward {parts * 1e3:.1f} ms (medians of {args.repeats})")
+                                     f"backward {parts * 1e3:.1f} ms (medians of {args.repeats} rounds of 3 steps "
+                                     f"each, in turns; the ratio is the median of the rounds' ratios)")
     console.say(f"[perf] irm_overhead {out['irm_overhead']['ratio']:.3f}")
     return out
 
@@ -212,7 +188,8 @@ def pool_figures(args: argparse.Namespace, work: Path) -> dict[str, dict[str, An
     from facemae.generate.embed import embed_dataset
     from facemae.generate.release import generate_released
     from facemae.losses.irm import irm_view
-    from facemae.models.fr import to_model_range
+    from facemae.data.images import encode_png
+    from facemae.models.fr import to_model_range, to_uint8
     from facemae.models.mae import masked_record_input
     from facemae.models.weights import save_weights
 
@@ -253,8 +230,18 @@ def pool_figures(args: argparse.Namespace, work: Path) -> dict[str, dict[str, An
                 _, pred, _ = model(x, mask=m)
                 model.compose(x, pred, m)
 
+    with torch.inference_mode():
+        released = np.concatenate([to_uint8(model.compose(x, model(x, mask=m)[1], m)).numpy() for x, m in batches])
+
     torch.set_num_threads(cpus)
     bare = median_seconds(bare_generate, repeats=args.pool_repeats, warmup=1)
+    torch.set_num_threads(1)  # where a pool actor's time per face goes, on its one thread
+    per_face = {name: median_seconds(fn, repeats=args.pool_repeats, warmup=1) / images * 1e3 for name, fn in (
+        ("records in", lambda: [masked_record_input([r["visible"] for r in records[i:i + size]],
+                                                    [r["mask"] for r in records[i:i + size]],
+                                                    patch_size=model.patch_size) for i in range(0, images, size)]),
+        ("FaceMAE", bare_generate),
+        ("PNG out", lambda: [encode_png(p) for p in released]))}
     torch.set_num_threads(threads)
     out["generate_pool"] = figure(images / pool, images / bare, goal=">= 0.80", unit="images/s",
                                   how=f"{images} faces, {config.generate.actors} actors x 1 thread vs one process "
@@ -276,7 +263,8 @@ def pool_figures(args: argparse.Namespace, work: Path) -> dict[str, dict[str, An
     out["generate_pool_marginal"] = figure(marginal, images / bare, goal=">= 0.80", unit="images/s",
                                            how=f"the pool's per-face rate between {few} and {images} faces "
                                                f"({small_pool:.1f} s and {pool:.1f} s); its fixed cost per run "
-                                               f"{fixed}")
+                                               f"{fixed}. Per face on one thread: "
+                                               + ", ".join(f"{k} {v:.2f} ms" for k, v in per_face.items()))
     if marginal:
         console.say(f"[perf] generate_pool_marginal {out['generate_pool_marginal']['ratio']:.3f}, fixed {fixed}")
 
@@ -336,16 +324,20 @@ def main() -> None:
     parser.add_argument("--pool-repeats", type=int, default=3, help="repeats of each actor-pool run (median)")
     # One thread, as a training worker with one reserved CPU runs (facemae.train.context).
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="smaller pool datasets (a smoke run of the script)")
+    parser.add_argument("--quick", action="store_true", help="smaller datasets, fewer steps (a smoke run of the script)")
     parser.add_argument("-v", "--verbose", action="store_true", help="Ray and torch output here, not in the log")
     args = parser.parse_args()
     meta = provenance()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="facemae-perf-") as work, job_console("performance", verbose=args.verbose):
         figures = compute_figures(args)
+        run = perf_pipeline.run_main_job(Path(work), quick=args.quick)
+        figures["data_wait"] = perf_pipeline.data_wait_figure(run)
+        console.say(f"[perf] data_wait {figures['data_wait']['ratio']:.3f}")
+        figures.update(perf_pipeline.data_figures(run, passes=args.pool_repeats + 1))
+        figures["ray_ds_overhead"] = perf_pipeline.ray_ds_figure(run, Path(work), repeats=args.repeats)
+        figures["worker_memory"] = perf_pipeline.worker_memory_figure(run, Path(work))
         figures.update(pool_figures(args, Path(work)))
-    for name, (how, goal) in NOT_MEASURED.items():
-        figures[name] = figure(None, None, goal=goal, unit="", how=f"not measured yet: {how}")
     write_results(figures, meta)
     met = sum(f["met"] for f in figures.values())
     console.say(f"[perf] {met} of {len(figures)} goals met; {RESULTS / 'performance.md'}")
