@@ -138,18 +138,18 @@ class ShardBatches(torch.utils.data.IterableDataset):
         self.micro_batch, self.num_patches, self.keep = micro_batch, num_patches, keep
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from facemae.data.transforms import columns_for, training_batch
+        from facemae.data.transforms import columns_for, training_file_batches
 
         info = torch.utils.data.get_worker_info()
         mine = self.files[info.id::info.num_workers] if info else self.files
-        for path in mine:
-            shard = pq.ParquetFile(path)
-            for rows in shard.iter_batches(batch_size=self.micro_batch, columns=columns_for(shard.schema_arrow.names)):
-                batch = rows.to_pydict()
-                batch["path"] = [path] * rows.num_rows
-                yield training_batch(batch, task="mae", num_patches=self.num_patches, keep=self.keep)
+        columns = columns_for(pq.read_schema(self.files[0]).names)
+        for path in mine:  # the Ray Data task's own function, one file at a time
+            yield from training_file_batches(pa.table({"path": [path]}), filesystem=None, columns=columns,
+                                             micro_batch=self.micro_batch, task="mae", num_patches=self.num_patches,
+                                             keep=self.keep)
 
 
 def _as_is(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

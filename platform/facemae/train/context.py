@@ -280,6 +280,12 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def batches_per_epoch(rows: int, *, workers: int, micro_batch: int) -> int:
+    """An epoch of a Ray Train worker: its share of one pass over ``rows`` images, in micro-batches, the
+    same count on every rank so that their steps pair up."""
+    return rows // (max(1, workers) * micro_batch)
+
+
 class RayContext(WorkerContext):
     """Inside a Ray Train worker: the dataset shard, ``ray.train.report`` and Ray's checkpoints."""
 
@@ -301,8 +307,7 @@ class RayContext(WorkerContext):
                          run_dir=config.run_dir(), in_ray=True, tracked=tracked)
         self._shard = ray.train.get_dataset_shard("train")
         self._progress = progress_actor
-        # An epoch is this rank's share of one pass: the same count on every rank, so their steps pair up.
-        self._per_epoch = rows // (self.world_size * config.train.micro_batch)
+        self._per_epoch = batches_per_epoch(rows, workers=self.world_size, micro_batch=config.train.micro_batch)
         self._stream: Iterator[dict[str, torch.Tensor]] | None = None
 
     def batches(self, epoch: int, *, skip: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -23,7 +23,7 @@ from facemae.data.shards import verify_dataset
 from facemae.losses.irm import view_name
 from facemae.models.weights import WEIGHTS, WEIGHTS_INFO, save_weights
 from facemae.tracking import TrackedRun, log_weights, tracked_run
-from facemae.train.context import METRICS_LOG, LocalContext, RayContext, latest_checkpoint
+from facemae.train.context import METRICS_LOG, LocalContext, RayContext, batches_per_epoch, latest_checkpoint
 from facemae.train.engine import check_checkpoint, read_checkpoint_file, weights_only_loads
 from facemae.train.loop import PROGRESS, run
 
@@ -157,7 +157,7 @@ def _train_ray(config: Config, files: list[str], num_classes: int, *, rows: int,
 def passes_needed(train: TrainConfig, rows: int) -> int:
     """Passes over ``rows`` training images that ``train.max_steps`` optimizer steps consume from scratch,
     plus one to spare (a resume needs fewer; batches the step guard skips use up a few more)."""
-    per_epoch = max(1, rows // (max(1, train.num_workers) * train.micro_batch))
+    per_epoch = max(1, batches_per_epoch(rows, workers=train.num_workers, micro_batch=train.micro_batch))
     return -(-train.max_steps * train.grad_accum // per_epoch) + 1
 
 
