@@ -137,8 +137,12 @@ def test_local_training_names_the_bad_row_or_skips_and_counts_it_once(tmp_path, 
 def test_two_workers_sum_images_and_corrupt_rows_over_ranks(tmp_path, bad, ray_cluster):
     from facemae.train.trainer import train
 
+    # No local shuffle buffer: one of 256 rows would hold a rank's whole share of the 3 passes the run
+    # streams and hand it out in random order, so that in about 1 run of 25 none of the bad row's three
+    # copies was among the 64 rows trained.
     config = _config(bad, tmp_path, "name=two", "data.skip_corrupt=true", "train.num_workers=2",
-                     "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4", "train.log_sample_ids=true")
+                     "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4", "train.log_sample_ids=true",
+                     "train.shuffle_buffer=0")
     result = train(config)
     # Each worker takes 2 micro-batches of 8 per epoch from one stream of passes over the 32 rows: 4 steps
     # are 64 rows of the stream, about two passes, so the bad row was dealt 1 to 3 times (to either rank)

@@ -53,6 +53,32 @@ def _rows(root: Path) -> list[dict]:
 
 
 @pytest.mark.ray
+def test_each_shard_reaches_the_actor_pool_whole_and_is_read_by_the_actor(owner, ray_cluster):
+    import ray.data
+
+    from facemae.data.stream import shard_rows
+
+    root, _ = owner
+    masked = read_manifest(root / "masked")
+    files = masked.files(root / "masked", "deploy")
+
+    class Same:  # local: pickled by value, so Ray's workers need not import the test module
+        def __call__(self, batch: dict) -> dict:
+            return batch
+
+    ds = shard_rows(files, columns=["image_id"], num_cpus=0.5).map_batches(
+        Same, batch_size=None, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5)
+    calls = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    # One call per shard, holding that shard's rows in its order, named by its file.
+    assert len(calls) == len(files) == 4
+    by_file = {str(c["path"][0]): list(c["image_id"]) for c in calls}
+    assert all(len(set(c["path"])) == 1 for c in calls)
+    assert by_file == {str(f): [r["image_id"] for r in iter_rows([f])] for f in files}
+    # The read is fused into the pool: the actors read their shards, no read tasks start beside them.
+    assert "MapBatches(shard_file_rows)->MapBatches(Same)" in ds.stats()
+
+
+@pytest.mark.ray
 @pytest.mark.parametrize("paste", [True, False])
 def test_release_pastes_the_owners_pixels_bit_exact_and_lists_every_row_once(tmp_path, owner, paste, ray_cluster):
     root, args = owner

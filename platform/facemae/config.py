@@ -416,7 +416,7 @@ class GenerateConfig:
         method: ``reconstruct`` (FaceMAE) or ``masked`` (release the masked view itself: a baseline).
         masked: Masked dataset to read; empty means ``mask.output`` / ``<data.output>-masked``.
         output: Released dataset folder; empty means ``<masked>-<method>``.
-        batch_size: Faces per actor call.
+        batch_size: Faces per model forward (an actor call takes a whole shard).
         actors: Actors in the pool (one model each).
         cpus_per_actor: CPUs each actor reserves (below 1 on small machines, REFERENCE.md row B).
         use_gpu: One GPU per actor.

@@ -89,3 +89,13 @@ def columns_for(names: Sequence[str]) -> list[str]:
     """The shard columns a training batch reads (``teacher_emb`` only where the shards have it)."""
     wanted = ["image_id", "identity", "image", "teacher_emb"]
     return [c for c in wanted if c in names]
+
+
+def shard_file_rows(item: Any, *, filesystem: Any, columns: list[str] | None) -> Iterator[Any]:
+    """The rows of the shard file ``item["path"]`` with a ``path`` column naming it (a Ray Data task of
+    :func:`facemae.data.stream.shard_rows`)."""
+    import pyarrow as pa
+
+    (path,) = item.column("path").to_pylist()
+    table = pq.read_table(path, columns=columns, filesystem=filesystem)
+    yield table.append_column("path", pa.array([path] * table.num_rows, pa.string()))

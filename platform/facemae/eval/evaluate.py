@@ -17,6 +17,7 @@ from facemae import storage
 from facemae.config import Config
 from facemae.data.images import corrupt_records, decode_face, decode_rows
 from facemae.data.shards import iter_rows, verify_dataset
+from facemae.data.stream import shard_rows
 from facemae.data.verification_bin import load_verification_bin
 from facemae.measures.privacy import retrieval_leak
 from facemae.eval.verification import (draw_pairs, embed_images, tar_at_far, tar_undefined,
@@ -91,14 +92,12 @@ def _embed_on_ray(config: Config, weights: str, files: list[str]) -> dict[str, l
     from facemae.cluster import ensure_ray
 
     ensure_ray(config.ray)
-    paths, fs = storage.for_arrow(files)
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
-    ds = ds.map_batches(FlipSumEmbedder, fn_constructor_kwargs={"weights": weights,
-                                                                "batch_size": config.eval.batch_size,
-                                                                "storage_options": storage.options()},
-                        batch_size=config.eval.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=config.generate.actors),
-                        num_cpus=config.generate.cpus_per_actor)
+    resources = {"num_cpus": config.generate.cpus_per_actor}
+    ds = shard_rows(files, **resources).map_batches(
+        FlipSumEmbedder, batch_size=None, batch_format="numpy",
+        fn_constructor_kwargs={"weights": weights, "batch_size": config.eval.batch_size,
+                               "storage_options": storage.options()},
+        compute=ray.data.ActorPoolStrategy(size=config.generate.actors), **resources)
     out: dict[str, list] = {"image_id": [], "source_id": [], "identity": [], "emb": [], "corrupt": [], "path": []}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for key in out:

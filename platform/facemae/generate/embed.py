@@ -21,6 +21,7 @@ from facemae import storage
 from facemae.config import Config, LossConfig
 from facemae.data.runner import REPORT_LIMIT, Journal, UnitResult, corrupt_report, prepare_output, reusable
 from facemae.data.shards import MANIFEST, ORIGINAL_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
+from facemae.data.stream import shard_rows
 from facemae.generate.streaming import write_as_shards_complete
 from facemae.losses.irm import view_name
 
@@ -31,7 +32,7 @@ class TeacherEmbedder:
     """Ray Data callable class: loads the frozen teacher once per actor, embeds batches of originals."""
 
     def __init__(self, weights: str, use_gpu: bool = False, view: str = "raw", sigma: float = 1.5,
-                 storage_options: dict[str, str] | None = None) -> None:
+                 batch_size: int = 64, storage_options: dict[str, str] | None = None) -> None:
         import torch
 
         from facemae.models.weights import load_fr_backbone
@@ -40,10 +41,11 @@ class TeacherEmbedder:
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_fr_backbone(weights).to(self.device)
-        self.view, self.sigma = view, sigma
+        self.view, self.sigma, self.batch_size = view, sigma, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Adds ``teacher_emb``, and ``corrupt``: per row ``""`` or why its image would not decode. Such a
+        """Adds ``teacher_emb`` (the teacher sees ``batch_size`` images at a time of a call's whole shard),
+        and ``corrupt``: per row ``""`` or why its image would not decode. Such a
         row comes back all the same, for the driver to raise for or skip and count
         (:func:`facemae.data.images.corrupt_records`) once its shard is complete."""
         import torch
@@ -54,10 +56,12 @@ class TeacherEmbedder:
 
         pixels, reasons = decode_rows(batch["image"], image_ids=batch["image_id"], paths=batch["path"],
                                       skip_corrupt=True)
+        emb = []
         with torch.inference_mode():
-            x = irm_view(to_model_range(torch.from_numpy(pixels)).to(self.device), view=self.view, sigma=self.sigma)
-            emb = self.model(x).float().cpu().numpy()  # (N, D)
-        return {**batch, "teacher_emb": list(emb), "corrupt": np.array(reasons, dtype=object)}
+            for start in range(0, len(pixels), self.batch_size):
+                x = to_model_range(torch.from_numpy(pixels[start:start + self.batch_size])).to(self.device)
+                emb.extend(self.model(irm_view(x, view=self.view, sigma=self.sigma)).float().cpu().numpy())  # (n, D)
+        return {**batch, "teacher_emb": emb, "corrupt": np.array(reasons, dtype=object)}
 
 
 def embedded_output(source: str, weights: str, loss: LossConfig) -> str:
@@ -129,13 +133,12 @@ def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, o
     ensure_ray(config.ray)
     use_gpu = config.train.use_gpu
     actors = max(1, config.train.num_workers)
-    paths, fs = storage.for_arrow(list(todo))
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "identity", "image"], include_paths=True)
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}
     kwargs = {"weights": weights, "use_gpu": use_gpu, "view": config.loss.irm_view, "sigma": config.loss.irm_blur_sigma,
-              "storage_options": storage.options()}
-    ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs=kwargs,
-                        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=config.train.micro_batch,
-                        batch_format="numpy", **({"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}))
+              "batch_size": config.train.micro_batch, "storage_options": storage.options()}
+    ds = shard_rows(list(todo), columns=["image_id", "identity", "image"], **resources).map_batches(
+        TeacherEmbedder, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=None, batch_format="numpy", **resources)
     write_as_shards_complete(ds, todo, columns=("image_id", "identity", "image", "teacher_emb", "corrupt", "path"),
                              write=lambda rows, split, rel: _write(rows, split=split, rel=rel, output=output,
                                                                    journal=journal,

@@ -21,6 +21,7 @@ from facemae.config import Config
 from facemae.data.images import encode_png
 from facemae.data.runner import Journal, UnitResult, corrupt_report, prepare_output, reusable
 from facemae.data.shards import MANIFEST, RELEASED_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
+from facemae.data.stream import shard_rows
 from facemae.generate.streaming import write_as_shards_complete
 from facemae.models.weights import WEIGHTS
 
@@ -31,12 +32,13 @@ class Reconstructor:
     """Ray Data callable class: FaceMAE loaded once per actor; masked records in, released PNGs out."""
 
     def __init__(self, weights: str | None, *, method: str, patch_size: int, paste_visible: bool,
-                 use_gpu: bool = False, storage_options: dict[str, str] | None = None) -> None:
+                 batch_size: int = 64, use_gpu: bool = False, storage_options: dict[str, str] | None = None) -> None:
         import torch
 
         storage.configure(**(storage_options or {}))  # the driver's endpoint: weights may be on a store
 
         self.method, self.patch_size, self.paste_visible = method, patch_size, paste_visible
+        self.batch_size = batch_size
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = None
         if method == "reconstruct":
@@ -48,7 +50,8 @@ class Reconstructor:
                                  f"with {patch_size}; use a FaceMAE trained with mask.patch_size={patch_size}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Released PNGs of a batch of masked records; ``corrupt`` says per row ``""`` or why it cannot be
+        """Released PNGs of a batch of masked records (a whole shard: the model sees ``batch_size`` at a
+        time); ``corrupt`` says per row ``""`` or why it cannot be
         reconstructed. Such a row comes back with an empty image, for the driver to raise for or skip and
         count (:func:`facemae.data.images.corrupt_records`), never raised here: inside a Ray Data actor
         that would reach the driver as a remote traceback."""
@@ -57,8 +60,10 @@ class Reconstructor:
         good = [i for i, reason in enumerate(reasons) if not reason]
         images = np.full(len(reasons), b"", dtype=object)
         if good:
-            pixels = self._release([batch["visible"][i] for i in good], [batch["mask"][i] for i in good])
-            images[good] = [encode_png(p) for p in pixels]
+            for start in range(0, len(good), self.batch_size):
+                rows = good[start:start + self.batch_size]
+                pixels = self._release([batch["visible"][i] for i in rows], [batch["mask"][i] for i in rows])
+                images[rows] = [encode_png(p) for p in pixels]
         return {"image_id": batch["image_id"], "source_id": batch["source_id"], "identity": batch["identity"],
                 "image": images, "path": batch["path"], "corrupt": np.array(reasons, dtype=object)}
 
@@ -188,14 +193,12 @@ def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, p
     g = config.generate
     ensure_ray(config.ray)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    paths, fs = storage.for_arrow(list(todo))
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
-    ds = ds.map_batches(Reconstructor, batch_size=g.batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"weights": weights, "method": g.method,
-                                               "patch_size": patch_size, "paste_visible": config.loss.paste_visible,
-                                               "use_gpu": g.use_gpu, "storage_options": storage.options()},
-                        compute=ray.data.ActorPoolStrategy(size=g.actors),
-                        **({"num_gpus": 1} if g.use_gpu else {"num_cpus": g.cpus_per_actor}))
+    resources = {"num_gpus": 1} if g.use_gpu else {"num_cpus": g.cpus_per_actor}
+    ds = shard_rows(list(todo), **resources).map_batches(
+        Reconstructor, batch_size=None, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=g.actors),
+        fn_constructor_kwargs={"weights": weights, "method": g.method, "patch_size": patch_size,
+                               "paste_visible": config.loss.paste_visible, "batch_size": g.batch_size,
+                               "use_gpu": g.use_gpu, "storage_options": storage.options()}, **resources)
     write_as_shards_complete(ds, todo, columns=("image_id", "source_id", "identity", "image", "corrupt", "path"),
                              write=lambda rows, split, rel: _write(rows, split=split, rel=rel, output=output,
                                                                    journal=journal,

@@ -1,0 +1,34 @@
+"""Shard files as a Ray Data stream: one read task per file.
+
+``ray.data.read_parquet`` lists and samples its files in a task of its own before the first row moves
+(1-9 s on a 2-core machine, for ten local files) and packs small files into one block, which a pool of
+actors then works on one actor at a time. The platform's datasets are already cut into shards of a
+few hundred rows; reading each in its own task needs neither.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from facemae import storage
+
+
+def shard_rows(files: Sequence[str], *, columns: Sequence[str] | None = None, **resources: Any) -> Any:
+    """The Ray Dataset of the rows of ``files`` (local paths or object locations, one store), one block
+    per file, each row with ``columns`` (all when None) and ``path``, its shard file as the filesystem
+    names it (:func:`facemae.generate.streaming.write_as_shards_complete` maps it back).
+
+    ``resources`` (``num_cpus=0.5``, ``num_gpus=1``) are those of the actor pool that maps the rows next
+    with ``batch_size=None``: given the same, Ray Data fuses the read into the pool, so each actor reads
+    the shards it works on (a whole shard per call) and no read-task processes start beside the actors
+    while they load their models (a generation pool over ten shards of 100 faces on 2 cores: first
+    shard back after 6.9-8.5 s, against 8.3-9.7 s unfused).
+    """
+    import ray.data
+
+    from facemae.data.transforms import shard_file_rows
+
+    paths, fs = storage.for_arrow(list(files))
+    reads = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    return reads.map_batches(shard_file_rows, batch_size=1, batch_format="pyarrow",
+                             fn_kwargs={"filesystem": fs, "columns": list(columns) if columns else None}, **resources)
