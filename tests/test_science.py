@@ -109,6 +109,26 @@ def test_gaussian_blur_preserves_constants_and_low_passes():
     assert gaussian_blur(checker, sigma=1.5).std() < 0.05 * checker.std()
 
 
+def test_gaussian_blur_and_its_gradient_match_a_reflect_padded_band_matrix():
+    def band(n: int, sigma: float) -> torch.Tensor:  # row i: the Gaussian around i, reflected at the edges
+        radius = max(1, int(3 * sigma + 0.5))
+        taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2 / (2 * sigma ** 2))
+        m = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            for j, w in zip(range(i - radius, i + radius + 1), taps / taps.sum()):
+                m[i, -j if j < 0 else 2 * (n - 1) - j if j >= n else j] += w
+        return m
+
+    x = torch.randn(3, 3, 24, 17, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 3, 24, 17, dtype=torch.float64)
+    ours = gaussian_blur(x, sigma=1.5)
+    reference = band(24, 1.5) @ x @ band(17, 1.5).T
+    torch.testing.assert_close(ours, reference)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), x)
+    (expected,) = torch.autograd.grad((reference * weights).sum(), x)
+    torch.testing.assert_close(grad, expected)
+
+
 def test_irm_schedule_and_blur_view_in_the_step():
     config = load_config(None, ["model.mae=facemae_vit_tiny_p8", "loss.irm_start=0.05", "loss.irm_ramp=0.1",
                                 "loss.irm_view=blur", "model.embedding_size=16", "loss.lambda_irm=1",
