@@ -22,7 +22,7 @@ def shard_rows(files: Sequence[str], *, columns: Sequence[str] | None = None, **
     with ``batch_size=None``: given the same, Ray Data fuses the read into the pool, so each actor reads
     the shards it works on (a whole shard per call) and no read-task processes start beside the actors
     while they load their models (a generation pool over ten shards of 100 faces on 2 cores: first
-    shard back after 6.9-8.5 s, against 8.3-9.7 s unfused).
+    shard back after 6.4-8.5 s, against 8.3-9.7 s unfused).
     """
     import ray.data
 

@@ -51,10 +51,10 @@ class Reconstructor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Released PNGs of a batch of masked records (a whole shard: the model sees ``batch_size`` at a
-        time); ``corrupt`` says per row ``""`` or why it cannot be
-        reconstructed. Such a row comes back with an empty image, for the driver to raise for or skip and
-        count (:func:`facemae.data.images.corrupt_records`), never raised here: inside a Ray Data actor
-        that would reach the driver as a remote traceback."""
+        time); ``corrupt`` says per row ``""`` or why it cannot be reconstructed. Such a row comes back
+        with an empty image, for the driver to raise for or skip and count
+        (:func:`facemae.data.images.corrupt_records`), never raised here: inside a Ray Data actor that
+        would reach the driver as a remote traceback."""
         reasons = [masked_record_problem(v, m, patch_size=self.patch_size)
                    for v, m in zip(batch["visible"], batch["mask"])]
         good = [i for i, reason in enumerate(reasons) if not reason]
