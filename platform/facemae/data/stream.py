@@ -1,4 +1,4 @@
-"""Shard files as a Ray Data stream: one read task per file.
+"""Shard files as a Ray Data stream: one read task per file (the pools' rows, the training batches).
 
 ``ray.data.read_parquet`` lists and samples its files in a task of its own before the first row moves
 (1-9 s on a 2-core machine, for ten local files) and packs small files into one block, which a pool of
@@ -24,11 +24,18 @@ def shard_rows(files: Sequence[str], *, columns: Sequence[str] | None = None, **
     while they load their models (a generation pool over ten shards of 100 faces on 2 cores: first
     shard back after 6.4-8.5 s, against 8.3-9.7 s unfused).
     """
-    import ray.data
-
     from facemae.data.transforms import shard_file_rows
 
     paths, fs = storage.for_arrow(list(files))
+    kwargs = {"filesystem": fs, "columns": list(columns) if columns else None}
+    return per_file(paths, shard_file_rows, fn_kwargs=kwargs, **resources)
+
+
+def per_file(paths: Sequence[str], fn: Any, *, fn_kwargs: dict[str, Any], **resources: Any) -> Any:
+    """A Ray Dataset of one task per entry of ``paths`` (filesystem paths, :func:`facemae.storage.for_arrow`;
+    a path may repeat), in that order: ``fn(item, **fn_kwargs)`` gets a one-row pyarrow table whose
+    ``path`` column names the file and yields the blocks made of it."""
+    import ray.data
+
     reads = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
-    return reads.map_batches(shard_file_rows, batch_size=1, batch_format="pyarrow",
-                             fn_kwargs={"filesystem": fs, "columns": list(columns) if columns else None}, **resources)
+    return reads.map_batches(fn, batch_size=1, batch_format="pyarrow", fn_kwargs=fn_kwargs, **resources)

@@ -77,8 +77,7 @@ def training_file_batches(item: Any, *, filesystem: Any, columns: list[str], mic
                        num_patches: int, keep: int) -> Iterator[dict[str, Any]]:
     """One shard file of ``item["path"]`` as training batches of ``micro_batch`` rows (a Ray Data task:
     yielded one by one, so the first batch streams on before the file's last row is decoded)."""
-    (path,) = item.column("path").to_pylist()
-    table = pq.read_table(path, columns=columns, filesystem=filesystem)
+    path, table = read_shard_item(item, filesystem=filesystem, columns=columns)
     for start in range(0, table.num_rows, micro_batch):
         rows = table.slice(start, micro_batch).to_pydict()
         rows["path"] = [path] * len(rows["image_id"])
@@ -91,11 +90,16 @@ def columns_for(names: Sequence[str]) -> list[str]:
     return [c for c in wanted if c in names]
 
 
+def read_shard_item(item: Any, *, filesystem: Any, columns: list[str] | None) -> tuple[str, Any]:
+    """``(path, table)`` of the one shard file a task of :func:`facemae.data.stream.per_file` is given."""
+    (path,) = item.column("path").to_pylist()
+    return path, pq.read_table(path, columns=columns, filesystem=filesystem)
+
+
 def shard_file_rows(item: Any, *, filesystem: Any, columns: list[str] | None) -> Iterator[Any]:
     """The rows of the shard file ``item["path"]`` with a ``path`` column naming it (a Ray Data task of
     :func:`facemae.data.stream.shard_rows`)."""
     import pyarrow as pa
 
-    (path,) = item.column("path").to_pylist()
-    table = pq.read_table(path, columns=columns, filesystem=filesystem)
+    path, table = read_shard_item(item, filesystem=filesystem, columns=columns)
     yield table.append_column("path", pa.array([path] * table.num_rows, pa.string()))

@@ -59,11 +59,10 @@ class Reconstructor:
                    for v, m in zip(batch["visible"], batch["mask"])]
         good = [i for i, reason in enumerate(reasons) if not reason]
         images = np.full(len(reasons), b"", dtype=object)
-        if good:
-            for start in range(0, len(good), self.batch_size):
-                rows = good[start:start + self.batch_size]
-                pixels = self._release([batch["visible"][i] for i in rows], [batch["mask"][i] for i in rows])
-                images[rows] = [encode_png(p) for p in pixels]
+        for start in range(0, len(good), self.batch_size):
+            rows = good[start:start + self.batch_size]
+            pixels = self._release([batch["visible"][i] for i in rows], [batch["mask"][i] for i in rows])
+            images[rows] = [encode_png(p) for p in pixels]
         return {"image_id": batch["image_id"], "source_id": batch["source_id"], "identity": batch["identity"],
                 "image": images, "path": batch["path"], "corrupt": np.array(reasons, dtype=object)}
 

@@ -175,19 +175,19 @@ def training_dataset(config: Config, files: list[str], *, passes: int = 1) -> An
     import pyarrow.parquet as pq
     import ray.data
 
+    from facemae.data.stream import per_file
     from facemae.data.transforms import columns_for, training_file_batches
 
     paths, fs = storage.for_arrow(files)
     columns = columns_for(pq.read_schema(paths[0], filesystem=fs).names)
-    order = [{"path": paths[i]} for p in range(passes)
+    order = [paths[i] for p in range(passes)
              for i in np.random.default_rng([config.train.seed, p]).permutation(len(paths))]
     # The driver shows one training progress bar; per-operator bars of every epoch would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    reads = ray.data.from_items(order, override_num_blocks=len(order))
-    return reads.map_batches(
-        training_file_batches, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"filesystem": fs, "columns": columns, "micro_batch": config.train.micro_batch,
-                   "task": config.train.task, "num_patches": config.mask.num_patches, "keep": config.mask.keep})
+    return per_file(order, training_file_batches,
+                    fn_kwargs={"filesystem": fs, "columns": columns, "micro_batch": config.train.micro_batch,
+                               "task": config.train.task, "num_patches": config.mask.num_patches,
+                               "keep": config.mask.keep})
 
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:
