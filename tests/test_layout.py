@@ -74,7 +74,8 @@ def test_layout_folders_exist():
 # generate and eval share a floor and do not import each other (pure metrics live in measures/,
 # weights I/O in models/weights.py).
 FLOORS = {
-    "console.py": 0, "storage.py": 0, "metrics.py": 0, "losses": 0, "measures": 0, "models": 1, "config.py": 2, "cluster.py": 3, "data": 4,
+    "console.py": 0, "storage.py": 0, "allocator.py": 0, "metrics.py": 0, "losses": 0, "measures": 0,
+    "models": 1, "config.py": 2, "cluster.py": 3, "data": 4,
     "tracking.py": 4,
     "train": 5, "generate": 5, "eval": 5, "report.py": 5, "tune": 6, "pipeline.py": 6, "experiment.py": 6,
     "sdk.py": 7, "cli.py": 8, "__init__.py": 9,

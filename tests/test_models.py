@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -13,11 +14,12 @@ from torch.testing import assert_close
 from facemae.config import load_config
 from facemae.data import masking
 from facemae.data.synthetic import generate_image
-from facemae.models.fr import to_model_range, to_uint8
+from facemae.models.fr import PReLU, to_model_range, to_uint8
 from facemae.models.mae import (given_masking, masked_record_input, patchify, random_masking,
                                 sincos_pos_embed_2d, unpatchify)
 from facemae.models.registry import FR_MODELS, MAE_MODELS, MAE_SPECS, build_fr, build_mae
 from facemae.losses.reconstruction import masked_mse
+from facemae.train.steps import freeze_teacher
 
 TINY_VIT = dict(embed_dim=32, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2)
 
@@ -165,6 +167,62 @@ def test_every_fr_entry_runs_forward_and_backward(name):
     assert emb.shape == (2, 32) and torch.isfinite(emb).all()
     emb.square().sum().backward()
     assert model.conv1.weight.grad is not None and torch.isfinite(model.conv1.weight.grad).all()
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("slopes", [1, 8])
+@pytest.mark.parametrize("trained", [True, False])
+def test_prelu_gradients_equal_torchs_bit_for_bit(layout, slopes, trained):
+    ours, ref = PReLU(slopes), torch.nn.PReLU(slopes)
+    with torch.no_grad():
+        ours.weight.uniform_(-0.5, 0.5)
+        ref.weight.copy_(ours.weight)
+    assert ours.state_dict().keys() == ref.state_dict().keys()  # insightface checkpoints load into either
+    x = torch.randn(4, 8, 9, 7).contiguous(memory_format=layout)
+    x[0, 0, 0, :3] = 0.0  # the kink: torch's gradient there is the slope
+    grad = torch.randn(4, 8, 9, 7).contiguous(memory_format=layout)
+    results = []
+    for module in (ours, ref):
+        module.weight.requires_grad_(trained)
+        xi = x.clone().requires_grad_(True)
+        out = module(xi)
+        out.backward(grad)
+        results.append((out, xi.grad, module.weight.grad))
+    (out, gx, gw), (ref_out, ref_gx, ref_gw) = results
+    assert torch.equal(out, ref_out) and torch.equal(gx, ref_gx)
+    assert (gw is None and ref_gw is None) if not trained else torch.equal(gw, ref_gw)
+
+
+def _with_plain_convolutions(fn):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration")  # oneDNN's flags, Intel GPUs only
+        with torch.backends.mkldnn.flags(enabled=False):  # torch's own convolutions, not oneDNN's
+            return fn()
+
+
+def test_fr_backbone_in_channels_last_matches_plain_convolutions():
+    torch.manual_seed(0)
+    model = build_fr("fr_tiny", embedding_size=32).eval()
+    faces = _faces(4)
+    project = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+
+    def trained():  # the FR model's gradients (the downsample reads NCHW there)
+        model.zero_grad()
+        (model(faces) * project).sum().backward()
+        return [q.grad.clone() for q in model.parameters() if q.grad is not None]
+
+    def teacher():  # the frozen IRM teacher: the gradient to the released image
+        x = faces.clone().requires_grad_(True)
+        emb = model(x)
+        (emb * project).sum().backward()
+        return emb.detach(), x.grad
+
+    for ours, ref in zip(trained(), _with_plain_convolutions(trained)):
+        assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    freeze_teacher(model)
+    (emb, grad), (ref_emb, ref_grad) = teacher(), _with_plain_convolutions(teacher)
+    assert_close(emb, ref_emb, rtol=1e-4, atol=1e-5)
+    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4 * ref_grad.abs().max().item())
 
 
 def test_full_size_parameter_counts_match_the_reference_models():

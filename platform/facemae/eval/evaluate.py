@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from facemae import storage
+from facemae.allocator import retain_freed_memory
 from facemae.config import Config
 from facemae.data.images import corrupt_records, decode_face, decode_rows
 from facemae.data.shards import iter_rows, verify_dataset
@@ -45,6 +46,7 @@ class FlipSumEmbedder:
         from facemae.models.weights import load_fr_backbone
 
         storage.configure(**(storage_options or {}))  # the driver's endpoint: weights may be on a store
+        retain_freed_memory()
 
         self.model, self.batch_size = load_fr_backbone(weights), batch_size
 

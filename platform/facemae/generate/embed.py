@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from facemae import storage
+from facemae.allocator import retain_freed_memory
 from facemae.config import Config, LossConfig
 from facemae.data.runner import REPORT_LIMIT, Journal, UnitResult, corrupt_report, prepare_output, reusable
 from facemae.data.shards import MANIFEST, ORIGINAL_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
@@ -38,6 +39,7 @@ class TeacherEmbedder:
         from facemae.models.weights import load_fr_backbone
 
         storage.configure(**(storage_options or {}))  # the driver's endpoint: weights may be on a store
+        retain_freed_memory()
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_fr_backbone(weights).to(self.device)

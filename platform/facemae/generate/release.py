@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from facemae import storage
+from facemae.allocator import retain_freed_memory
 from facemae.config import Config
 from facemae.data.images import encode_png
 from facemae.data.runner import Journal, UnitResult, corrupt_report, prepare_output, reusable
@@ -36,6 +37,7 @@ class Reconstructor:
         import torch
 
         storage.configure(**(storage_options or {}))  # the driver's endpoint: weights may be on a store
+        retain_freed_memory()
 
         self.method, self.patch_size, self.paste_visible = method, patch_size, paste_visible
         self.batch_size = batch_size

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from facemae import storage
+from facemae.allocator import retain_freed_memory
 from facemae.config import Config
 from facemae.data.images import corrupt_records
 from facemae.data.transforms import training_batch
@@ -55,6 +56,8 @@ class WorkerContext:
                  run_dir: str, in_ray: bool, tracked: TrackedRun | None = None) -> None:
         self.config = config
         self.rank, self.world_size, self.device = rank, world_size, device
+        if device.type == "cpu":
+            retain_freed_memory()  # the step's activations reuse the last step's pages
         self.num_classes = num_classes
         self.run_dir = run_dir
         train = config.train
