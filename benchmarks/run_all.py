@@ -41,6 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from facemae import console
+from facemae.allocator import retain_freed_memory
 from facemae.cli import job_console
 from facemae.config import Config, load_config
 from facemae.losses.margin import build_head
@@ -355,6 +356,7 @@ def main() -> None:
     args = parser.parse_args()
     meta = provenance()
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as every training worker and pool actor does: the steps are timed as they run
     with tempfile.TemporaryDirectory(prefix="facemae-perf-") as work, job_console("performance", verbose=args.verbose):
         figures = compute_figures(args)
         run = perf_pipeline.run_main_job(Path(work), quick=args.quick)
