@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from facemae import console
+from facemae.allocator import retain_freed_memory
 from facemae.config import Config, load_config
 
 from figures import figure
@@ -240,6 +241,7 @@ def _ds_vs_ddp(loop_config: dict[str, Any]) -> None:
 
     config = from_dict(Config, loop_config["config"]).validate()
     torch.set_num_threads(max(1, round(config.train.cpus_per_worker)))  # as RayContext
+    retain_freed_memory()  # as WorkerContext
     world = ray.train.get_context().get_world_size()
     batch = _random_batch(config)
     timed: dict[str, list[float]] = {"deepspeed": [], "ddp": []}
