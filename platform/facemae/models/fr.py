@@ -109,9 +109,9 @@ class IBasicBlock(nn.Module):
         identity = x
         if self.downsample is not None:
             # torch 2.14.1's CPU segfaults computing the weight gradient of a stride-2 1x1 conv on a
-            # channels-last input (IResNet.forward's layout): a trained downsample reads NCHW.
+            # channels-last input (IResNet.forward's layout): a trained downsample reads NCHW there.
             trains = torch.is_grad_enabled() and self.downsample[0].weight.requires_grad
-            identity = self.downsample(x.contiguous() if trains else x)
+            identity = self.downsample(x.contiguous() if trains and x.device.type == "cpu" else x)
         out = self.conv1(self.bn1(x))
         out = self.conv2(self.prelu(self.bn2(out)))
         return self.bn3(out) + identity
@@ -179,7 +179,8 @@ class IResNet(nn.Module):
         """
         # Channels-last: oneDNN's convolutions at the narrow widths of the CPU configs run several times
         # faster on it, the input gradient of the IRM teacher's first convolutions most (51 vs 9 ms for
-        # fr_tiny's stem at batch 32); see IBasicBlock.forward for the one exception.
+        # fr_tiny's stem at batch 32; cuDNN's bf16 kernels prefer it too); see IBasicBlock.forward for
+        # the one exception.
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.prelu(self.bn1(self.conv1(x)))  # (N, w0, H, W)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (N, w3, H/16, W/16)
