@@ -167,3 +167,36 @@ def test_exports_read_back_as_folder_and_recordio(tmp_path, owner, ray_cluster):
         assert reader.has_header and len(reader) == len(rows)
         got = sorted((img.label, img.image) for img in reader)
     assert got == sorted((r["identity"], r["image"]) for r in rows)
+
+
+@pytest.mark.ray
+def test_privacy_embeds_originals_and_release_in_one_actor_pool_as_one_process_does(tmp_path, owner, ray_cluster,
+                                                                                    monkeypatch):
+    from facemae.eval import evaluate
+    from facemae.models.registry import build_fr
+
+    root, args = owner
+    out = tmp_path / "released"
+    generate_released(load_config(None, [*args, f"generate.output={out}"]))
+    torch.manual_seed(0)
+    judge = str(save_weights(build_fr("fr_tiny", embedding_size=32), tmp_path / "judge",
+                             {"task": "fr", "model": "fr_tiny", "embedding_size": 32, "run": "judge"}))
+    pools, real = [], evaluate._embed_on_ray
+
+    def counted(config, weights, files):  # the real pool, counted
+        pools.append(files)
+        return real(config, weights, files)
+
+    monkeypatch.setattr(evaluate, "_embed_on_ray", counted)
+
+    def leak(threshold: int) -> dict:
+        config = load_config(None, [*args, f"eval.ray_threshold={threshold}"])
+        return evaluate.privacy(config, judge, released=str(out), originals=str(root / "orig"))
+
+    in_process, on_ray = leak(10 ** 6), leak(0)
+    originals = read_manifest(root / "orig").files(root / "orig", "deploy")
+    assert pools == [originals + read_manifest(out).files(out, "deploy")]  # one pool, both sets
+    assert on_ray.keys() == in_process.keys()
+    for key in in_process:
+        assert on_ray[key] == pytest.approx(in_process[key], abs=1e-6), key
+    assert in_process["image_leak@1"] > 0  # the untrained FaceMAE's releases keep the owner's visible pixels

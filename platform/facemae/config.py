@@ -451,7 +451,8 @@ class EvalConfig:
         pair_seed: Seed of those pairs.
         far: False-accept rate of the TAR@FAR figure.
         batch_size: Images per embedding batch.
-        ray_threshold: Sets with more images than this are embedded by a Ray Data actor pool.
+        ray_threshold: Embeddings of more images than this (a privacy evaluation: originals and release
+            together) are computed by one Ray Data actor pool.
     """
 
     bins: list[str] = field(default_factory=list)

@@ -62,24 +62,51 @@ class FlipSumEmbedder:
 
 
 def embed_split(config: Config, weights: str, root: str, split: str) -> Embeddings:
-    """Embeds every image of ``root``'s ``split`` with the FR backbone ``weights``.
+    """Embeds every image of ``root``'s ``split`` with the FR backbone ``weights``: :func:`embed_splits`
+    of one set."""
+    return embed_splits(config, weights, [(root, split)])[0]
+
+
+def embed_splits(config: Config, weights: str, sets: list[tuple[str, str]]) -> list[Embeddings]:
+    """Embeds every image of each ``(root, split)`` with the FR backbone ``weights``, in one go.
+
+    Together above ``eval.ray_threshold`` images, the sets go through one Ray Data actor pool, which loads
+    the model once (a pool's start, its actors importing torch and loading the weights, took 6-7 s
+    here, as long as embedding a few thousand faces); otherwise one process embeds them.
+
+    Returns:
+        One :class:`Embeddings` per set, in order.
 
     Raises:
         CorruptImageError: An image does not decode and ``data.skip_corrupt`` is off; the message names
             the dataset, the shard and the image_id. With it on, the row is left out and listed in
             :attr:`Embeddings.skipped`.
     """
-    manifest = verify_dataset(root)
-    files = manifest.files(root, split)
-    if manifest.num_images(split) > config.eval.ray_threshold:
-        out = _embed_on_ray(config, weights, files)
+    manifests = [verify_dataset(root) for root, _ in sets]
+    files = [m.files(root, split) for m, (root, split) in zip(manifests, sets)]
+    if sum(m.num_images(split) for m, (_, split) in zip(manifests, sets)) > config.eval.ray_threshold:
+        out = _embed_on_ray(config, weights, list(dict.fromkeys(f for fs in files for f in fs)))
+        rows_of: dict[str, list[int]] = {}  # shard path -> its rows in out
+        for i, path in enumerate(out["path"]):
+            rows_of.setdefault(path, []).append(i)
+        outs = []
+        for fs in files:
+            rows = [i for f in fs for i in rows_of.get(f, [])]
+            outs.append({k: [v[i] for i in rows] for k, v in out.items()})
     else:
         embedder = FlipSumEmbedder(weights, config.eval.batch_size)
-        rows = [{**r, "path": f} for f in files for r in iter_rows([f])]
-        out = embedder({k: np.array([r.get(k, r["image_id"]) for r in rows], dtype=object)
-                        for k in ("image_id", "source_id", "identity", "image", "path")})
+        outs = []
+        for fs in files:
+            rows = [{**r, "path": f} for f in fs for r in iter_rows([f])]
+            outs.append(embedder({k: np.array([r.get(k, r["image_id"]) for r in rows], dtype=object)
+                                  for k in ("image_id", "source_id", "identity", "image", "path")}))
+    return [_embeddings(out, skip_corrupt=config.data.skip_corrupt) for out in outs]
+
+
+def _embeddings(out: dict[str, Any], *, skip_corrupt: bool) -> Embeddings:
+    """The good rows of an embedder's output, by image_id, and the corrupt ones left out (or raised for)."""
     skipped = corrupt_records(list(out["corrupt"]), image_ids=list(out["image_id"]), paths=list(out["path"]),
-                              skip_corrupt=config.data.skip_corrupt)
+                              skip_corrupt=skip_corrupt)
     bad = np.array([bool(c) for c in out["corrupt"]], dtype=bool)
     image_id = np.asarray(out["image_id"], dtype=str)[~bad]
     order = np.argsort(image_id)
@@ -173,8 +200,7 @@ def privacy(config: Config, judge: str, *, released: str, originals: str, split:
 
     storage.configure(**asdict(config.storage))
     check_weights(judge, task="fr")
-    gallery = embed_split(config, judge, originals, split)
-    queries = embed_split(config, judge, released, split)
+    gallery, queries = embed_splits(config, judge, [(originals, split), (released, split)])
     position = {image_id: i for i, image_id in enumerate(gallery.image_id)}
     left_out = {s["image_id"] for s in gallery.skipped}
     scored = np.array([s not in left_out for s in queries.source_id], dtype=bool)
