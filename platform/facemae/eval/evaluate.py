@@ -85,14 +85,9 @@ def embed_splits(config: Config, weights: str, sets: list[tuple[str, str]]) -> l
     manifests = [verify_dataset(root) for root, _ in sets]
     files = [m.files(root, split) for m, (root, split) in zip(manifests, sets)]
     if sum(m.num_images(split) for m, (_, split) in zip(manifests, sets)) > config.eval.ray_threshold:
-        out = _embed_on_ray(config, weights, list(dict.fromkeys(f for fs in files for f in fs)))
-        rows_of: dict[str, list[int]] = {}  # shard path -> its rows in out
-        for i, path in enumerate(out["path"]):
-            rows_of.setdefault(path, []).append(i)
-        outs = []
-        for fs in files:
-            rows = [i for f in fs for i in rows_of.get(f, [])]
-            outs.append({k: [v[i] for i in rows] for k, v in out.items()})
+        stores = {_store(f) for fs in files for f in fs}  # a pool reads from one store
+        groups = [files] if len(stores) == 1 else [[fs] for fs in files]
+        outs = [out for group in groups for out in _embed_sets_on_ray(config, weights, group)]
     else:
         embedder = FlipSumEmbedder(weights, config.eval.batch_size)
         outs = []
@@ -101,6 +96,27 @@ def embed_splits(config: Config, weights: str, sets: list[tuple[str, str]]) -> l
             outs.append(embedder({k: np.array([r.get(k, r["image_id"]) for r in rows], dtype=object)
                                   for k in ("image_id", "source_id", "identity", "image", "path")}))
     return [_embeddings(out, skip_corrupt=config.data.skip_corrupt) for out in outs]
+
+
+def _store(location: str) -> tuple[str, str] | None:
+    """``(scheme, bucket)`` of an object location, ``None`` for a local path."""
+    return storage.split_url(location)[:2] if storage.is_remote(location) else None
+
+
+def _embed_sets_on_ray(config: Config, weights: str, files: list[list[str]]) -> list[dict[str, list]]:
+    """The embedder's output of each set of shard files (one store), by one actor pool over them all."""
+    everything = list(dict.fromkeys(f for fs in files for f in fs))
+    out = _embed_on_ray(config, weights, everything)
+    rows_of: dict[str, list[int]] = {}  # shard, as the pool's rows name it (a path in its filesystem)
+    for i, path in enumerate(out["path"]):
+        rows_of.setdefault(path, []).append(i)
+    named = dict(zip(everything, storage.for_arrow(everything)[0]))
+    outs = []
+    for fs in files:
+        rows = [i for f in fs for i in rows_of.get(named[f], [])]
+        outs.append({k: [v[i] for i in rows] for k, v in out.items()})
+    assert sum(len(o["image_id"]) for o in outs) >= len(out["image_id"]), "rows of a shard no set holds"
+    return outs
 
 
 def _embeddings(out: dict[str, Any], *, skip_corrupt: bool) -> Embeddings:
