@@ -13,6 +13,19 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi
 
+# A new environment takes about 7.5 GiB (torch, Ray, DeepSpeed's build, the MLflow server's venv). Say so
+# before pip runs out of space half way ("No space left on device" from pip names neither what nor where).
+need_gib=8
+if [[ ! -d "$venv" ]]; then
+  parent="$(dirname "$venv")"
+  while [[ ! -d "$parent" ]]; do parent="$(dirname "$parent")"; done  # the folder pip will create it in
+  free_gib=$(( $(df -Pk "$parent" | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+  if (( free_gib < need_gib )); then
+    echo "[setup] error: the environment needs about $need_gib GiB free in $parent; $free_gib GiB are free." >&2
+    echo "[setup] Free some space there, or point FACEMAE_VENV at a folder on a disk with room." >&2
+    exit 1
+  fi
+fi
 echo "[setup] creating environment in $venv (first run takes a few minutes)" >&2
 start=$(date +%s)
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def ray_cluster():
     ray.init(address="local", num_cpus=4, _temp_dir=temp_dir, log_to_driver=False)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -125,10 +127,13 @@ def ray_head():
         head, address, log = _start_head(env)
         if head is not None:
             break
+        said = log.read_text()[-3000:]
+        shutil.rmtree(log.parent, ignore_errors=True)
     else:
-        pytest.fail(f"ray start --head did not come up in 3 tries; the last said:\n{log.read_text()[-3000:]}")
+        pytest.fail(f"ray start --head did not come up in 3 tries; the last said:\n{said}")
     yield address, env
     _stop(head)
+    shutil.rmtree(log.parent, ignore_errors=True)  # the session's logs and spilled objects
 
 
 def png_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:

@@ -66,21 +66,26 @@ def test_facemae_submit_command_follows_the_log_and_fails_clearly(tmp_path, ray_
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_main_job_and_a_stopped_job_resubmitted_resumes(tmp_path, ray_head):
-    """`ray job submit` of the main job; `ray job stop` part way, then the same submission: it resumes
-    from the last checkpoint, finishes, and leaves the checkpoint and the exported weights."""
+    """`ray job submit` of the main job; `ray job stop` part way, then the same submission with a nearer
+    `train.max_steps`: it resumes from the last checkpoint, finishes, and leaves the checkpoint and the
+    exported weights. The first run is far longer than the stop can take to land (tens of fast smoke
+    steps passed before `ray job stop` landed when the first run was 30 steps), so "part way" holds on
+    any machine."""
     import time
 
     address, env = ray_head
     runs = tmp_path / "runs"
-    last = 30  # enough steps that `ray job stop` lands part way: the stream has no epoch pauses to wait on
-    job = ["--", "python", "jobs/train.py", "--config", "jobs/configs/train_smoke.yaml",
-           "--set", f"train.storage_path={runs}", "--set", f"data.output={tmp_path / 'data'}",
-           "--set", "loss.lambda_irm=0",  # plain MAE: no teacher run, the job mechanics at half the time
-           "--set", f"train.max_steps={last}", "--set", "train.checkpoint_every=3"]
+    never = 100_000  # the first run's length: it is stopped long before
+
+    def job(max_steps: int) -> list[str]:
+        return ["--", "python", "jobs/train.py", "--config", "jobs/configs/train_smoke.yaml",
+                "--set", f"train.storage_path={runs}", "--set", f"data.output={tmp_path / 'data'}",
+                "--set", "loss.lambda_irm=0",  # plain MAE: no teacher run, the job mechanics at half the time
+                "--set", f"train.max_steps={max_steps}", "--set", "train.checkpoint_every=3"]
     submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
               "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "data", "*.egg-info", "__pycache__"]})]
     first = f"facemae-stop-{uuid.uuid4().hex[:8]}"
-    out = subprocess.run([*submit, "--submission-id", first, "--no-wait", *job], cwd=ROOT, env=env,
+    out = subprocess.run([*submit, "--submission-id", first, "--no-wait", *job(never)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = runs / "facemae-synthetic-smoke"
@@ -97,8 +102,9 @@ def test_ray_job_submit_runs_the_main_job_and_a_stopped_job_resubmitted_resumes(
     assert out.returncode == 0 and "stopped" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
     time.sleep(5)  # the stopped driver's workers go with it; nothing may add a line after this
     before = steps()
-    assert 4 <= before[-1] < last, before
-    out = subprocess.run([*submit, *job], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert 4 <= before[-1] < never, before
+    last = before[-1] + 4  # past the last checkpoint (a multiple of 3 at most 3 back) by 4 to 7 steps
+    out = subprocess.run([*submit, *job(last)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0 and "succeeded" in out.stdout, (out.stdout + out.stderr)[-4000:]
     after = steps()
     assert after[:len(before)] == before
