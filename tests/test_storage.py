@@ -391,3 +391,11 @@ def test_missing_credentials_and_a_dead_endpoint_are_one_line_naming_what_to_set
     assert f"cannot reach s3://facemae-test at http://127.0.0.1:{port}" in line
     assert "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in line
     assert "storage.endpoint_override" in line
+
+
+def test_arrow_reads_refuse_a_mix_of_stores_instead_of_taking_urls_for_local_paths():
+    assert storage.store_of("data/x.parquet") is None and storage.store_of("s3://bkt/a/x") == ("s3", "bkt")
+    for mixed in (["data/x.parquet", "s3://bkt/a/x.parquet"], ["s3://one/x.parquet", "gs://two/x.parquet"]):
+        with pytest.raises(storage.StorageLocationError, match="one store"):
+            storage.for_arrow(mixed)
+    assert storage.for_arrow(["data/x.parquet", "data/y.parquet"]) == (["data/x.parquet", "data/y.parquet"], None)

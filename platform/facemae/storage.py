@@ -416,17 +416,22 @@ def cached_file(location: PathLike) -> str:
     return local
 
 
+def store_of(location: str) -> tuple[str, str] | None:
+    """The store ``location`` is on: ``(scheme, bucket)`` of an object location, ``None`` for a local path."""
+    return split_url(location)[:2] if is_remote(location) else None
+
+
 def for_arrow(locations: Sequence[str]) -> tuple[list[str], pafs.FileSystem | None]:
     """``(paths, filesystem)`` to hand Ray Data's ``read_parquet`` or pyarrow: local paths as they are
     with ``None`` (the default), object locations as paths in their filesystem, which carries the
-    endpoint and region of :func:`configure` (a bare URL would reach AWS itself). All on one store."""
+    endpoint and region of :func:`configure` (a bare URL would reach AWS itself). All on one store
+    (:func:`store_of`)."""
+    if len({store_of(loc) for loc in locations}) > 1:
+        raise StorageLocationError(f"{locations[0]} and others: read from one store (one bucket) at a time")
     if not locations or not is_remote(locations[0]):
         return list(locations), None
     resolved = [resolve(loc) for loc in locations]
-    fs = resolved[0][0]
-    if any(other is not fs for other, _ in resolved):
-        raise StorageLocationError(f"{locations[0]} and others: read from one bucket at a time")
-    return [path for _, path in resolved], fs
+    return [path for _, path in resolved], resolved[0][0]
 
 
 class AppendLog:

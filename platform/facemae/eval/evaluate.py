@@ -85,7 +85,7 @@ def embed_splits(config: Config, weights: str, sets: list[tuple[str, str]]) -> l
     manifests = [verify_dataset(root) for root, _ in sets]
     files = [m.files(root, split) for m, (root, split) in zip(manifests, sets)]
     if sum(m.num_images(split) for m, (_, split) in zip(manifests, sets)) > config.eval.ray_threshold:
-        stores = {_store(f) for fs in files for f in fs}  # a pool reads from one store
+        stores = {storage.store_of(f) for fs in files for f in fs}  # a pool reads from one store
         groups = [files] if len(stores) == 1 else [[fs] for fs in files]
         outs = [out for group in groups for out in _embed_sets_on_ray(config, weights, group)]
     else:
@@ -96,11 +96,6 @@ def embed_splits(config: Config, weights: str, sets: list[tuple[str, str]]) -> l
             outs.append(embedder({k: np.array([r.get(k, r["image_id"]) for r in rows], dtype=object)
                                   for k in ("image_id", "source_id", "identity", "image", "path")}))
     return [_embeddings(out, skip_corrupt=config.data.skip_corrupt) for out in outs]
-
-
-def _store(location: str) -> tuple[str, str] | None:
-    """``(scheme, bucket)`` of an object location, ``None`` for a local path."""
-    return storage.split_url(location)[:2] if storage.is_remote(location) else None
 
 
 def _embed_sets_on_ray(config: Config, weights: str, files: list[list[str]]) -> list[dict[str, list]]:
