@@ -173,6 +173,20 @@ def test_mlflow_is_an_optional_extra_imported_only_when_tracking_is_on(tmp_path,
         open_run(config, folder=tmp_path, name="run", kind="train")
 
 
+def test_two_starts_within_one_second_keep_an_event_file_each(tmp_path, monkeypatch):
+    """A resume or rerun can start within the second of the one before (a one-process smoke run takes less):
+    each start's events stay in a file of their own."""
+    import tensorboardX.event_file_writer as writer
+
+    from facemae.tracking import _EventFile
+
+    monkeypatch.setattr(writer.time, "time", lambda: 1796281377.25)  # both starts in the same second
+    for step in (1, 2):
+        _EventFile(str(tmp_path)).write({"loss": float(step)}, step=step, when=1796281377.25, preview=None)
+    assert len(list(tmp_path.glob("events.out.tfevents.1796281377.*"))) == 2
+    assert _tensorboard(tmp_path, "loss") == [(1, 1.0), (2, 2.0)]
+
+
 def test_a_closed_port_fails_before_training_in_one_line(tmp_path, tiny_dataset, tiny_teacher):
     from facemae.train.trainer import train
 

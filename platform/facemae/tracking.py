@@ -33,6 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -402,7 +403,9 @@ class _EventFile:
         self._remote = folder if storage.is_remote(folder) else None
         local = tempfile.mkdtemp(prefix="facemae-tensorboard-") if self._remote else folder
         Path(local).mkdir(parents=True, exist_ok=True)
-        self._writer = EventsWriter(str(Path(local) / "events"))  # events.out.tfevents.<time>.<host>, one per start
+        # events.out.tfevents.<time>.<host>.<random>, one per start: tensorboardX's name alone has a resolution
+        # of one second, and a second start within it (a resume, a rerun) overwrote the first's file.
+        self._writer = EventsWriter(str(Path(local) / "events"), filename_suffix=f".{uuid.uuid4().hex[:8]}")
 
     def write(self, values: dict[str, float], *, step: int, when: float, preview: Path | None) -> None:
         """One event of every scalar of a report (and the checkpoint's preview image), on disk on return."""
