@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -110,11 +111,18 @@ def _assert_same(saved, restored, where: str = "state") -> int:
 
 
 @pytest.mark.ray
-def test_the_training_stream_holds_each_pass_whole_with_fresh_masks(tmp_path, dataset, teacher, ray_cluster):
+@pytest.mark.parametrize("tasks", [None, 2])
+def test_the_training_stream_holds_each_pass_whole_with_fresh_masks(tmp_path, dataset, teacher, ray_cluster,
+                                                                     monkeypatch, tasks):
+    """One read task per shard and pass, and (``tasks=2``) the same stream with more reads than tasks."""
+    from facemae.train import trainer
     from facemae.train.trainer import passes_needed, training_dataset
 
+    if tasks:
+        monkeypatch.setattr(trainer, "STREAM_TASKS", tasks)
     config = _config(tmp_path, dataset, teacher, "train.num_workers=2", "train.max_steps=10")
     files = read_manifest(dataset).files(dataset, "train")
+    assert len(files) * 3 > (tasks or 0)
     # 96 rows, 2 workers x 8: 6 batches per epoch; 10 steps need 2 epochs, and one pass to spare.
     assert passes_needed(config.train, 96) == 3
     rows = training_dataset(config, files, passes=3).take_all()
@@ -345,3 +353,21 @@ def test_a_lost_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, dat
     assert [m["attempt"] for m in lines] == [1] * drops[0] + [2] * (len(lines) - drops[0])
     assert [m["step"] for m in lines if m.get("repeat")] == [s for s in steps[drops[0]:] if s <= steps[drops[0] - 1]]
     assert steps[-1] == 24 and Path(box["result"].checkpoint).name == "checkpoint_00000024"
+
+
+@pytest.mark.ray
+def test_a_stream_of_more_reads_than_tasks_reads_every_entry_once_in_shared_tasks(ray_cluster):
+    from facemae.data.stream import per_file
+
+    def _entry_and_task(table: pa.Table) -> pa.Table:  # a read function that names its entry and its Ray task
+        import ray
+
+        return pa.table({"path": table["path"], "task": [ray.get_runtime_context().get_task_id()] * table.num_rows})
+
+    entries = [f"/shards/part-{i % 3:05d}.parquet" for i in range(2000)]  # 667 passes over three shards
+    rows = per_file(entries, _entry_and_task, fn_kwargs={}, tasks=64).take_all()
+    assert Counter(r["path"] for r in rows) == Counter(entries)  # each read once, as many as listed
+    per_task = Counter(r["task"] for r in rows)
+    assert len(per_task) == 64 and set(per_task.values()) <= {31, 32}  # 2000 reads over 64 tasks
+    rows = per_file(entries[:10], _entry_and_task, fn_kwargs={}).take_all()
+    assert sorted(r["path"] for r in rows) == sorted(entries[:10]) and len({r["task"] for r in rows}) == 10

@@ -31,11 +31,18 @@ def shard_rows(files: Sequence[str], *, columns: Sequence[str] | None = None, **
     return per_file(paths, shard_file_rows, fn_kwargs=kwargs, **resources)
 
 
-def per_file(paths: Sequence[str], fn: Any, *, fn_kwargs: dict[str, Any], **resources: Any) -> Any:
+def per_file(paths: Sequence[str], fn: Any, *, fn_kwargs: dict[str, Any], tasks: int | None = None,
+             **resources: Any) -> Any:
     """A Ray Dataset of one task per entry of ``paths`` (filesystem paths, :func:`facemae.storage.for_arrow`;
     a path may repeat), in that order: ``fn(item, **fn_kwargs)`` gets a one-row pyarrow table whose
-    ``path`` column names the file and yields the blocks made of it."""
+    ``path`` column names the file and yields the blocks made of it.
+
+    ``tasks`` caps the tasks: consecutive entries then share one, each still a call of ``fn`` of its own.
+    Ray Data spends a few milliseconds per input block before the first row moves, so a list of tens of
+    thousands of entries (many passes over a few shards) would stall a stream for minutes.
+    """
     import ray.data
 
-    reads = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    blocks = len(paths) if tasks is None else max(1, min(len(paths), tasks))
+    reads = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
     return reads.map_batches(fn, batch_size=1, batch_format="pyarrow", fn_kwargs=fn_kwargs, **resources)
