@@ -246,8 +246,18 @@ def pool_figures(args: argparse.Namespace, work: Path) -> dict[str, dict[str, An
     # Generation: the pool end to end (read, decode, FaceMAE, PNG encode, shards) vs the bare forward.
     masked = config.masked_output()
     images = read_manifest(masked).num_images()
-    pool = median_seconds(lambda: generate_released(config, output=str(work / "released"), overwrite=True),
-                          repeats=args.pool_repeats, warmup=1)
+    # The pool's fixed cost per run (actor start-up, pipeline start) apart from its per-face rate: the
+    # same pool on a quarter of the faces, the two timed in turns.
+    small = dataclasses.replace(config, data=dataclasses.replace(config.data, output=str(work / "small"),
+                                                                 num_identities=ids // 4))
+    ingest(small)
+    mask_dataset(small)
+    few = read_manifest(small.masked_output()).num_images()
+    turns = seconds_in_turns({
+        "all": lambda: generate_released(config, output=str(work / "released"), overwrite=True),
+        "quarter": lambda: generate_released(small, output=str(work / "released-small"), overwrite=True)},
+        repeats=args.pool_repeats, warmup=1)
+    pool, small_pool = statistics.median(turns["all"]), statistics.median(turns["quarter"])
     records = list(iter_rows(read_manifest(masked).files(masked, "deploy")))
     model = build_mae(config.model.mae).eval()
     size = config.generate.batch_size
@@ -279,23 +289,18 @@ def pool_figures(args: argparse.Namespace, work: Path) -> dict[str, dict[str, An
                                       f"(medians of {args.pool_repeats})")
     console.say(f"[perf] generate_pool {out['generate_pool']['ratio']:.3f}")
 
-    # The pool's fixed cost per run (actor start-up, pipeline start) apart from its per-face rate: the
-    # same pool on a quarter of the faces, in the same run.
-    small = dataclasses.replace(config, data=dataclasses.replace(config.data, output=str(work / "small"),
-                                                                 num_identities=ids // 4))
-    ingest(small)
-    mask_dataset(small)
-    few = read_manifest(small.masked_output()).num_images()
-    small_pool = median_seconds(lambda: generate_released(small, output=str(work / "released-small"), overwrite=True),
-                                repeats=args.pool_repeats, warmup=1)
-    marginal = (images - few) / (pool - small_pool) if pool > small_pool else None
-    fixed = f"{small_pool - few / marginal:.1f} s" if marginal else "not separable (noise)"
+    # Seconds per face between the two sizes, round by round: the difference of two runs a round apart
+    # moves with the machine far less than that of two medians minutes apart (which read 4.2 once).
+    per_face_s = statistics.median((b - s) / (images - few) for b, s in zip(turns["all"], turns["quarter"]))
+    marginal = 1 / per_face_s if per_face_s > 0 else None
+    fixed = f"{small_pool - few * per_face_s:.1f} s" if marginal else "not separable (noise)"
     ready = median_seconds(lambda: actors_ready(str(mae_weights), actors=config.generate.actors,
                                                 cpus=config.generate.cpus_per_actor),
                            repeats=args.pool_repeats, warmup=0)
     out["generate_pool_marginal"] = figure(marginal, images / bare, goal=">= 0.80", unit="images/s",
                                            how=f"the pool's per-face rate between {few} and {images} faces "
-                                               f"({small_pool:.1f} s and {pool:.1f} s); its fixed cost per run "
+                                               f"({small_pool:.1f} s and {pool:.1f} s, medians; the rate from the "
+                                               f"median of the rounds' differences); its fixed cost per run "
                                                f"{fixed}, of which {ready:.1f} s start {config.generate.actors} "
                                                "bare Ray actors that import torch and timm and load the weights. "
                                                "Per face on one thread: "

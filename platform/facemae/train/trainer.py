@@ -29,7 +29,7 @@ from facemae.train.loop import PROGRESS, run
 
 EXPORT_DIR = "export"
 # Read tasks of a training stream at most: planning costs Ray Data ~2.5 ms per input block here, so 512
-# keep the stream's start near a second however many passes a run needs (the main job's: ~200).
+# keep the stream's start near a second however many passes a run needs (the main job's: 49 reads).
 STREAM_TASKS = 512
 
 
