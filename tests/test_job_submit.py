@@ -68,9 +68,9 @@ def test_facemae_submit_command_follows_the_log_and_fails_clearly(tmp_path, ray_
 def test_ray_job_submit_runs_the_main_job_and_a_stopped_job_resubmitted_resumes(tmp_path, ray_head):
     """`ray job submit` of the main job; `ray job stop` part way, then the same submission with a nearer
     `train.max_steps`: it resumes from the last checkpoint, finishes, and leaves the checkpoint and the
-    exported weights. The first run is far longer than the stop can take to land (tens of fast smoke
-    steps passed before `ray job stop` landed when the first run was 30 steps), so "part way" holds on
-    any machine."""
+    exported weights. The first run is far longer than the stop can take to land (with a 30-step first
+    run, 7 of its 0.1-0.2 s steps passed between step 4 and the stop here; a faster machine could finish
+    first), so "part way" holds on any machine."""
     import time
 
     address, env = ray_head
