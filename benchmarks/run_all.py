@@ -75,11 +75,6 @@ def gemm(calls: int = 5) -> Gemm:
     return Gemm(run=run, flops=calls * 2 * GEMM_SIZE ** 3)
 
 
-def gemm_rate(baseline: Gemm, *, repeats: int) -> float:
-    """FLOP/s of the GEMM baseline alone (the console's first line; each MFU times its own in turns)."""
-    return baseline.flops / median_seconds(baseline.run, repeats=repeats)
-
-
 def counted_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn`` (forward and backward), by torch's FLOP counter."""
     with FlopCounterMode(display=False) as counter:
@@ -158,9 +153,7 @@ def mfu_figure(step: Step, baseline: Gemm, *, repeats: int, goal: str, what: str
 def compute_figures(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The single-process figures: MFU of the training steps and IRM's overhead."""
     torch.manual_seed(0)
-    baseline = gemm()
-    rate = gemm_rate(baseline, repeats=args.repeats)
-    console.say(f"[perf] fp32 GEMM {GEMM_SIZE}^3 on {torch.get_num_threads()} thread(s): {rate / 1e9:.1f} GFLOP/s")
+    baseline = gemm()  # timed in turns with each step, not once here
     train = load_config(CONFIGS / "train.yaml")
     experiment = load_config(CONFIGS / "experiment.yaml")
     out: dict[str, dict[str, Any]] = {}
@@ -174,7 +167,9 @@ def compute_figures(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     wide_mfu = mfu(wide_step, baseline, repeats=3, warmup=1)[0]
     out["train_step_mfu"]["how"] += (f"; the plain MAE step of facemae_vit_small_p8 (width 384, batch 8) runs at "
                                      f"{wide_mfu:.2f} of the GEMM rate")
-    console.say(f"[perf] train_step_mfu {out['train_step_mfu']['ratio']:.3f} (width 384: {wide_mfu:.2f})")
+    console.say(f"[perf] train_step_mfu {out['train_step_mfu']['ratio']:.3f} (width 384: {wide_mfu:.2f}; fp32 GEMM "
+                f"{GEMM_SIZE}^3 on {torch.get_num_threads()} thread(s) beside it: "
+                f"{out['train_step_mfu']['baseline'] / 1e9:.1f} GFLOP/s)")
     exp_step, _, _ = mae_step(experiment, batch=experiment.train.micro_batch)
     out["experiment_mae_step_mfu"] = mfu_figure(exp_step, baseline, repeats=args.repeats, goal=">= 0.60",
                                                 what=f"experiment.yaml {experiment.model.mae} + IRM, "
