@@ -172,8 +172,16 @@ def one_thread():
 
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # tests talk only to clusters they start (REFERENCE row F)
-# Jobs' log files (facemae.console) go to one folder of the test session, not into the checkout.
-os.environ.setdefault("FACEMAE_LOG_DIR", tempfile.mkdtemp(prefix="facemae-test-logs-"))
+# Jobs' log files (facemae.console) go to one folder of the test session, not into the checkout; it is kept
+# for reading when a test failed, removed when all passed.
+_LOGS = None
+if "FACEMAE_LOG_DIR" not in os.environ:
+    _LOGS = os.environ["FACEMAE_LOG_DIR"] = tempfile.mkdtemp(prefix="facemae-test-logs-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _LOGS is not None and exitstatus == 0:
+        shutil.rmtree(_LOGS, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

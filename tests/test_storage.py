@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -291,7 +292,7 @@ def test_the_main_job_resume_generate_and_evaluate_run_entirely_on_s3(s3, tmp_pa
     assert [p.name for p in work.rglob("*")] == [], sorted(str(p) for p in work.rglob("*"))
 
 
-def test_a_one_process_run_checkpoints_resumes_and_exports_on_s3(s3, tmp_path):
+def test_a_one_process_run_checkpoints_resumes_and_exports_on_s3(s3, tmp_path, monkeypatch):
     """train.num_workers=0 (no Ray): its own checkpoint uploads, progress.json last, the newest two kept;
     metrics.jsonl and the sample-id log rewritten whole; the rerun resumes from the bucket."""
     endpoint, bucket, client = s3
@@ -302,8 +303,12 @@ def test_a_one_process_run_checkpoints_resumes_and_exports_on_s3(s3, tmp_path):
                  "train.checkpoint_every=1", "train.log_every=1", "train.log_sample_ids=true", "train.warmup_steps=1",
                  "tracking.tensorboard=true"]
     ingest(load_config(None, overrides))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the event file's local copy is written
     first = train_run(None, overrides=[*overrides, "train.max_steps=2"])
     assert first.checkpoint == f"{root}/runs/solo/checkpoint_00000002" and first.metrics["step"] == 2
+    assert list(scratch.glob("facemae-tensorboard-*")) == []  # removed once uploaded and closed
     second = train_run(None, overrides=[*overrides, "train.max_steps=4"])
     assert second.checkpoint == f"{root}/runs/solo/checkpoint_00000004"
     assert second.weights == f"{root}/runs/solo/export/weights.safetensors"

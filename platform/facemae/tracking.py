@@ -29,12 +29,14 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -376,6 +378,11 @@ class ReportLogger:
         if self._client is not None:
             self._mlflow(values, step=step, when=when, preview=preview)
 
+    def close(self) -> None:
+        """Closes the event file (its local copy of a run on an object store is removed)."""
+        if self._events is not None:
+            self._events.close()
+
     def _mlflow(self, values: dict[str, float], *, step: int, when: float, preview: Path | None) -> None:
         from mlflow.entities import Metric
         from mlflow.exceptions import MlflowException
@@ -406,6 +413,12 @@ class _EventFile:
         # events.out.tfevents.<time>.<host>.<random>, one per start: tensorboardX's name alone has a resolution
         # of one second, and a second start within it (a resume, a rerun) overwrote the first's file.
         self._writer = EventsWriter(str(Path(local) / "events"), filename_suffix=f".{uuid.uuid4().hex[:8]}")
+        # Every report uploads the file whole, so the local copy of a remote run's file is scratch: removed on
+        # close, or when the process exits without closing (a worker Ray ends after its last report).
+        self._finalizer = weakref.finalize(self, _close_events, self._writer, local if self._remote else None)
+
+    def close(self) -> None:
+        self._finalizer()
 
     def write(self, values: dict[str, float], *, step: int, when: float, preview: Path | None) -> None:
         """One event of every scalar of a report (and the checkpoint's preview image), on disk on return."""
@@ -426,3 +439,9 @@ class _EventFile:
         if self._remote:
             local = Path(self._writer._file_name)  # noqa: SLF001  tensorboardX names it per start; no getter
             storage.upload_file(local, storage.join(self._remote, local.name))
+
+
+def _close_events(writer: Any, scratch: str | None) -> None:
+    writer.close()
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)

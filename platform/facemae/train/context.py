@@ -122,6 +122,8 @@ class WorkerContext:
             if log is not None:
                 log.close()
         self._metrics_log = self._ids_file = None
+        if self._tracker is not None:
+            self._tracker.close()
 
     def track(self, metrics: dict[str, Any], directory: str | None) -> None:
         """Rank 0, with tracking on: the report's metrics at its step, and the preview of the checkpoint
