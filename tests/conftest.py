@@ -77,6 +77,11 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+# On SIGTERM `ray start --block` drains its node first, waiting up to 30 s for actors to leave; the detached
+# actors Ray Data leaves behind (_StatsActor) never do, so every head took 32 s to stop instead of 2.
+NO_DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+
+
 def _start_head(env: dict[str, str]) -> tuple[subprocess.Popen | None, str, Path]:
     """One `ray start --head --block`; ``(process, dashboard address, log)``, the process ``None`` if it
     did not come up."""
@@ -122,7 +127,7 @@ def ray_head():
     dashboard agent (15 s), so a failed start is retried. Yields ``(dashboard address, environment
     for clients)``."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PYTHONUNBUFFERED": "1"}
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PYTHONUNBUFFERED": "1", **NO_DRAIN}
     for _ in range(3):
         head, address, log = _start_head(env)
         if head is not None:

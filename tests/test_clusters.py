@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import free_ports
+from conftest import NO_DRAIN, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -263,7 +263,8 @@ def _start_head(config: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen
            "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",  # REFERENCE.md table, row F
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # row D
            "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # decide every second instead of every 5 s
-           "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics)}  # not the fixed 44217 another head may hold
+           "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics),  # not the fixed 44217 another head may hold
+           **NO_DRAIN}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=0", f"--port={gcs}",
          "--include-dashboard=false", f"--dashboard-agent-listen-port={agent}",
