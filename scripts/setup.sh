@@ -49,7 +49,18 @@ pip_install() {
 "${pip[@]}" --no-build-isolation deepspeed
 # 4. this project, editable, without re-resolving its dependencies.
 "${pip[@]}" --no-build-isolation --no-deps -e "$root"
-# 5. an MLflow tracking server for the tests, in a venv of its own: the server package pins pyarrow<26,
+# 5. DeepSpeed's shared-memory collectives compile on their first use (about 30 s on 2 cores): build them
+#    now, into torch's extension cache, rather than in the first training job. Where the accelerator has
+#    no such op (a GPU machine) there is nothing to build; a failed build is left for DeepSpeed to report.
+"$venv/bin/python" - > "$venv/deepspeed-ops.log" 2>&1 <<'PY' || echo "[setup] warning: DeepSpeed's shm op did not build ahead: $venv/deepspeed-ops.log" >&2
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    builder.load(verbose=False)
+PY
+# 6. an MLflow tracking server for the tests, in a venv of its own: the server package pins pyarrow<26,
 #    and the project only needs the client (mlflow-skinny). Teams run their tracking server elsewhere.
 server="$venv/mlflow-server"
 [[ -x "$server/bin/python" ]] || "$python" -m venv "$server"
