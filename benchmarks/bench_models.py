@@ -18,7 +18,8 @@ import torch
 from facemae.config import Config, load_config
 from facemae.losses.margin import build_head
 from facemae.models.registry import MAE_SPECS, build_fr, build_mae
-from facemae.train.steps import fr_step, freeze_teacher, mae_irm_step
+from facemae.train.steps import fr_step, mae_irm_step
+from facemae.train.tasks import FP32Teacher
 from figures import median_seconds  # a sibling script: benchmarks/ is on sys.path when run
 
 
@@ -33,7 +34,7 @@ def _median_step(step: Callable[[], None], *, steps: int, repeats: int) -> float
 
 def _mae_step(config: Config, *, batch: int, stored_emb: bool = False) -> tuple[Callable[[], None], int]:
     model = build_mae(config.model.mae)
-    teacher = freeze_teacher(build_fr(config.model.teacher, embedding_size=config.model.embedding_size))
+    teacher = FP32Teacher(build_fr(config.model.teacher, embedding_size=config.model.embedding_size))  # as trained
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = {"image": torch.randn(batch, 3, 112, 112), "identity": torch.arange(batch)}
     if stored_emb:  # as shards written at ingestion carry them: one teacher pass per step instead of two

@@ -46,8 +46,10 @@ from facemae.allocator import retain_freed_memory
 from facemae.cli import job_console
 from facemae.config import Config, load_config
 from facemae.losses.margin import build_head
+from facemae.models.fr import fold_batchnorm
 from facemae.models.registry import build_fr, build_mae
-from facemae.train.steps import fr_step, freeze_teacher, mae_irm_step
+from facemae.train.steps import fr_step, mae_irm_step
+from facemae.train.tasks import FP32Teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perf_pipeline  # noqa: E402  (sibling scripts, not a package)
@@ -93,7 +95,7 @@ class Step:
 def mae_step(config: Config, *, batch: int, irm: bool = True) -> tuple[Step, torch.nn.Module, dict[str, Any]]:
     """The FaceMAE (+ IRM with stored teacher embeddings, as the main job trains) step on random faces."""
     model = build_mae(config.model.mae, norm_pix_loss=config.loss.norm_pix_loss)
-    teacher = freeze_teacher(build_fr(config.model.teacher, embedding_size=config.model.embedding_size))
+    teacher = FP32Teacher(build_fr(config.model.teacher, embedding_size=config.model.embedding_size))  # as trained
     if not irm:
         config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, lambda_irm=0.0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -313,7 +315,8 @@ def pool_figures(args: argparse.Namespace, work: Path) -> dict[str, dict[str, An
     pixels, _ = decode_rows([r["image"] for r in rows], image_ids=[r["image_id"] for r in rows],
                             paths=["-"] * len(rows), skip_corrupt=False)
     faces = to_model_range(torch.from_numpy(np.asarray(pixels)))
-    teacher = freeze_teacher(build_fr(config.model.teacher, embedding_size=config.model.embedding_size)).eval()
+    # The pool's model, folded as TeacherEmbedder folds it: the same work in both.
+    teacher = fold_batchnorm(build_fr(config.model.teacher, embedding_size=config.model.embedding_size))
     size = config.train.micro_batch
 
     def bare_embed() -> None:

@@ -14,7 +14,7 @@ from torch.testing import assert_close
 from facemae.config import load_config
 from facemae.data import masking
 from facemae.data.synthetic import generate_image
-from facemae.models.fr import PReLU, to_model_range, to_uint8
+from facemae.models.fr import IResNet, PReLU, fold_batchnorm, to_model_range, to_uint8
 from facemae.models.mae import (given_masking, masked_record_input, patchify, random_masking,
                                 sincos_pos_embed_2d, unpatchify)
 from facemae.models.registry import FR_MODELS, MAE_MODELS, MAE_SPECS, build_fr, build_mae
@@ -223,6 +223,42 @@ def test_fr_backbone_in_channels_last_matches_plain_convolutions():
     (emb, grad), (ref_emb, ref_grad) = teacher(), _with_plain_convolutions(teacher)
     assert_close(emb, ref_emb, rtol=1e-4, atol=1e-5)
     assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4 * ref_grad.abs().max().item())
+
+
+def test_a_folded_teacher_embeds_and_passes_gradients_as_the_batchnorm_one_does():
+    """BatchNorm folded into the convolutions and the FC layer: the same embeddings and input gradients
+    (float rounding apart) for blocks with and without a downsample, non-trivial statistics everywhere."""
+    torch.manual_seed(0)
+    model = IResNet((2, 1, 1, 1), widths=(8, 16, 16, 32), embedding_size=24)
+    for m in model.modules():  # statistics and affines of a trained network, not the identity of a new one
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.2, 3.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    teacher = freeze_teacher(model)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    folded = fold_batchnorm(teacher)
+    faces = _faces(4)
+    project = torch.randn(4, 24, generator=torch.Generator().manual_seed(1))
+
+    def embed_and_grad(net):
+        x = faces.clone().requires_grad_(True)
+        emb = net(x)
+        (emb * project).sum().backward()
+        return emb.detach(), x.grad
+
+    (emb, grad), (ref_emb, ref_grad) = embed_and_grad(folded), embed_and_grad(teacher)
+    assert ref_emb.std() > 0.1 and ref_grad.abs().max() > 0  # not a degenerate network
+    assert_close(emb, ref_emb, rtol=1e-4, atol=1e-5 * ref_emb.abs().max().item())
+    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
+    # Only each block's first BatchNorm is left (it feeds a zero-padded convolution); the model is untouched.
+    kept = [n for n, m in folded.named_modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    assert kept == ["layer1.0.bn1", "layer1.1.bn1", "layer2.0.bn1", "layer3.0.bn1", "layer4.0.bn1"]
+    assert not any(q.requires_grad for q in folded.parameters()) and not folded.training
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    with pytest.raises(TypeError, match="folds an IResNet"):
+        fold_batchnorm(torch.nn.Linear(2, 2))
 
 
 def test_full_size_parameter_counts_match_the_reference_models():

@@ -36,13 +36,15 @@ class TeacherEmbedder:
                  batch_size: int = 64, storage_options: dict[str, str] | None = None) -> None:
         import torch
 
+        from facemae.models.fr import fold_batchnorm
         from facemae.models.weights import load_fr_backbone
 
         storage.configure(**(storage_options or {}))  # the driver's endpoint: weights may be on a store
         retain_freed_memory()
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_fr_backbone(weights).to(self.device)
+        # Folded as training's teacher is (FP32Teacher), so stored and live embeddings come from one function.
+        self.model = fold_batchnorm(load_fr_backbone(weights)).to(self.device)
         self.view, self.sigma, self.batch_size = view, sigma, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ in ``[-1, 1]``, ``((x / 255) - 0.5) / 0.5`` as insightface; :func:`to_model_rang
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -187,3 +188,51 @@ class IResNet(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (N, w3, H/16, W/16)
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         return self.features(self.fc(x))
+
+
+def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """``bn(conv(x))`` as one convolution with a bias: each output channel's kernel scaled, its shift the bias."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+    conv.bias = nn.Parameter(bn.bias + (bias - bn.running_mean) * scale, requires_grad=False)
+
+
+def fold_batchnorm(model: IResNet) -> IResNet:
+    """A frozen copy of ``model`` for inference and input gradients (the IRM teacher, the judge, the
+    embedding pools), with every eval-mode BatchNorm that follows a convolution or feeds the FC layer
+    folded into its weights: the same function up to float rounding, without those BatchNorms' passes.
+
+    On one CPU thread, fr_tiny's forward and input gradient at batch 32 take 0.87-0.88 of the time with
+    them folded (101 vs 119 ms), the main job's FaceMAE + IRM step 0.93-0.96. Each block's first BatchNorm stays: it feeds a zero-padded convolution, whose border
+    pixels see the padding's zeros, not the normalised ones, so it cannot be folded forward exactly.
+    ``model`` itself is not changed; the copy's parameters do not require grad.
+    """
+    if not isinstance(model, IResNet) or not all(
+            isinstance(m, nn.BatchNorm2d) for m in (model.bn1, model.bn2)):
+        raise TypeError(f"fold_batchnorm folds an IResNet with BatchNorm2d layers, got {type(model).__name__}")
+    folded = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        _fold_into_conv(folded.conv1, folded.bn1)
+        folded.bn1 = nn.Identity()
+        for stage in (folded.layer1, folded.layer2, folded.layer3, folded.layer4):
+            for block in stage:
+                _fold_into_conv(block.conv1, block.bn2)
+                _fold_into_conv(block.conv2, block.bn3)
+                block.bn2, block.bn3 = nn.Identity(), nn.Identity()
+                if block.downsample is not None:
+                    _fold_into_conv(block.downsample[0], block.downsample[1])
+                    block.downsample[1] = nn.Identity()
+        # fc(flatten(bn2(x))): bn2's per-channel affine over the flattened (C, H, W) columns, then the
+        # embedding BatchNorm1d's per-output affine; dropout is the identity in eval mode.
+        fc, bn, out = folded.fc, folded.bn2, folded.features
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        per_column = fc.in_features // scale.numel()  # H/16 x W/16 positions per channel
+        weight = fc.weight * scale.repeat_interleave(per_column)[None]
+        bias = fc.bias + fc.weight @ shift.repeat_interleave(per_column)
+        out_scale = out.weight / torch.sqrt(out.running_var + out.eps)
+        fc.weight = nn.Parameter(weight * out_scale[:, None], requires_grad=False)
+        fc.bias = nn.Parameter((bias - out.running_mean) * out_scale + out.bias, requires_grad=False)
+        folded.bn2, folded.features = nn.Identity(), nn.Identity()
+    return folded
