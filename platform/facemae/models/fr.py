@@ -190,12 +190,18 @@ class IResNet(nn.Module):
         return self.features(self.fc(x))
 
 
+def _affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as ``x * scale + shift``, per channel."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
 def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """``bn(conv(x))`` as one convolution with a bias: each output channel's kernel scaled, its shift the bias."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    scale, shift = _affine(bn)  # (C_out,)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
     conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
-    conv.bias = nn.Parameter(bn.bias + (bias - bn.running_mean) * scale, requires_grad=False)
+    conv.bias = nn.Parameter(bias, requires_grad=False)
 
 
 def fold_batchnorm(model: IResNet) -> IResNet:
@@ -225,14 +231,13 @@ def fold_batchnorm(model: IResNet) -> IResNet:
                     block.downsample[1] = nn.Identity()
         # fc(flatten(bn2(x))): bn2's per-channel affine over the flattened (C, H, W) columns, then the
         # embedding BatchNorm1d's per-output affine; dropout is the identity in eval mode.
-        fc, bn, out = folded.fc, folded.bn2, folded.features
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias - bn.running_mean * scale
+        fc = folded.fc
+        scale, shift = _affine(folded.bn2)
+        out_scale, out_shift = _affine(folded.features)
         per_column = fc.in_features // scale.numel()  # H/16 x W/16 positions per channel
         weight = fc.weight * scale.repeat_interleave(per_column)[None]
         bias = fc.bias + fc.weight @ shift.repeat_interleave(per_column)
-        out_scale = out.weight / torch.sqrt(out.running_var + out.eps)
         fc.weight = nn.Parameter(weight * out_scale[:, None], requires_grad=False)
-        fc.bias = nn.Parameter((bias - out.running_mean) * out_scale + out.bias, requires_grad=False)
+        fc.bias = nn.Parameter(bias * out_scale + out_shift, requires_grad=False)
         folded.bn2, folded.features = nn.Identity(), nn.Identity()
     return folded
