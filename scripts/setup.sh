@@ -56,9 +56,12 @@ pip_install() {
 import deepspeed
 from deepspeed.accelerator import get_accelerator
 
+from facemae.train.engine import own_ninja_first  # the ninja every job builds it with
+
 builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
 if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-    builder.load(verbose=False)
+    with own_ninja_first():
+        builder.load(verbose=False)
 PY
 # 6. an MLflow tracking server for the tests, in a venv of its own: the server package pins pyarrow<26,
 #    and the project only needs the client (mlflow-skinny). Teams run their tracking server elsewhere.

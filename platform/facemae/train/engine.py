@@ -18,6 +18,7 @@ import pickle
 import random
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -80,6 +81,30 @@ def ensure_process_group() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+@contextlib.contextmanager
+def own_ninja_first() -> Iterator[None]:
+    """This interpreter's ``bin`` folder first on PATH, as in an activated environment, while DeepSpeed
+    loads its CPU ops.
+
+    DeepSpeed compiles its shared-memory op on first use with whichever ``ninja`` PATH finds first, and
+    ninja recompiles it (35-80 s on 2 cores) whenever another ninja built it last: the environment's
+    ninja 1.13 and a system 1.11 each read the other's build log as stale. Jobs started as
+    ``.venv/bin/python``, from an activated environment, on a Ray cluster and ``scripts/setup.sh``'s
+    prebuild then took turns rebuilding it; with the environment's own ninja first, all use one.
+    Without a ninja beside the interpreter PATH is left as it is.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if not os.path.isfile(os.path.join(bin_dir, "ninja")):
+        yield
+        return
+    os.environ["PATH"] = bin_dir + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 def lr_lambda(train: TrainConfig):
     """Linear warmup then cosine decay to ``min_lr_ratio``, as a multiplier of the peak lr."""
     def factor(step: int) -> float:
@@ -102,9 +127,10 @@ def build_engine(model: nn.Module, train: TrainConfig, *, world_size: int) -> "D
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=train.peak_lr(world_size), betas=(0.9, 0.95))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(train, world_size=world_size),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train)))
+    with own_ninja_first():  # initialize builds the CPU communication op on first use
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(train, world_size=world_size),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train)))
     return engine
 
 
