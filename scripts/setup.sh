@@ -50,17 +50,18 @@ pip_install() {
 # 4. this project, editable, without re-resolving its dependencies.
 "${pip[@]}" --no-build-isolation --no-deps -e "$root"
 # 5. DeepSpeed's shared-memory collectives compile on their first use (about 30 s on 2 cores): build them
-#    now, into torch's extension cache, rather than in the first training job. Where the accelerator has
-#    no such op (a GPU machine) there is nothing to build; a failed build is left for DeepSpeed to report.
+#    now, rather than in the first training job, with the ninja and into the cache every job uses (the
+#    environment's own, $venv/torch_extensions: facemae.train.engine.own_build_tools). Where the accelerator
+#    has no such op (a GPU machine) there is nothing to build; a failed build is left for DeepSpeed to report.
 "$venv/bin/python" - > "$venv/deepspeed-ops.log" 2>&1 <<'PY' || echo "[setup] warning: DeepSpeed's shm op did not build ahead: $venv/deepspeed-ops.log" >&2
 import deepspeed
 from deepspeed.accelerator import get_accelerator
 
-from facemae.train.engine import own_ninja_first  # the ninja every job builds it with
+from facemae.train.engine import own_build_tools  # the ninja and the cache every job uses
 
 builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
 if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-    with own_ninja_first():
+    with own_build_tools():
         builder.load(verbose=False)
 PY
 # 6. an MLflow tracking server for the tests, in a venv of its own: the server package pins pyarrow<26,

@@ -1,4 +1,5 @@
-"""DeepSpeed's CPU communication op is compiled once per environment, whichever way a job is started."""
+"""DeepSpeed's CPU communication op is compiled once per environment, whichever way a job is started, and
+kept in that environment."""
 
 from __future__ import annotations
 
@@ -46,3 +47,7 @@ def test_the_op_is_not_rebuilt_when_a_job_finds_another_ninja_first():
     if activated is None:
         pytest.skip("this accelerator has no shared-memory op to build")
     assert _loaded_op(system) == activated  # the same file, not written again
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix:
+        # built against this environment's torch, so kept in it: another checkout's environment neither
+        # loads it nor rebuilds it over this one's
+        assert Path(activated["file"]).is_relative_to(sys.prefix), activated

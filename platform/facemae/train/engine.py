@@ -82,27 +82,33 @@ def ensure_process_group() -> None:
 
 
 @contextlib.contextmanager
-def own_ninja_first() -> Iterator[None]:
-    """This interpreter's ``bin`` folder first on PATH, as in an activated environment, while DeepSpeed
-    loads its CPU ops.
+def own_build_tools() -> Iterator[None]:
+    """The environment's own ``ninja`` and extension cache while DeepSpeed loads its CPU ops.
 
-    DeepSpeed compiles its shared-memory op on first use with whichever ``ninja`` PATH finds first, and
-    ninja recompiles it (35-80 s on 2 cores) whenever another ninja built it last: the environment's
-    ninja 1.13 and a system 1.11 each read the other's build log as stale. Jobs started as
-    ``.venv/bin/python``, from an activated environment, on a Ray cluster and ``scripts/setup.sh``'s
-    prebuild then took turns rebuilding it; with the environment's own ninja first, all use one.
-    Without a ninja beside the interpreter PATH is left as it is.
+    DeepSpeed compiles its shared-memory op on first use (35-80 s on 2 cores) with the first ``ninja`` on
+    PATH, into torch's cache that every environment of the user shares (``~/.cache/torch_extensions``),
+    and ninja recompiles it whenever the last build's ninja or command differ: the environment's ninja
+    1.13 and a system 1.11 each read the other's build log as stale, and two environments differ in
+    every include path. Jobs started as ``.venv/bin/python``, from an activated environment or on a Ray
+    cluster, ``scripts/setup.sh``'s prebuild and a second checkout took turns rebuilding it. Here the
+    interpreter's ``bin`` folder comes first on PATH, as in an activated environment, and a virtual
+    environment keeps the op it built against its own torch (``<env>/torch_extensions``); a
+    ``TORCH_EXTENSIONS_DIR`` already set, or an environment that is not writable, keeps torch's choice.
     """
+    saved = {key: os.environ.get(key) for key in ("PATH", "TORCH_EXTENSIONS_DIR")}
     bin_dir = os.path.dirname(sys.executable)
-    path = os.environ.get("PATH", "")
-    if not os.path.isfile(os.path.join(bin_dir, "ninja")):
-        yield
-        return
-    os.environ["PATH"] = bin_dir + os.pathsep + path
+    if os.path.isfile(os.path.join(bin_dir, "ninja")):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     try:
         yield
     finally:
-        os.environ["PATH"] = path
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def lr_lambda(train: TrainConfig):
@@ -127,7 +133,7 @@ def build_engine(model: nn.Module, train: TrainConfig, *, world_size: int) -> "D
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=train.peak_lr(world_size), betas=(0.9, 0.95))
-    with own_ninja_first():  # initialize builds the CPU communication op on first use
+    with own_build_tools():  # initialize builds the CPU communication op on first use
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(train, world_size=world_size),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train)))
