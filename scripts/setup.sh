@@ -54,15 +54,12 @@ pip_install() {
 #    environment's own, $venv/torch_extensions: facemae.train.engine.own_build_tools). Where the accelerator
 #    has no such op (a GPU machine) there is nothing to build; a failed build is left for DeepSpeed to report.
 "$venv/bin/python" - > "$venv/deepspeed-ops.log" 2>&1 <<'PY' || echo "[setup] warning: DeepSpeed's shm op did not build ahead: $venv/deepspeed-ops.log" >&2
-import deepspeed
-from deepspeed.accelerator import get_accelerator
+from deepspeed.comm.torch import build_shm_op  # what deepspeed.initialize runs: None where there is no such op
 
 from facemae.train.engine import own_build_tools  # the ninja and the cache every job uses
 
-builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-    with own_build_tools():
-        builder.load(verbose=False)
+with own_build_tools():
+    build_shm_op()
 PY
 # 6. an MLflow tracking server for the tests, in a venv of its own: the server package pins pyarrow<26,
 #    and the project only needs the client (mlflow-skinny). Teams run their tracking server elsewhere.
