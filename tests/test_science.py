@@ -107,6 +107,8 @@ def test_gaussian_blur_preserves_constants_and_low_passes():
     torch.testing.assert_close(gaussian_blur(flat, sigma=1.5), flat)
     checker = (torch.arange(20)[:, None] + torch.arange(20)[None]).remainder(2).float().expand(1, 3, 20, 20)
     assert gaussian_blur(checker, sigma=1.5).std() < 0.05 * checker.std()
+    with pytest.raises(ValueError, match="reaches 5 pixels, which a 5x20 image cannot reflect"):
+        gaussian_blur(torch.zeros(1, 3, 5, 20), sigma=1.5)
 
 
 def test_gaussian_blur_and_its_gradient_match_a_reflect_padded_band_matrix():
