@@ -299,6 +299,21 @@ def test_loading_a_config_imports_neither_torch_nor_timm():
     assert out.strip() == "[]"
 
 
+
+def test_loading_fr_weights_imports_neither_timm_nor_dynamo(tiny_teacher):
+    """A teacher or judge embedding actor starts by loading FR weights: timm (with torchvision) and
+    torch._dynamo, which a meta-device build would pull in, add 3 s to each actor's start."""
+    code = ("import sys, torch; from facemae.models.weights import load_fr_backbone as load; "
+            f"net = load({tiny_teacher!r}); print(net(torch.zeros(1, 3, 112, 112)).shape[1], "
+            "sorted({'timm', 'torchvision', 'torch._dynamo'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "64 []"
+    with torch.device("meta"):  # the shapes-only build check_weights makes: parameters, and no values
+        meta = build_fr("fr_tiny", embedding_size=64)
+    assert {k: v.shape for k, v in meta.state_dict().items()} == \
+        {k: v.shape for k, v in build_fr("fr_tiny", embedding_size=64).state_dict().items()}
+    assert not meta.features.weight.requires_grad
+
 @pytest.mark.slow
 def test_tiny_mae_overfits_a_batch_of_synthetic_faces():
     torch.manual_seed(0)

@@ -161,6 +161,9 @@ class IResNet(nn.Module):
 
     def _init_weights(self) -> None:
         # As insightface: N(0, 0.1) convolutions, unit BN, and a fixed unit scale on the last BN.
+        self.features.weight.requires_grad = False
+        if self.features.weight.is_meta:  # shapes only (weights.check_weights): nothing to draw, and drawing
+            return  # on the meta device imports torch._dynamo, 2 s of an embedding actor's start
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, 0.0, 0.1)
@@ -168,7 +171,6 @@ class IResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.ones_(self.features.weight)
-        self.features.weight.requires_grad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeds faces.

@@ -13,6 +13,7 @@ file is needed.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import warnings
@@ -151,8 +152,9 @@ def check_weights(path: str | Path, *, task: str) -> WeightsHeader:
     if header.info.get("task") != task:
         raise WeightsError(f"{header.location} holds {header.describe()}, but {EXPECTED[task]} is needed here; "
                            f"{FIND[task]}")
-    import facemae.models.fr
-    import facemae.models.mae  # noqa: F401  imported outside the meta device, so module-level tensors stay real
+    # The task's model module is imported outside the meta device, so its module-level tensors stay real;
+    # only that one: an FR loader (a teacher or judge embedding actor) need not import timm and torchvision.
+    importlib.import_module("facemae.models.fr" if task == "fr" else "facemae.models.mae")
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         expected = {k: tuple(v.shape) for k, v in _build(header).state_dict().items()}
