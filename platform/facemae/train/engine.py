@@ -20,6 +20,7 @@ import re
 import socket
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -42,6 +43,27 @@ _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.save's archive fo
 class UntrustedCheckpointError(ValueError):
     """A checkpoint file that is not what DeepSpeed or this platform writes, so loading it could run
     code; or a ``latest`` tag or link that leads out of the checkpoint folder. The message names the file."""
+
+
+def import_deepspeed() -> ModuleType:
+    """``deepspeed``, imported without the MLflow its autotuner imports as the package loads.
+
+    ``deepspeed.autotuning.autotuner`` runs ``import mlflow`` at import time for the autotuner's own
+    logging (``deepspeed --autotuning``, which this platform never runs). With MLflow installed beside
+    it, that was 1.8 of the 2.4 s ``import deepspeed`` took in every training process. The import is
+    refused for that moment, so the autotuner records ``has_mlflow = False``; MLflow imports as usual
+    afterwards, and a process that had imported it already is left as it is.
+    """
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # ``import mlflow`` raises ImportError meanwhile
+        try:
+            import deepspeed
+        finally:
+            if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+                del sys.modules["mlflow"]
+    import deepspeed
+
+    return deepspeed
 
 
 def deepspeed_config(train: TrainConfig, *, world_size: int) -> dict[str, Any]:
@@ -126,8 +148,7 @@ def build_engine(model: nn.Module, train: TrainConfig, *, world_size: int) -> "D
 
     Biases and norm weights (1-D parameters) get no weight decay, as in MAE.
     """
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
@@ -207,6 +228,7 @@ def _checkpoint_globals() -> list[Any]:
     Found by writing checkpoints of ZeRO 0-3 in fp32 and bf16 and listing what
     ``torch.serialization.get_unsafe_globals_in_checkpoint`` names; fp16 (GPU only) adds its loss scaler.
     """
+    import_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

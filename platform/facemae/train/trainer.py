@@ -24,7 +24,7 @@ from facemae.losses.irm import view_name
 from facemae.models.weights import WEIGHTS, WEIGHTS_INFO, save_weights
 from facemae.tracking import TrackedRun, log_weights, tracked_run
 from facemae.train.context import METRICS_LOG, LocalContext, RayContext, batches_per_epoch, latest_checkpoint
-from facemae.train.engine import check_checkpoint, read_checkpoint_file, weights_only_loads
+from facemae.train.engine import check_checkpoint, import_deepspeed, read_checkpoint_file, weights_only_loads
 from facemae.train.loop import PROGRESS, run
 
 EXPORT_DIR = "export"
@@ -278,6 +278,7 @@ def consolidated_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     if not list(tag_dir.glob("*optim_states.pt")) and states.exists():  # ZeRO stage 0
         module = read_checkpoint_file(states)["module"]
         return {k: v.float() for k, v in module.items()}
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with weights_only_loads():
