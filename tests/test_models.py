@@ -299,7 +299,6 @@ def test_loading_a_config_imports_neither_torch_nor_timm():
     assert out.strip() == "[]"
 
 
-
 def test_loading_fr_weights_imports_neither_timm_nor_dynamo(tiny_teacher):
     """A teacher or judge embedding actor starts by loading FR weights: timm (with torchvision) and
     torch._dynamo, which a meta-device build would pull in, add 3 s to each actor's start."""
@@ -313,6 +312,7 @@ def test_loading_fr_weights_imports_neither_timm_nor_dynamo(tiny_teacher):
     assert {k: v.shape for k, v in meta.state_dict().items()} == \
         {k: v.shape for k, v in build_fr("fr_tiny", embedding_size=64).state_dict().items()}
     assert not meta.features.weight.requires_grad
+
 
 @pytest.mark.slow
 def test_tiny_mae_overfits_a_batch_of_synthetic_faces():

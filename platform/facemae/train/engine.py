@@ -59,7 +59,7 @@ def import_deepspeed() -> ModuleType:
         try:
             import deepspeed
         finally:
-            if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+            if sys.modules.get("mlflow", False) is None:  # not if the import above loaded it another way
                 del sys.modules["mlflow"]
     import deepspeed
 
