@@ -184,9 +184,17 @@ if "FACEMAE_LOG_DIR" not in os.environ:
     _LOGS = os.environ["FACEMAE_LOG_DIR"] = tempfile.mkdtemp(prefix="facemae-test-logs-")
 
 
+# Copies of objects (facemae.storage.cached_file) go to a cache of the session, not the user's ~/.cache.
+_CACHE = None
+if "FACEMAE_CACHE_DIR" not in os.environ:
+    _CACHE = os.environ["FACEMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="facemae-test-cache-")
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _LOGS is not None and exitstatus == 0:
         shutil.rmtree(_LOGS, ignore_errors=True)
+    if _CACHE is not None:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

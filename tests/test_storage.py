@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -110,6 +111,92 @@ def test_local_paths_keep_their_atomic_rename(tmp_path):
         storage.atomic_write(target, half_then_fail)
     assert target.read_text() == "one" and storage.list_files(tmp_path) == ["d/x.txt"]  # no temp file left
     assert storage.join(tmp_path, "d", "x.txt") == str(target)
+
+
+def _in_a_killed_process(code: str, env: dict[str, str]) -> str:
+    """Runs ``code`` (facemae.storage imported as ``storage``) in a fresh Python that then ends with
+    ``os._exit``, as a SIGKILLed Ray worker does: no ``atexit``, no ``finally``. Returns its stdout."""
+    prelude = "import os, sys\nfrom facemae import storage\n"
+    done = subprocess.run([sys.executable, "-c", prelude + code + "\nsys.stdout.flush(); os._exit(0)"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_a_cached_object_is_downloaded_once_per_version_for_every_process_and_outlives_a_killed_one(s3, tmp_path):
+    """cached_file keeps one copy per object version in the node's cache: a second process reuses the first
+    one's copy (same file, not written again) although the first was killed, nothing of it is left in the temp
+    folder, and a changed object gets a copy of its own."""
+    endpoint, bucket, client = s3
+    client.put_object(Bucket=bucket, Key="cache/weights.safetensors", Body=b"first version")
+    env = {"FACEMAE_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    fetch = (f"storage.configure(endpoint_override={endpoint!r})\n"
+             f"print(storage.cached_file('s3://{bucket}/cache/weights.safetensors'))")
+
+    first = Path(_in_a_killed_process(fetch, env).strip())
+    assert first.read_bytes() == b"first version" and first.is_relative_to(tmp_path / "cache")
+    assert first.name == "weights.safetensors"
+    written = first.stat().st_ino, first.stat().st_mtime_ns
+    time.sleep(0.05)
+    second = Path(_in_a_killed_process(fetch, env).strip())
+    assert second == first and second.stat().st_ino == written[0]  # not downloaded again
+    assert second.stat().st_mtime_ns > written[1]  # its use recorded, for pruning
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert [p.name for p in second.parent.iterdir()] == ["weights.safetensors"]  # no download left half-done
+
+    client.put_object(Bucket=bucket, Key="cache/weights.safetensors", Body=b"the second version")
+    third = Path(_in_a_killed_process(fetch, env).strip())
+    assert third != first and third.read_bytes() == b"the second version"
+    assert first.read_bytes() == b"first version"  # another process may still read it; pruning removes it later
+
+
+def test_prune_cache_removes_unused_copies_then_the_least_recently_used_beyond_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACEMAE_CACHE_DIR", str(tmp_path))
+    now, hour = time.time(), 3600
+
+    def copy(name: str, size: int, age_s: float, file: str = "w.safetensors") -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / file).write_bytes(b"x" * size)
+        for path in (folder / file, folder):
+            os.utime(path, (now - age_s, now - age_s))
+        return folder
+
+    copy("stale", 10, 8 * 24 * hour)  # unused for longer than CACHE_KEEP_S
+    copy("old", 100, 3 * hour)
+    copy("older", 100, 5 * hour)
+    copy("recent", 100, 2 * hour)
+    copy("in-use", 100, 60)  # used a minute ago: kept although over the limit
+    copy("downloading", 500, 30, file=".w.safetensors.host.1.2.part")  # only a download in progress
+    copy("killed", 500, 8 * 24 * hour, file=".w.safetensors.host.3.4.part")  # a download its process never finished
+
+    removed = storage.prune_cache(max_bytes=250)
+    assert sorted(Path(p).name for p in removed) == ["killed", "old", "older", "stale"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downloading", "in-use", "recent"]
+    assert storage.prune_cache(max_bytes=250) == []  # 200 bytes of copies and a download: within the limit
+
+
+def test_scratch_of_a_killed_process_is_removed_by_the_next_one_and_a_running_ones_kept(tmp_path):
+    """A process killed inside scratch_folder leaves its folder (and a scratch file); the next process that
+    takes scratch space on this host removes both. A running process's scratch and another host's stay."""
+    env = {"TMPDIR": str(tmp_path)}
+    left = _in_a_killed_process("with storage.scratch_folder('ckpt') as d:\n"
+                                "    open(os.path.join(d, 'model.pt'), 'wb').write(b'x')\n"
+                                "    print(storage.scratch('upload', suffix='.tmp'))\n"
+                                "    print(d); sys.stdout.flush(); os._exit(0)", env).split()
+    assert sorted(Path(p).name.split("-")[1] for p in left) == ["ckpt", "upload"] and all(map(os.path.exists, left))
+    host = Path(left[0]).name.split("-")[2].split(".")[0]
+    mine = Path(tempfile.mkdtemp(prefix=f"facemae-ckpt-{host}.{os.getpid()}-", dir=tmp_path))  # running: kept
+    other = tmp_path / "facemae-ckpt-00000000.1-abc"  # another host's (a shared temp folder): kept
+    other.mkdir()
+    unrelated = tmp_path / "facemae-test-logs-x"  # not scratch
+    unrelated.mkdir()
+
+    kept = _in_a_killed_process("print(storage.scratch('export', folder=True))", env).strip()
+    assert not any(map(os.path.exists, left))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name, unrelated.name,
+                                                                Path(kept).name])
 
 
 @pytest.mark.parametrize("url, says", [

@@ -22,14 +22,15 @@ take the filesystem route. Imports stdlib and pyarrow only, so every layer may u
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -272,8 +273,7 @@ def atomic_write(location: PathLike, write: Callable[[str], None]) -> None:
     """Calls ``write(tmp_path)`` with a local temp file and puts the complete result at ``location``
     (module docstring: renamed after fsync locally, uploaded to the final key on an object store)."""
     if is_remote(location):
-        fd, tmp = tempfile.mkstemp(prefix="facemae-upload-", suffix=".tmp")
-        os.close(fd)
+        tmp = scratch("upload", suffix=".tmp")
         try:
             write(tmp)
             fs, path = resolve(location)
@@ -382,38 +382,145 @@ def local_folder(location: PathLike) -> Iterator[str]:
     if not is_remote(location):
         yield str(location)
         return
-    with tempfile.TemporaryDirectory(prefix="facemae-download-") as tmp:
+    with scratch_folder("download") as tmp:
         download_folder(location, tmp)
         yield tmp
 
 
-_cached: dict[str, str] = {}
-_cache_dir: list[str] = []
+# Scratch: temp files and folders named "facemae-<kind>-<host>.<pid>-<random>" after their owner, so that the next
+# facemae process on the node removes what a process killed before its cleanup ran (a Ray worker SIGKILLed
+# mid-checkpoint, a preempted node's job) left behind.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_SCRATCH = re.compile(r"facemae-.+?-(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)-[^/]*")
+REAP_EVERY_S = 600.0
+_last_reap: list[float] = []
+
+
+def scratch(kind: str, *, folder: bool = False, suffix: str = "") -> str:
+    """A new empty temp file (or folder) for ``kind``, named after this process; the caller removes it.
+    At most every :data:`REAP_EVERY_S` a call removes the scratch of processes of this host that have
+    exited (:func:`reap_scratch`)."""
+    now = time.monotonic()
+    if not _last_reap or now - _last_reap[0] > REAP_EVERY_S:
+        _last_reap[:] = [now]
+        reap_scratch()
+    prefix = f"facemae-{kind}-{_HOST}.{os.getpid()}-"
+    if folder:
+        return tempfile.mkdtemp(prefix=prefix, suffix=suffix)
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix)
+    os.close(fd)
+    return path
+
+
+@contextlib.contextmanager
+def scratch_folder(kind: str) -> Iterator[str]:
+    """A :func:`scratch` folder for the block, removed after it."""
+    path = scratch(kind, folder=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def reap_scratch(folder: PathLike | None = None) -> list[str]:
+    """Removes the :func:`scratch` files and folders in ``folder`` (the temp folder) whose owner, a process of
+    this host, no longer runs; returns their names. A folder another host shares (its name carries another
+    host's hash) is left alone, as is anything of a running process."""
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(folder or tempfile.gettempdir()) as entries:
+        for entry in entries:
+            match = _SCRATCH.fullmatch(entry.name)
+            if not match or match["host"] != _HOST or _running(int(match["pid"])):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
+# cached_file's copies: one folder per object version, shared by the node's processes, kept across runs.
+CACHE_KEEP_S = 7 * 86400.0  # a copy unused this long is removed
+CACHE_MAX_BYTES = 20 << 30  # beyond this the least recently used copies go (FACEMAE_CACHE_MAX_GB)
+CACHE_IN_USE_S = 600.0  # a copy used this recently stays (a process may be about to open it)
+
+
+def cache_dir() -> Path:
+    """Where :func:`cached_file` keeps its copies: ``$FACEMAE_CACHE_DIR``, else ``facemae/objects`` in the
+    user's cache folder (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
+    if os.environ.get("FACEMAE_CACHE_DIR"):
+        return Path(os.environ["FACEMAE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "facemae", "objects")
 
 
 def cached_file(location: PathLike) -> str:
-    """A local path of a file: itself when local, else a copy downloaded once per process (and again
-    when the object changed size) into a temporary folder removed at exit. For read-only inputs that
-    libraries open by name (safetensors' header reader, ``load_file``)."""
+    """A local path of a file: itself when local, else a copy of the object in :func:`cache_dir`, keyed by
+    location, size and modification time, so the node's processes (and later runs) download each version
+    once. For read-only inputs that libraries open by name (safetensors' header reader, ``load_file``).
+
+    The copy appears whole (downloaded to a temp name, renamed). A download prunes the cache: copies unused
+    for :data:`CACHE_KEEP_S`, then the least recently used beyond ``$FACEMAE_CACHE_MAX_GB`` (20 GiB)."""
     if not is_remote(location):
         return str(location)
     fs, path = resolve(location)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{location}: no such object")
-    key = f"{location}#{info.size}#{info.mtime_ns}"
-    with _lock:
-        if key in _cached and os.path.isfile(_cached[key]):
-            return _cached[key]
-        if not _cache_dir:
-            _cache_dir.append(tempfile.mkdtemp(prefix="facemae-cache-"))
-            atexit.register(shutil.rmtree, _cache_dir[0], ignore_errors=True)
-        local = os.path.join(_cache_dir[0], hashlib.sha256(key.encode()).hexdigest()[:16], path.rsplit("/", 1)[-1])
-    download_file(location, local + ".part")
-    os.replace(local + ".part", local)
-    with _lock:
-        _cached[key] = local
-    return local
+    key = hashlib.sha256(f"{location}#{info.size}#{info.mtime_ns}".encode()).hexdigest()[:24]
+    local = cache_dir() / key / path.rsplit("/", 1)[-1]
+    with contextlib.suppress(OSError):
+        if local.stat().st_size == info.size:
+            os.utime(local)  # its last use, for pruning
+            return str(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    part = local.with_name(f".{local.name}.{_HOST}.{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        download_file(location, part)
+        os.replace(part, local)  # a process downloading the same version at once replaces it with the same bytes
+    finally:
+        part.unlink(missing_ok=True)
+    prune_cache()
+    return str(local)
+
+
+def prune_cache(max_bytes: int | None = None) -> list[str]:
+    """Removes :func:`cached_file` copies unused for :data:`CACHE_KEEP_S`, then the least recently used until
+    the rest fit in ``max_bytes`` (``$FACEMAE_CACHE_MAX_GB``, else :data:`CACHE_MAX_BYTES`), never one used in
+    the last :data:`CACHE_IN_USE_S`; also downloads that a killed process left. Returns the removed folders."""
+    if max_bytes is None:
+        gb = os.environ.get("FACEMAE_CACHE_MAX_GB")
+        max_bytes = int(float(gb) * (1 << 30)) if gb else CACHE_MAX_BYTES
+    now, entries = time.time(), []  # (last use, bytes, folder)
+    with contextlib.suppress(OSError), os.scandir(cache_dir()) as folders:
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                stats = [(f.name, f.stat(follow_symlinks=False)) for f in os.scandir(folder.path)]
+                used = max([folder.stat().st_mtime, *(st.st_mtime for _, st in stats)])  # a download's too
+                for name, st in stats:  # a download whose process was killed
+                    if name.endswith(".part") and now - st.st_mtime > CACHE_KEEP_S:
+                        os.unlink(os.path.join(folder.path, name))
+                entries.append((used, sum(st.st_size for name, st in stats if not name.endswith(".part")),
+                                folder.path))
+    removed, total = [], sum(size for _, size, _ in entries)
+    for used, size, folder in sorted(entries):
+        if now - used < CACHE_IN_USE_S or (now - used < CACHE_KEEP_S and total <= max_bytes):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        total -= size
+    return removed
 
 
 def store_of(location: str) -> tuple[str, str] | None:
@@ -444,8 +551,7 @@ class AppendLog:
         self.location = str(location)
         self.remote = is_remote(location)
         if self.remote:
-            fd, self._local = tempfile.mkstemp(prefix="facemae-log-", suffix=".txt")
-            os.close(fd)
+            self._local = scratch("log", suffix=".txt")
             if is_file(location):
                 download_file(location, self._local)
         else:
@@ -487,6 +593,6 @@ def output_folder(location: PathLike) -> Iterator[Path]:
         Path(location).mkdir(parents=True, exist_ok=True)
         yield Path(location)
         return
-    with tempfile.TemporaryDirectory(prefix="facemae-output-") as tmp:
+    with scratch_folder("output") as tmp:
         yield Path(tmp)
         upload_folder(tmp, location)

@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -408,7 +407,7 @@ class _EventFile:
         from tensorboardX.event_file_writer import EventsWriter
 
         self._remote = folder if storage.is_remote(folder) else None
-        local = tempfile.mkdtemp(prefix="facemae-tensorboard-") if self._remote else folder
+        local = storage.scratch("tensorboard", folder=True) if self._remote else folder
         Path(local).mkdir(parents=True, exist_ok=True)
         # events.out.tfevents.<time>.<host>.<random>, one per start: tensorboardX's name alone has a resolution
         # of one second, and a second start within it (a resume, a rerun) overwrote the first's file.

@@ -365,7 +365,7 @@ class RayContext(WorkerContext):
             # Each rank downloads into its own folder. as_directory() shares one per node, and a rank
             # that takes its lock after another's download ended downloads again over the files the
             # other is reading (seen here: an empty run_totals.json on S3).
-            with tempfile.TemporaryDirectory(prefix=f"facemae-restore-rank{self.rank}-") as directory:
+            with storage.scratch_folder(f"restore-rank{self.rank}") as directory:
                 self._restoring = checkpoint.to_directory(directory)
                 yield directory
             return
@@ -376,7 +376,7 @@ class RayContext(WorkerContext):
 
     @contextlib.contextmanager
     def checkpoint_dir(self, step: int) -> Iterator[str]:
-        with tempfile.TemporaryDirectory(prefix="facemae-ckpt-") as directory:
+        with storage.scratch_folder("ckpt") as directory:
             yield directory
 
     def report(self, metrics: dict[str, Any], directory: str | None) -> None:
@@ -444,7 +444,8 @@ class LocalContext(WorkerContext):
         remote = storage.is_remote(final)
         if not remote:
             Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step:08d}.", dir=None if remote else self.run_dir)
+        tmp = storage.scratch(f"ckpt-{step:08d}", folder=True) if remote else \
+            tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step:08d}.", dir=self.run_dir)
         try:
             yield tmp
             storage.delete_tree(final)

@@ -8,7 +8,6 @@ run's latest checkpoint (Ray Train V2 keeps the run's state there).
 
 from __future__ import annotations
 
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -261,7 +260,7 @@ def export_weights(checkpoint: str, config: Config, out_dir: str) -> str:
             "norm_pix_loss": config.loss.norm_pix_loss, "run": config.name, "checkpoint": str(checkpoint)}
     if not storage.is_remote(out_dir):
         return str(save_weights(module, out_dir, info))
-    with tempfile.TemporaryDirectory(prefix="facemae-export-") as tmp:
+    with storage.scratch_folder("export") as tmp:
         save_weights(module, tmp, info)
         storage.upload_folder(tmp, out_dir, last=[WEIGHTS_INFO])  # weights.json last: finished_run() reads it
     return storage.join(out_dir, WEIGHTS)
