@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -87,6 +88,34 @@ def test_two_workers_zero2_learn_from_one_stream_of_passes_and_checkpoint(tmp_pa
     images = torch.zeros(2, 3, 112, 112)
     loss, pred, mask = mae(images, mask_ratio=0.75)
     assert pred.shape == (2, 196, 192) and torch.isfinite(loss)
+
+    # The session's cluster is embedded, as a job's own is: Ray Train started no preemption watcher actor.
+    from ray.util.state import list_actors
+
+    classes = {a.class_name for a in list_actors(limit=10_000)}
+    assert "RayTrainWorker" in classes and "PreemptionWatcher" not in classes, classes
+
+
+@pytest.mark.parametrize("address", [None, "ray://head:10001"])
+def test_only_an_embedded_cluster_turns_rays_preemption_watcher_off(monkeypatch, address):
+    """An embedded cluster's runs start no PreemptionWatcher (one actor process less per run); a cluster the
+    job joins, where an autoscaler may drain spot nodes, keeps Ray's default. Both get the health-check
+    interval."""
+    import ray
+
+    from facemae import cluster
+    from facemae.config import RayConfig
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs, env=dict(os.environ)))
+    monkeypatch.setattr(cluster, "_embedded", False)
+    for key in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
+        monkeypatch.delenv(key, raising=False)
+    cluster.ensure_ray(RayConfig(address=address, num_cpus=2))
+    assert seen["address"] == (address or "local") and cluster._embedded == (address is None)
+    assert seen["env"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
+    assert seen["env"].get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == ("0" if address is None else None)
 
 
 def _assert_same(saved, restored, where: str = "state") -> int:

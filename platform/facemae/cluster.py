@@ -9,11 +9,19 @@ from typing import Iterator
 from facemae.config import RayConfig
 
 
-# Read by processes the embedded cluster starts (they inherit the driver's environment).
-EMBEDDED_ENV = {
+# Set in the driver before Ray starts: Ray Train passes its RAY_TRAIN_* variables on to the controller and
+# the workers, and an embedded cluster's processes inherit the driver's environment.
+TRAIN_ENV = {
     # Train V2's controller polls workers every 2 s, so each ray.train.report blocked ~1.6 s
     # (REFERENCE.md table, row D).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+}
+EMBEDDED_ENV = {
+    **TRAIN_ENV,
+    # The watcher is one more actor process per training run (about 3 CPU-s to start on this 2-core machine)
+    # that polls for nodes being drained, as an autoscaler drains spot nodes; a local cluster has no other
+    # node and nothing that drains it. A cluster the job joins keeps Ray's default.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 _embedded = False  # this process started its own local cluster (and stops it: shutdown_embedded)
 
@@ -30,9 +38,10 @@ def ensure_ray(config: RayConfig) -> None:
     global _embedded
     if ray.is_initialized():
         return
-    for key, value in EMBEDDED_ENV.items():
+    joins = bool(config.address or os.environ.get("RAY_ADDRESS"))
+    for key, value in (TRAIN_ENV if joins else EMBEDDED_ENV).items():
         os.environ.setdefault(key, value)
-    if config.address or os.environ.get("RAY_ADDRESS"):
+    if joins:
         ray.init(address=config.address or None, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=config.num_cpus)
