@@ -191,7 +191,7 @@ if "FACEMAE_CACHE_DIR" not in os.environ:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _LOGS is not None and exitstatus == 0:
+    if _LOGS is not None and (exitstatus == 0 or not any(Path(_LOGS).iterdir())):  # nothing to read: gone too
         shutil.rmtree(_LOGS, ignore_errors=True)
     if _CACHE is not None:
         shutil.rmtree(_CACHE, ignore_errors=True)
