@@ -151,6 +151,25 @@ def test_a_cached_object_is_downloaded_once_per_version_for_every_process_and_ou
     assert first.read_bytes() == b"first version"  # another process may still read it; pruning removes it later
 
 
+def test_a_killed_writers_temp_file_beside_its_target_is_removed_by_the_next_writer_there(tmp_path):
+    """atomic_write's temp file lies beside the file it will replace (one filesystem: an atomic rename), named
+    after its process: a writer killed mid-write leaves it; the next process writing in that folder removes
+    it, and leaves a running process's temp alone."""
+    target = tmp_path / "ds" / "part-00000.parquet"
+    left = Path(_in_a_killed_process(
+        f"storage.atomic_write({str(target)!r}, lambda tmp: (open(tmp, 'wb').write(b'PAR1 half'), print(tmp), "
+        "sys.stdout.flush(), os._exit(0)))", {}).strip())
+    assert left.parent == target.parent and left.name.startswith(".part-00000.parquet.") and left.suffix == ".tmp"
+    assert left.read_bytes() == b"PAR1 half" and not target.exists()
+    host, owner = left.name.split(".")[-3:-1]  # ".<name>.<host>.<pid>-<random>.tmp"
+    assert owner.split("-")[0].isdigit() and int(owner.split("-")[0]) != os.getpid()
+    running = target.parent / f".part-00009.parquet.{host}.{os.getpid()}-x.tmp"  # this (running) process's
+    running.write_bytes(b"being written")
+
+    _in_a_killed_process(f"storage.write_text({str(target.parent / 'manifest.json')!r}, '{{}}')", {})
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([running.name, "manifest.json"])
+
+
 def test_prune_cache_removes_unused_copies_then_the_least_recently_used_beyond_the_limit(tmp_path, monkeypatch):
     monkeypatch.setenv("FACEMAE_CACHE_DIR", str(tmp_path))
     now, hour = time.time(), 3600

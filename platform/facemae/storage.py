@@ -283,15 +283,12 @@ def atomic_write(location: PathLike, write: Callable[[str], None]) -> None:
         finally:
             Path(tmp).unlink(missing_ok=True)
         return
-    path = Path(location)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(sibling_temp(location))
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, location)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -387,13 +384,15 @@ def local_folder(location: PathLike) -> Iterator[str]:
         yield tmp
 
 
-# Scratch: temp files and folders named "facemae-<kind>-<host>.<pid>-<random>" after their owner, so that the next
-# facemae process on the node removes what a process killed before its cleanup ran (a Ray worker SIGKILLed
-# mid-checkpoint, a preempted node's job) left behind.
+# Scratch: temp files and folders named after their owner, "facemae-<kind>-<host>.<pid>-<random>" in the temp
+# folder and ".<name>.<host>.<pid>-<random>.tmp" beside the file they will replace, so that the next facemae process
+# on the node removes what a process killed before its cleanup ran (a Ray worker SIGKILLed mid-checkpoint, a
+# preempted node's job) left behind.
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-_SCRATCH = re.compile(r"facemae-.+?-(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)-[^/]*")
+_SCRATCH = re.compile(r"(?:facemae-.+?-|\..+?\.)(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)-[^/]*")
 REAP_EVERY_S = 600.0
 _last_reap: list[float] = []
+_reaped_folders: set[str] = set()
 
 
 def scratch(kind: str, *, folder: bool = False, suffix: str = "") -> str:
@@ -420,6 +419,24 @@ def scratch_folder(kind: str) -> Iterator[str]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def sibling_temp(path: PathLike, *, folder: bool = False, suffix: str = ".tmp") -> Path:
+    """A new empty temp file (or folder) beside ``path`` (its folder created), to ``os.replace`` onto it
+    atomically: ``.<name>.<host>.<pid>-<random><suffix>``; the caller removes it. The first one a process makes in
+    a folder removes the temps there of this host's processes that no longer run (:func:`reap_scratch`), so a
+    killed writer's half-written shard does not stay beside the dataset."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if str(path.parent) not in _reaped_folders:
+        _reaped_folders.add(str(path.parent))
+        reap_scratch(path.parent)
+    prefix = f".{path.name}.{_HOST}.{os.getpid()}-"
+    if folder:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(name)
 
 
 def reap_scratch(folder: PathLike | None = None) -> list[str]:

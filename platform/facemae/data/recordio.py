@@ -23,7 +23,6 @@ import functools
 import numbers
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
@@ -472,8 +471,8 @@ def write_recordio(rec_path: str | os.PathLike, idx_path: str | os.PathLike,
 
 
 def _temp_path(path: Path) -> Path:
-    """A fresh temporary file next to ``path`` (same filesystem, so ``os.replace`` is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+    """A fresh temporary file next to ``path`` (same filesystem, so ``os.replace`` is atomic), named after this
+    process so that a later one removes it if this one is killed (:func:`facemae.storage.sibling_temp`)."""
+    from facemae import storage  # pyarrow's: only writers need it (module docstring)
+
+    return storage.sibling_temp(path)

@@ -14,12 +14,13 @@ import codecs
 import importlib
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from facemae import storage
 
 
 def _numpy_core(module: str) -> Any:
@@ -219,10 +220,9 @@ def save_verification_bin(path: str | os.PathLike,
         pairs = _validate(tuple(pairs), where=f"save_verification_bin({path})")
     images = [bytes(im) for im in pairs.images]
     issame = [bool(x) for x in pairs.issame]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = storage.sibling_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             pickle.dump((images, issame), f, protocol=protocol)
         os.replace(tmp, path)
     finally:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from facemae import storage
 from facemae.data.recordio import write_recordio
 from facemae.data.shards import iter_rows, verify_dataset
 
@@ -36,7 +36,7 @@ def export_image_folder(released: str, output: str, *, splits: tuple[str, ...] =
     out = Path(output)
     if out.exists():
         raise ValueError(f"{out} exists; choose a new folder for the export")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    tmp = storage.sibling_temp(out, folder=True, suffix="")
     count = 0
     try:
         for row in _rows(released, splits):

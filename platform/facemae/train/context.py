@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -445,7 +444,7 @@ class LocalContext(WorkerContext):
         if not remote:
             Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         tmp = storage.scratch(f"ckpt-{step:08d}", folder=True) if remote else \
-            tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step:08d}.", dir=self.run_dir)
+            storage.sibling_temp(final, folder=True, suffix="")
         try:
             yield tmp
             storage.delete_tree(final)
