@@ -444,7 +444,7 @@ class LocalContext(WorkerContext):
         if not remote:
             Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         tmp = storage.scratch(f"ckpt-{step:08d}", folder=True) if remote else \
-            storage.sibling_temp(final, folder=True, suffix="")
+            str(storage.sibling_temp(final, folder=True, suffix=""))
         try:
             yield tmp
             storage.delete_tree(final)
