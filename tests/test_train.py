@@ -305,6 +305,7 @@ def _free_port() -> int:
 
 
 def test_metrics_endpoint_is_scraped_over_http_while_training(tmp_path, dataset):
+    import http.client
     import re
     import subprocess
     import sys
@@ -324,7 +325,7 @@ def test_metrics_endpoint_is_scraped_over_http_while_training(tmp_path, dataset)
         while proc.poll() is None and time.monotonic() < deadline:
             try:
                 body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-            except OSError:
+            except (OSError, http.client.HTTPException):  # a reply cut off as the process exits is no OSError
                 time.sleep(0.2)  # not serving yet (DeepSpeed still starting) or just finished
                 continue
             found = re.search(r'^facemae_train_step\{run="metrics"\} (\S+)$', body, re.M)
