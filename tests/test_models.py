@@ -120,6 +120,37 @@ def test_masked_shard_record_reconstructs_and_releases_the_owners_visible_bytes_
         masked_record_input([records[0][0][: 48 * p * p * 3]], [records[0][1]], patch_size=p)
 
 
+def test_records_of_different_keep_counts_become_the_model_range_with_removed_patches_at_zero():
+    p, length, width = 8, 196, 8 * 8 * 3
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    removed = np.zeros((3, length), dtype=np.uint8)
+    for row, count in enumerate((147, 100, 0)):  # a different number of visible patches per record
+        removed[row, rng.permutation(length)[:count]] = 1
+    records = [(masking.patchify(img, p)[m == 0].tobytes(), m.tobytes()) for img, m in zip(pixels, removed)]
+    imgs, mask = masked_record_input([r[0] for r in records], [r[1] for r in records], patch_size=p)
+    assert torch.equal(mask, torch.from_numpy(removed).float())
+    expected = to_model_range(torch.from_numpy(pixels))  # (N, 3, H, W), another path to the same range
+    expected = unpatchify(torch.where(mask.bool()[..., None], 0.0, patchify(expected, p)), p)
+    assert torch.equal(imgs, expected)
+    with pytest.raises(ValueError, match="masks hold 195 patches but patch_size=8 makes 196"):
+        masked_record_input([r[0] for r in records], [records[0][1], records[1][1][1:], records[2][1]], patch_size=p)
+    with pytest.raises(ValueError, match="record 1 holds 95 visible patches but its mask shows 96"):
+        masked_record_input([records[0][0], records[1][0][:-width], records[2][0]], [r[1] for r in records],
+                            patch_size=p)
+
+
+def test_reconstruct_is_forward_then_compose_without_the_loss():
+    model = build_mae("facemae_vit_tiny_p8").eval()
+    imgs = torch.randn(3, 3, 112, 112)
+    mask = random_masking(patchify(imgs, 8), 0.75, generator=torch.Generator().manual_seed(1))[1]
+    with torch.inference_mode():
+        _, pred, _ = model(imgs, mask=mask)
+        for paste in (True, False):
+            assert torch.equal(model.reconstruct(imgs, mask, paste_visible=paste),
+                               model.compose(imgs, pred, mask, paste_visible=paste))
+
+
 def test_pixel_conversion_round_trips_uint8():
     pixels = torch.randint(0, 256, (2, 112, 112, 3), dtype=torch.uint8)
     x = to_model_range(pixels)

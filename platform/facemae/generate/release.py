@@ -80,9 +80,8 @@ class Reconstructor:
             released = imgs
         else:
             with torch.inference_mode():
-                _, pred, _ = self.model(imgs.to(self.device), mask=mask.to(self.device))
-                released = self.model.compose(imgs.to(self.device), pred, mask.to(self.device),
-                                              paste_visible=self.paste_visible)
+                released = self.model.reconstruct(imgs.to(self.device), mask.to(self.device),
+                                                  paste_visible=self.paste_visible)
         return to_uint8(released.float().cpu()).numpy()  # (N, H, W, 3)
 
 
