@@ -24,7 +24,7 @@ Figures (their goals from the performance issue):
 The figures of the Ray path (``data_wait``, ``data_headroom``, ``data_vs_dataloader``, ``ray_ds_overhead``,
 ``worker_memory``) are measured by ``perf_pipeline.py`` around one run of the main job (see its docstring).
 
-    python benchmarks/run_all.py [--repeats 5] [--threads 1] [--quick]
+    python benchmarks/run_all.py [--repeats 5] [--threads 1] [--quick] [--only compute|pipeline|pools]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from figures import figure, median_seconds, seconds_in_turns  # noqa: E402
 from provenance import RESULTS, provenance  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+GROUPS = ["compute", "pipeline", "pools"]  # single-process steps; the main job's Ray path; the actor pools
 GEMM_SIZE = 1024  # square fp32 matmul of the GEMM baseline: large enough to run at the BLAS peak
 
 @dataclasses.dataclass
@@ -264,11 +265,10 @@ def pool_figures(args: argparse.Namespace, work: Path) -> dict[str, dict[str, An
     def bare_generate() -> None:
         with torch.inference_mode():
             for x, m in batches:
-                _, pred, _ = model(x, mask=m)
-                model.compose(x, pred, m)
+                model.reconstruct(x, m)
 
     with torch.inference_mode():
-        released = np.concatenate([to_uint8(model.compose(x, model(x, mask=m)[1], m)).numpy() for x, m in batches])
+        released = np.concatenate([to_uint8(model.reconstruct(x, m)).numpy() for x, m in batches])
 
     torch.set_num_threads(cpus)
     bare = median_seconds(bare_generate, repeats=args.pool_repeats, warmup=1)
@@ -356,9 +356,10 @@ def actors_ready(weights: str, *, actors: int, cpus: float) -> None:
         ray.kill(actor)
 
 
-def write_results(figures: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+def write_results(figures: dict[str, dict[str, Any]], meta: dict[str, Any], *, name: str = "performance") -> None:
+    """Writes ``benchmarks/results/<name>.json`` and ``<name>.md``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "performance.json").write_text(json.dumps({**meta, "figures": figures}, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({**meta, "figures": figures}, indent=1) + "\n")
     lines = ["# Performance", "", f"{meta['date']}, {meta['machine']}, commit {meta['commit']}: `{meta['command']}`",
              "", "| figure | value | baseline | ratio | goal | met | how |", "|---|---|---|---|---|---|---|"]
     for name, f in figures.items():
@@ -366,7 +367,7 @@ def write_results(figures: dict[str, dict[str, Any]], meta: dict[str, Any]) -> N
                  "-" if f["ratio"] is None else f"{f['ratio']:.3f}", f["goal"],
                  "yes" if f["met"] else ("not measured" if f["value"] is None else "no"), f["how"]]
         lines.append("| " + " | ".join(cells) + " |")
-    (RESULTS / "performance.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -384,21 +385,28 @@ def main() -> None:
     # One thread, as a training worker with one reserved CPU runs (facemae.train.context).
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smaller datasets, fewer steps (a smoke run of the script)")
+    parser.add_argument("--only", choices=GROUPS, help="one group of figures, written to "
+                        "results/performance-<group>.{json,md} beside the whole table (which it leaves as it is)")
     parser.add_argument("-v", "--verbose", action="store_true", help="Ray and torch output here, not in the log")
     args = parser.parse_args()
     meta = provenance()
     torch.set_num_threads(args.threads)
     retain_freed_memory()  # as every training worker and pool actor does: the steps are timed as they run
+    groups = [args.only] if args.only else GROUPS
+    figures: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="facemae-perf-") as work, job_console("performance", verbose=args.verbose):
-        figures = compute_figures(args)
-        run = perf_pipeline.run_main_job(Path(work), quick=args.quick)
-        figures["data_wait"] = perf_pipeline.data_wait_figure(run)
-        console.say(f"[perf] data_wait {figures['data_wait']['ratio']:.3f}")
-        figures.update(perf_pipeline.data_figures(run, passes=args.pool_repeats + 1))
-        figures["ray_ds_overhead"] = perf_pipeline.ray_ds_figure(run, Path(work), repeats=args.repeats)
-        figures["worker_memory"] = perf_pipeline.worker_memory_figure(run, Path(work))
-        figures.update(pool_figures(args, Path(work)))
-    write_results(figures, meta)
+        if "compute" in groups:
+            figures.update(compute_figures(args))
+        if "pipeline" in groups:
+            run = perf_pipeline.run_main_job(Path(work), quick=args.quick)
+            figures["data_wait"] = perf_pipeline.data_wait_figure(run)
+            console.say(f"[perf] data_wait {figures['data_wait']['ratio']:.3f}")
+            figures.update(perf_pipeline.data_figures(run, passes=args.pool_repeats + 1))
+            figures["ray_ds_overhead"] = perf_pipeline.ray_ds_figure(run, Path(work), repeats=args.repeats)
+            figures["worker_memory"] = perf_pipeline.worker_memory_figure(run, Path(work))
+        if "pools" in groups:
+            figures.update(pool_figures(args, Path(work)))
+    write_results(figures, meta, name=f"performance-{args.only}" if args.only else "performance")
     met = sum(f["met"] for f in figures.values())
     console.say(f"[perf] {met} of {len(figures)} goals met; {RESULTS / 'performance.md'}")
 
