@@ -356,10 +356,10 @@ def actors_ready(weights: str, *, actors: int, cpus: float) -> None:
         ray.kill(actor)
 
 
-def write_results(figures: dict[str, dict[str, Any]], meta: dict[str, Any], *, name: str = "performance") -> None:
-    """Writes ``benchmarks/results/<name>.json`` and ``<name>.md``."""
+def write_results(figures: dict[str, dict[str, Any]], meta: dict[str, Any], *, stem: str = "performance") -> Path:
+    """Writes ``benchmarks/results/<stem>.json`` and ``<stem>.md``; returns the second."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({**meta, "figures": figures}, indent=1) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({**meta, "figures": figures}, indent=1) + "\n")
     lines = ["# Performance", "", f"{meta['date']}, {meta['machine']}, commit {meta['commit']}: `{meta['command']}`",
              "", "| figure | value | baseline | ratio | goal | met | how |", "|---|---|---|---|---|---|---|"]
     for name, f in figures.items():
@@ -367,7 +367,8 @@ def write_results(figures: dict[str, dict[str, Any]], meta: dict[str, Any], *, n
                  "-" if f["ratio"] is None else f"{f['ratio']:.3f}", f["goal"],
                  "yes" if f["met"] else ("not measured" if f["value"] is None else "no"), f["how"]]
         lines.append("| " + " | ".join(cells) + " |")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return RESULTS / f"{stem}.md"
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -406,9 +407,9 @@ def main() -> None:
             figures["worker_memory"] = perf_pipeline.worker_memory_figure(run, Path(work))
         if "pools" in groups:
             figures.update(pool_figures(args, Path(work)))
-    write_results(figures, meta, name=f"performance-{args.only}" if args.only else "performance")
+    table = write_results(figures, meta, stem=f"performance-{args.only}" if args.only else "performance")
     met = sum(f["met"] for f in figures.values())
-    console.say(f"[perf] {met} of {len(figures)} goals met; {RESULTS / 'performance.md'}")
+    console.say(f"[perf] {met} of {len(figures)} goals met; {table}")
 
 
 if __name__ == "__main__":
