@@ -314,12 +314,10 @@ def masked_record_input(visible: Sequence[bytes], mask: Sequence[bytes], *, patc
     if len(visible) != len(mask):
         raise ValueError(f"got {len(visible)} visible records but {len(mask)} masks")
     length, width = (img_size // patch_size) ** 2, patch_size * patch_size * 3
-    masks = torch.from_numpy(np.frombuffer(b"".join(mask), dtype=np.uint8).copy())  # (N * L,)
-    if masks.numel() != len(mask) * length or any(len(m) != length for m in mask):
-        got = next((len(m) for m in mask if len(m) != length), masks.numel())
+    if (got := next((len(m) for m in mask if len(m) != length), None)) is not None:
         raise ValueError(f"masks hold {got} patches but patch_size={patch_size} makes {length}; "
                          "pass the patch size the shard was masked with")
-    masks = masks.view(len(mask), length)  # (N, L)
+    masks = torch.from_numpy(np.frombuffer(b"".join(mask), dtype=np.uint8).copy()).view(len(mask), length)  # (N, L)
     visible_rows = masks == 0
     kept = visible_rows.sum(dim=1).tolist()
     for row, (vis, k) in enumerate(zip(visible, kept)):
