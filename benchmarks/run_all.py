@@ -93,9 +93,11 @@ class Step:
     compute: Callable[[], None]
 
 
-def mae_step(config: Config, *, batch: int, irm: bool = True) -> tuple[Step, torch.nn.Module, dict[str, Any]]:
-    """The FaceMAE (+ IRM with stored teacher embeddings, as the main job trains) step on random faces."""
-    model = build_mae(config.model.mae, norm_pix_loss=config.loss.norm_pix_loss)
+def mae_step(config: Config, *, batch: int, irm: bool = True,
+             **shape: Any) -> tuple[Step, torch.nn.Module, dict[str, Any]]:
+    """The FaceMAE (+ IRM with stored teacher embeddings, as the main job trains) step on random faces;
+    ``shape`` overrides the named model's (``embed_dim``, ``depth``...)."""
+    model = build_mae(config.model.mae, norm_pix_loss=config.loss.norm_pix_loss, **shape)
     teacher = FP32Teacher(build_fr(config.model.teacher, embedding_size=config.model.embedding_size))  # as trained
     if not irm:
         config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, lambda_irm=0.0))
@@ -116,9 +118,10 @@ def mae_step(config: Config, *, batch: int, irm: bool = True) -> tuple[Step, tor
     return Step(run=run, compute=compute), teacher, data
 
 
-def fr_train_step(config: Config, *, batch: int) -> Step:
-    """The FR (margin head) step of an FR model trained on a dataset, on random faces."""
-    backbone = build_fr(config.model.fr, embedding_size=config.model.embedding_size)
+def fr_train_step(config: Config, *, batch: int, **shape: Any) -> Step:
+    """The FR (margin head) step of an FR model trained on a dataset, on random faces; ``shape`` overrides
+    the named backbone's (``widths``...)."""
+    backbone = build_fr(config.model.fr, embedding_size=config.model.embedding_size, **shape)
     head = build_head(config.loss.margin, config.model.embedding_size, max(2, batch), s=config.loss.s,
                       m=config.loss.margin_m)
     optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.1, momentum=0.9)

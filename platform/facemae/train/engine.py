@@ -143,17 +143,20 @@ def lr_lambda(train: TrainConfig):
     return factor
 
 
-def build_engine(model: nn.Module, train: TrainConfig, *, world_size: int) -> "DeepSpeedEngine":
-    """Wraps ``model`` in a DeepSpeed engine with AdamW and the warmup-cosine schedule.
-
-    Biases and norm weights (1-D parameters) get no weight decay, as in MAE.
-    """
-    deepspeed = import_deepspeed()
+def adamw(model: nn.Module, train: TrainConfig, *, world_size: int) -> torch.optim.AdamW:
+    """The training optimizer: AdamW at ``train``'s peak lr, betas (0.9, 0.95) as in MAE; biases and norm
+    weights (1-D parameters) get no weight decay."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=train.peak_lr(world_size), betas=(0.9, 0.95))
+    return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=train.peak_lr(world_size), betas=(0.9, 0.95))
+
+
+def build_engine(model: nn.Module, train: TrainConfig, *, world_size: int) -> "DeepSpeedEngine":
+    """Wraps ``model`` in a DeepSpeed engine with :func:`adamw` and the warmup-cosine schedule."""
+    deepspeed = import_deepspeed()
+    optimizer = adamw(model, train, world_size=world_size)
     with own_build_tools():  # initialize builds the CPU communication op on first use
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(train, world_size=world_size),
