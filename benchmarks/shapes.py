@@ -42,7 +42,7 @@ from facemae.allocator import retain_freed_memory
 from facemae.cli import job_console
 from facemae.config import Config, load_config
 from facemae.data.masking import random_keep
-from facemae.data.synthetic import generate_image
+from facemae.data.synthetic import generate_identity
 from facemae.eval.stats import mean_ci, paired_difference
 from facemae.measures.fidelity import hf_ratio, masked_psnr, patch_pixel_mask
 from facemae.models.fr import to_model_range, to_uint8
@@ -93,7 +93,7 @@ def mfu_rows(config: Config, *, repeats: int) -> list[dict[str, Any]]:
 
 
 def faces(identities: range, per_identity: int, *, seed: int) -> np.ndarray:
-    return np.stack([generate_image(i, k, seed=seed) for i in identities for k in range(per_identity)])
+    return np.concatenate([generate_identity(i, images=per_identity, seed=seed) for i in identities])
 
 
 def fixed_masks(n: int, *, num_patches: int, ratio: float, seed: int) -> torch.Tensor:
