@@ -58,8 +58,8 @@ from run_all import CONFIGS, fr_train_step, gemm, mae_step, mfu  # noqa: E402
 # Encoder widths over the tiny model's depths (2 encoder blocks, 1 decoder block); heads of 32 dims past
 # width 128, the decoder at most 128 wide. Width 64 is facemae_vit_tiny_p8 itself.
 MAE_WIDTHS = [64, 128, 192, 256]
-# The wide side of the equal-time comparison: the narrowest width whose FaceMAE + IRM step reached
-# train_step_mfu's 0.50 when the shapes were first timed (0.51 at batch 32; width 128: 0.47).
+# The wide side of the equal-time comparison: the narrowest width whose FaceMAE + IRM step passes
+# train_step_mfu's 0.50 (results/shapes.md at dc6a051: 0.55; width 128: 0.45).
 WIDE = 192
 FR_SCALES = [1, 2, 3, 4, 8]  # x fr_tiny's widths (8, 16, 32, 64); x8 is insightface's (64, 128, 256, 512)
 
