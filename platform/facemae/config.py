@@ -21,6 +21,7 @@ from facemae.models.registry import FR_MODELS, MAE_MODELS, mae_patch_size
 
 IMAGE_SIZE = 112
 SOURCES = ("synthetic", "folder", "recordio")
+SYNTHETIC_STYLES = ("photo", "cartoon")  # facemae.data.synthetic.STYLES (tests/test_synthetic.py checks they agree)
 # The standard margin of each head (ArcFace: radians, CosFace: cosine), used when loss.m is unset.
 DEFAULT_MARGIN_M = {"arcface": 0.5, "cosface": 0.4}
 IRM_VIEWS = ("raw", "blur")
@@ -39,6 +40,9 @@ class DataConfig:
         num_identities: Synthetic identities.
         images_per_identity: Synthetic images per identity.
         seed: Seed of the synthetic generator and of the identity split.
+        style: Rendering of the synthetic faces: ``photo`` (the image statistics of aligned face
+            photos: shading, texture, lens blur, sensor noise, JPEG) or ``cartoon`` (flat shapes under
+            pixel noise, the generator before styles existed: a second domain). Synthetic only.
         deploy_fraction: Fraction of identities held out as the disjoint deployment set.
         rows_per_shard: Target rows per Parquet shard.
         resize: Center-crop and resize images that are not 112x112 instead of rejecting them.
@@ -60,6 +64,7 @@ class DataConfig:
     num_identities: int = 200
     images_per_identity: int = 20
     seed: int = 0
+    style: str = "photo"
     deploy_fraction: float = 0.2
     rows_per_shard: int = 1000
     resize: bool = False
@@ -73,6 +78,8 @@ class DataConfig:
             raise ValueError(f"data.source={self.source!r} is not one of {SOURCES}")
         if self.source != "synthetic" and not self.path:
             raise ValueError(f"data.source={self.source!r} needs data.path (the input folder or .rec file)")
+        if self.style not in SYNTHETIC_STYLES:
+            raise ValueError(f"data.style={self.style!r} is not one of {SYNTHETIC_STYLES}")
         if self.source == "synthetic" and (self.num_identities < 2 or self.images_per_identity < 1):
             raise ValueError("synthetic data needs data.num_identities >= 2 and data.images_per_identity >= 1")
         if not 0.0 <= self.deploy_fraction < 1.0:

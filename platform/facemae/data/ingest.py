@@ -21,7 +21,8 @@ from facemae.data import synthetic
 from facemae.data.images import CorruptImageError, encode_png, prepare_face
 from facemae.data.recordio import RecordIOError, RecordIOReader
 from facemae.data.runner import REPORT_LIMIT, Unit, UnitResult, finish, prepare_output, reusable, run_units
-from facemae.data.shards import ORIGINAL_SCHEMA, SPLITS, Manifest, shard_name, write_shard
+from facemae.data.shards import (MANIFEST, ORIGINAL_SCHEMA, SPLITS, DatasetError, Manifest, read_manifest, shard_name,
+                                 write_shard)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -57,8 +58,8 @@ def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
     """
     data = config.data
     storage.configure(**asdict(config.storage))
-    fingerprint = {"stage": "ingest", "data": {k: v for k, v in asdict(data).items()
-                                               if k not in ("output", "workers", "ray_threshold")}}
+    fingerprint = _fingerprint(data)
+    _check_generator(data, overwrite=overwrite)
     # A rerun that turns skip_corrupt on (to get past a bad row a later stage found) reuses the dataset.
     if (done := reusable(data.output, fingerprint, overwrite=overwrite, ignore=("data.skip_corrupt",))) is not None:
         return done
@@ -87,6 +88,39 @@ def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
     return manifest
 
 
+def _fingerprint(data: DataConfig) -> dict[str, Any]:
+    """The settings a finished dataset must have been built with (its manifest's ``settings``)."""
+    settings = {k: v for k, v in asdict(data).items() if k not in ("output", "workers", "ray_threshold")}
+    if data.source != "synthetic":
+        settings.pop("style")  # only the generator draws in a style: a folder's dataset stays reusable
+        return {"stage": "ingest", "data": settings}
+    return {"stage": "ingest", "data": settings, "generator_version": synthetic.GENERATOR_VERSIONS[data.style]}
+
+
+def _check_generator(data: DataConfig, *, overwrite: bool) -> None:
+    """Refuses to reuse or resume a synthetic dataset that another generator version drew.
+
+    Raises:
+        DatasetError: ``data.output`` holds synthetic faces of another version or style; the message
+            says which, and how to go on (the style that still draws them, or ``--overwrite``).
+    """
+    if data.source != "synthetic" or overwrite or not storage.exists(storage.join(data.output, MANIFEST)):
+        return
+    made = read_manifest(data.output).source
+    if made.get("type") != "synthetic":
+        return  # another source entirely: reusable() names the settings that differ
+    # Manifests written before styles existed hold neither key: version 1, which is the cartoon style.
+    style, version = made.get("style", "cartoon"), made.get("generator_version", 1)
+    want = synthetic.GENERATOR_VERSIONS[data.style]
+    if (style, version) == (data.style, want):
+        return
+    still = [s for s, v in synthetic.GENERATOR_VERSIONS.items() if v == version]
+    fix = (f"set data.style={still[0]} to use them as they are, or pass --overwrite to re-ingest them"
+           if still else "pass --overwrite to re-ingest them (no style draws that version any more)")
+    raise DatasetError(f"{data.output} holds synthetic faces drawn by generator version {version} (style {style}), "
+                       f"not version {want} (style {data.style}) that this run draws; {fix}")
+
+
 def split_identities(ids: Sequence[int], *, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Splits identities into disjoint ``(train, deploy)`` lists by a seeded permutation.
 
@@ -109,7 +143,8 @@ def resolve_source(data: DataConfig) -> Source:
         items = {i: [(i, k) for k in range(data.images_per_identity)] for i in range(data.num_identities)}
         return Source("synthetic", items, {"type": "synthetic", "num_identities": data.num_identities,
                                            "images_per_identity": data.images_per_identity,
-                                           "seed": data.seed})
+                                           "seed": data.seed, "style": data.style,
+                                           "generator_version": synthetic.GENERATOR_VERSIONS[data.style]})
     if data.source == "folder":
         return _folder_source(Path(data.path))
     return _recordio_source(Path(data.path), skip_corrupt=data.skip_corrupt)
@@ -229,10 +264,10 @@ def build_unit(unit: Unit) -> UnitResult:
 def _records(p: dict[str, Any]) -> Iterator[tuple[str, int, str, Callable[[], bytes]]]:
     """Yields ``(image_id, identity, where, load)`` for a unit's items; ``load`` does the I/O."""
     if p["source"] == "synthetic":
-        seed = p["description"]["seed"]
+        seed, style = p["description"]["seed"], p["description"]["style"]
         for identity, index in p["items"]:
             yield (synthetic.image_id(identity, index), identity, f"synthetic {identity}/{index}",
-                   lambda i=identity, k=index: encode_png(synthetic.generate_image(i, k, seed=seed)))
+                   lambda i=identity, k=index: encode_png(synthetic.generate_image(i, k, seed=seed, style=style)))
     elif p["source"] == "folder":
         for path, identity, image_id in p["items"]:
             yield image_id, identity, path, lambda path=path: Path(path).read_bytes()

@@ -15,21 +15,51 @@ Geometry is written in face units: the image spans ``[-1, 1]`` on both axes, y p
 Shapes are polygons, so pose (rotation, scale, shift) is one affine map applied to their vertices
 rather than a resampling of pixels; they are drawn at ``_SUPERSAMPLE`` x the output size and
 box-downsampled for anti-aliasing. Only numpy and Pillow are imported.
+
+Two styles draw the same shapes and poses (:data:`STYLES`). ``photo``, the default, gives them the
+image statistics of real aligned 112x112 crops (``facemae.measures.image_stats``): the face shaded
+as an ellipsoid under directional light, natural-image (1/f^3) texture on skin and backdrop, lens
+blur, sensor noise at real levels and JPEG compression. ``cartoon`` is the generator before styles
+existed (flat colours under strong pixel noise, about seven times a photo's high-frequency energy),
+kept pixel for pixel as a second domain. ``benchmarks/synthetic_stats.py`` measures both against
+the real reference.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 Colour = tuple[int, int, int]
 
 HAIR_STYLES: tuple[str, ...] = ("bald", "buzz", "short", "long", "fringe", "afro", "bun")
 FACIAL_HAIR: tuple[str, ...] = ("none", "moustache", "beard")
 MOUTH_SHAPES: tuple[str, ...] = ("neutral", "smile", "open")
+STYLES: tuple[str, ...] = ("photo", "cartoon")
+DEFAULT_STYLE = "photo"
+# The pixel definition each style draws, numbered over the generator's history; a manifest records it
+# and ingest refuses a dataset made by another. Version 1 is every dataset made before styles existed,
+# which ``cartoon`` still draws pixel for pixel. Bump a style's number whenever its pixels change.
+GENERATOR_VERSIONS: dict[str, int] = {"cartoon": 1, "photo": 2}
+TEXTURE_SLOPE = -3.0  # power spectrum of the photo style's texture, log-log
+TEXTURE_BANK = 64  # precomputed texture fields per image size
+# Per-image ranges of the photo style, uniform draws: (low, high).
+PHOTO: dict[str, tuple[float, float]] = {
+    "roundness": (0.15, 0.4),  # how much darker the face's outline is than its middle
+    "light": (0.05, 0.4),  # directional light, relative change from the centre to an edge
+    "contrast": (1.0, 1.45),
+    "brightness": (-25.0, 25.0),
+    "skin_texture": (3.0, 8.0),  # grey levels (std) of 1/f^3 texture on the head
+    "backdrop_texture": (8.0, 30.0),  # ... and on the backdrop: clutter
+    "blur_tap": (0.3, 0.9),  # lens blur [t, 1, t]: standard deviation sqrt(2t / (1 + 2t)), 0.61-0.80 px
+    "noise": (1.0, 2.6),  # sensor noise, grey levels (std)
+    "jpeg_quality": (70, 96),
+}
 
 _SUPERSAMPLE = 2
 _MAX_IDENTITY = 999_999  # image_id pads to 6 digits, so ids sort in identity order
@@ -128,6 +158,11 @@ def _check_non_negative(**values: int) -> None:
             raise ValueError(f"{name} must be a non-negative integer, got {value}")
 
 
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+
+
 def _check_size(size: int) -> None:
     if size < _MIN_SIZE:
         raise ValueError(f"size must be at least {_MIN_SIZE} pixels, got {size}")
@@ -224,6 +259,14 @@ class _Canvas:
         self._unit = pose.scale * _ZOOM * half
         self._matrix = self._unit * rotate.T
         self._offset = half * (1 + np.asarray(pose.shift))
+
+    def face_units(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Face-unit coordinates ``(x, y)`` of each output pixel's centre, the pose undone: two ``[S, S]``."""
+        centres = (np.arange(size, dtype=np.float32) + 0.5) * _SUPERSAMPLE  # on the supersampled grid
+        back = np.linalg.inv(self._matrix).astype(np.float32)  # row vectors: point = (pixel - offset) @ back
+        px, py = centres - np.float32(self._offset[0]), centres - np.float32(self._offset[1])
+        # Two broadcast sums instead of an (S, S, 2) @ (2, 2) product, which numpy runs as S*S tiny products.
+        return px[None, :] * back[0, 0] + py[:, None] * back[1, 0], px[None, :] * back[0, 1] + py[:, None] * back[1, 1]
 
     def polygon(self, points: np.ndarray, fill: Colour) -> None:
         """Fills a polygon; ``points`` is ``[K, 2]`` in face units."""
@@ -431,20 +474,152 @@ def _lighting(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 255, out=out).astype(np.uint8).reshape(size, size, 3)
 
 
-def render_face(traits: IdentityTraits, *, rng: np.random.Generator, size: int = 112) -> np.ndarray:
+def _photo_background(rng: np.random.Generator, size: int) -> Image.Image:
+    """A two-colour gradient in a random direction, as ``_background`` draws it but darker and brighter:
+    the indoor and outdoor backdrops of face photos carry much of a crop's contrast outside the face.
+    Drawn on an 8 x 8 grid and resized bilinearly (a fifth of the cost of drawing every pixel): the same
+    ramp, flat within half a coarse cell of the border."""
+    colours = rng.uniform(0, 255, (2, 3))
+    start, end = 0.5 * colours + 0.5 * colours.mean(axis=1, keepdims=True)
+    angle = rng.uniform(0, 2 * np.pi)
+    axis = (np.arange(8, dtype=np.float32) + 0.5) * (size / 8) / size - 0.5  # pixel centres of the coarse grid
+    ramp = np.clip(0.5 + math.cos(angle) * axis[None, :] + math.sin(angle) * axis[:, None], 0, 1)[..., None]
+    coarse = start + ramp * (end - start)  # (8, 8, 3)
+    return Image.fromarray(coarse.astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
+
+
+@functools.lru_cache(maxsize=4)
+def _texture_bank(size: int) -> np.ndarray:
+    """``[TEXTURE_BANK, S, S]`` float32 fields of unit standard deviation whose power spectrum falls as
+    ``r^TEXTURE_SLOPE`` (r in cycles per image): natural-image noise, drawn once from a fixed seed.
+
+    FFT-filtered white noise is periodic, so any circular shift of a field is as seamless as the field.
+    """
+    radius = np.hypot(np.fft.fftfreq(size)[:, None], np.fft.rfftfreq(size)[None, :]) * size
+    filt = np.zeros_like(radius)
+    filt[radius > 0] = radius[radius > 0] ** (TEXTURE_SLOPE / 2)
+    white = np.random.default_rng(0x7E47).standard_normal((TEXTURE_BANK, size, size))
+    fields = np.fft.irfft2(np.fft.rfft2(white) * filt, s=(size, size))
+    return (fields / fields.std(axis=(1, 2), keepdims=True)).astype(np.float32)
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """``[S, S]`` float32 texture of unit standard deviation with a natural-image (1/f^3) spectrum: skin
+    mottling, hair and backdrop clutter at the scales a 112 px crop shows, not pixel noise.
+
+    One of :data:`TEXTURE_BANK` precomputed fields, circularly shifted, flipped and transposed at random
+    (8 x S^2 variants of each): a twentieth of the cost of filtering fresh noise per image. Textures are
+    nuisance, drawn per image and independent of identity, so reuse across images teaches nothing.
+    """
+    index, dy, dx, flips = rng.integers(0, (TEXTURE_BANK, size, size, 8))
+    field = np.roll(_texture_bank(size)[index], (int(dy), int(dx)), axis=(0, 1))
+    if flips & 1:
+        field = field[::-1]
+    if flips & 2:
+        field = field[:, ::-1]
+    return field.T if flips & 4 else field
+
+
+def _relief(canvas: _Canvas, traits: IdentityTraits, size: int) -> np.ndarray:
+    """``[S, S]`` float32 in [0, 1]: how far each pixel's surface turns away from the camera if the face
+    were an ellipsoid, ``1 - n_z`` (0 at the face's middle, 1 on and beyond its outline)."""
+    x, y = canvas.face_units(size)
+    inside = 1 - (x / traits.face_width) ** 2 - (y / traits.face_height) ** 2
+    return 1 - np.sqrt(np.clip(inside, 0, 1, out=inside), out=inside)
+
+
+@functools.lru_cache(maxsize=8)
+def _axis(size: int) -> np.ndarray:
+    """``[S]`` float32 pixel positions from -1 to 1 (read-only, shared)."""
+    axis = np.linspace(-1, 1, size, dtype=np.float32)
+    axis.flags.writeable = False
+    return axis
+
+
+def _lens_blur(image: np.ndarray, tap: float) -> np.ndarray:
+    """Separable ``[tap, 1, tap]`` blur of an ``[S, 3*S]`` (HWC) image, edges mirrored, *not* normalised:
+    the output is ``(1 + 2 tap)^2`` times a lens blur of standard deviation ``sqrt(2 tap / (1 + 2 tap))`` px
+    (PIL's BoxBlur of radius ``tap`` < 1), so the caller folds the scale into a product it makes anyway."""
+    rows = np.empty_like(image)
+    np.add(image[:, :-6], image[:, 6:], out=rows[:, 3:-3])  # left + right neighbour: 3 columns over in HWC
+    np.multiply(image[:, 3:6], 2, out=rows[:, :3])  # mirrored edges
+    np.multiply(image[:, -6:-3], 2, out=rows[:, -3:])
+    rows *= tap
+    rows += image
+    out = np.empty_like(rows)
+    np.add(rows[:-2], rows[2:], out=out[1:-1])
+    np.multiply(rows[1], 2, out=out[0])
+    np.multiply(rows[-2], 2, out=out[-1])
+    out *= tap
+    out += rows
+    return out
+
+
+def _photograph(image: np.ndarray, cover: np.ndarray, relief: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Turns a flat drawing into the statistics of an aligned face photo: the head shaded as a rounded
+    solid, directional light, texture, white balance and exposure, lens blur, sensor noise and JPEG.
+
+    The result's median Laplacian variance, spectrum slope and contrast fall inside the interquartile
+    ranges of real aligned crops (``benchmarks/results/synthetic_stats.md``); :data:`PHOTO` holds the
+    ranges that put them there.
+
+    Args:
+        image: ``[S, S, 3]`` uint8, the drawing.
+        cover: ``[S, S]`` uint8, where the head covers the backdrop (255 = head).
+        relief: ``[S, S]`` from :func:`_relief`.
+        rng: The image's generator.
+
+    Returns:
+        ``[S, S, 3]`` uint8.
+    """
+    size = image.shape[0]
+    head = cover.astype(np.float32) / 255  # (S, S)
+    roundness = rng.uniform(*PHOTO["roundness"])
+    angle = rng.uniform(0, 2 * np.pi)
+    strength = rng.uniform(*PHOTO["light"])
+    axis = _axis(size)
+    light = (1 - roundness * head * relief) * (1 + strength * (math.cos(angle) * axis[None, :]
+                                                               + math.sin(angle) * axis[:, None]))  # (S, S)
+    gains = rng.uniform(0.9, 1.1, 3)  # white balance
+    contrast = rng.uniform(*PHOTO["contrast"])
+    brightness = rng.uniform(*PHOTO["brightness"])
+    amplitude = rng.uniform(*PHOTO["skin_texture"]) * head + rng.uniform(*PHOTO["backdrop_texture"]) * (1 - head)
+    texture = _texture(rng, size) * amplitude  # (S, S) grey levels
+    tap = rng.uniform(*PHOTO["blur_tap"])
+    # Exposure is linear, so the blur's normalisation (1 + 2 tap)^-2 rides along in the channel gains and
+    # the offset is added after the blur, with the noise.
+    exposure = gains * contrast / (1 + 2 * tap) ** 2
+    out = _lens_blur((image.reshape(size, 3 * size) + np.repeat(texture, 3, axis=1)) * _channel_map(light, exposure),
+                     tap)
+    noise = rng.random((size, size), dtype=np.float32)  # luminance noise; JPEG's 4:2:0 drops most chroma noise
+    noise -= 0.5
+    noise *= rng.uniform(*PHOTO["noise"]) * math.sqrt(12)  # uniform of that standard deviation
+    noise += 128 * (1 - contrast) + brightness
+    out += np.repeat(noise, 3, axis=1)
+    exposed = np.clip(out, 0, 255, out=out).astype(np.uint8).reshape(size, size, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(exposed).save(buffer, format="JPEG", quality=int(rng.integers(*PHOTO["jpeg_quality"])))
+    return np.asarray(Image.open(buffer))
+
+
+def render_face(traits: IdentityTraits, *, rng: np.random.Generator, size: int = 112,
+                style: str = DEFAULT_STYLE) -> np.ndarray:
     """Draws one image of an identity, with pose, expression, background and lighting from ``rng``.
 
     Args:
         traits: The identity to draw.
         rng: Source of all per-image variation; consumed in a fixed order.
         size: Output side length in pixels.
+        style: One of :data:`STYLES`: ``photo`` (the statistics of aligned photos) or ``cartoon``
+            (flat shapes under sensor noise, generator version 1).
 
     Returns:
         ``[size, size, 3]`` uint8 RGB image.
     """
     _check_size(size)
+    _check_style(style)
     variation = _sample_variation(rng)
-    image = _background(rng, size)
+    image = _background(rng, size) if style == "cartoon" else _photo_background(rng, size)
     canvas = _Canvas(size, pose=variation)
     _draw_hair_back(canvas, traits)
     _draw_head(canvas, traits, variation)
@@ -456,10 +631,13 @@ def render_face(traits: IdentityTraits, *, rng: np.random.Generator, size: int =
     _draw_glasses(canvas, traits, variation)
     face = canvas.image.reduce(_SUPERSAMPLE)  # box filter: anti-aliased edges in the alpha channel
     image.paste(face, (0, 0), face)
-    return _lighting(np.asarray(image), rng)
+    if style == "cartoon":
+        return _lighting(np.asarray(image), rng)
+    return _photograph(np.asarray(image), np.asarray(face.getchannel("A")), _relief(canvas, traits, size), rng)
 
 
-def generate_image(identity: int, index: int, *, seed: int, size: int = 112) -> np.ndarray:
+def generate_image(identity: int, index: int, *, seed: int, size: int = 112,
+                   style: str = DEFAULT_STYLE) -> np.ndarray:
     """Generates image ``index`` of ``identity``; a pure function of its arguments.
 
     Args:
@@ -467,16 +645,18 @@ def generate_image(identity: int, index: int, *, seed: int, size: int = 112) -> 
         index: Image number within the identity, >= 0.
         seed: Dataset seed.
         size: Output side length in pixels.
+        style: One of :data:`STYLES`.
 
     Returns:
         ``[size, size, 3]`` uint8 RGB image.
     """
     _check_non_negative(identity=identity, index=index, seed=seed)
     traits = identity_traits(identity, seed=seed)
-    return render_face(traits, rng=np.random.default_rng([seed, identity, index, 1]), size=size)
+    return render_face(traits, rng=np.random.default_rng([seed, identity, index, 1]), size=size, style=style)
 
 
-def generate_identity(identity: int, *, images: int, seed: int, size: int = 112) -> np.ndarray:
+def generate_identity(identity: int, *, images: int, seed: int, size: int = 112,
+                      style: str = DEFAULT_STYLE) -> np.ndarray:
     """Generates images ``0 .. images-1`` of one identity (equal to calling ``generate_image`` each).
 
     Args:
@@ -484,16 +664,19 @@ def generate_identity(identity: int, *, images: int, seed: int, size: int = 112)
         images: Number of images, >= 0.
         seed: Dataset seed.
         size: Output side length in pixels.
+        style: One of :data:`STYLES`.
 
     Returns:
         ``[images, size, size, 3]`` uint8 RGB images.
     """
     _check_non_negative(identity=identity, images=images, seed=seed)
     _check_size(size)
+    _check_style(style)
     traits = identity_traits(identity, seed=seed)
     out = np.empty((images, size, size, 3), dtype=np.uint8)
     for index in range(images):
-        out[index] = render_face(traits, rng=np.random.default_rng([seed, identity, index, 1]), size=size)
+        out[index] = render_face(traits, rng=np.random.default_rng([seed, identity, index, 1]), size=size,
+                                 style=style)
     return out
 
 
