@@ -89,6 +89,75 @@ def test_rerun_reuses_and_other_settings_are_refused(tmp_path):
                   overwrite=True).num_images() == 8
 
 
+def test_the_manifest_records_the_generator_and_another_version_is_refused_in_one_line(tmp_path):
+    args = ["data.num_identities=3", "data.images_per_identity=2"]
+    cartoon = ingest(_cfg(tmp_path, *args, "data.style=cartoon"))
+    assert (cartoon.source["style"], cartoon.source["generator_version"]) == ("cartoon", 1)
+    assert cartoon.settings["generator_version"] == 1
+    with pytest.raises(DatasetError) as refused:
+        ingest(_cfg(tmp_path, *args))  # the default style: photo, version 2
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "generator version 1 (style cartoon), not version 2 (style photo)" in message
+    assert "data.style=cartoon" in message and "--overwrite" in message
+    photo = ingest(_cfg(tmp_path, *args), overwrite=True)
+    assert (photo.source["style"], photo.source["generator_version"]) == ("photo", 2)
+    for image_id, row in _rows(tmp_path / "ds").items():
+        identity, index = (int(x) for x in image_id.split("-")[1:])
+        np.testing.assert_array_equal(decode_rgb(row["image"]), synthetic.generate_image(identity, index, seed=0))
+
+
+def test_a_dataset_from_before_styles_is_version_1_the_cartoon_style(tmp_path):
+    args = ["data.num_identities=3", "data.images_per_identity=2"]
+    ingest(_cfg(tmp_path, *args, "data.style=cartoon"))
+    path = tmp_path / "ds" / "manifest.json"
+    legacy = json.loads(path.read_text())  # what a manifest written before styles existed holds
+    for key in ("style", "generator_version"):
+        del legacy["source"][key]
+    del legacy["settings"]["data"]["style"], legacy["settings"]["generator_version"]
+    path.write_text(json.dumps(legacy))
+    with pytest.raises(DatasetError, match=r"version 1 \(style cartoon\), not version 2 \(style photo\)"):
+        ingest(_cfg(tmp_path, *args))
+    mtime = path.stat().st_mtime_ns
+    assert ingest(_cfg(tmp_path, *args, "data.style=cartoon")).num_images() == 6  # reused as it is
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_an_interrupted_ingest_of_another_style_is_rebuilt_not_mixed(tmp_path, monkeypatch):
+    import facemae.data.shards as shards_mod
+
+    args = ["data.num_identities=4", "data.images_per_identity=3", "data.rows_per_shard=3", "data.deploy_fraction=0.25"]
+    real_write_table, calls = pq.write_table, []
+
+    def dying_write_table(table, where, **kwargs):
+        calls.append(where)
+        if len(calls) == 3:
+            raise _Crash()
+        return real_write_table(table, where, **kwargs)
+
+    monkeypatch.setattr(shards_mod.pq, "write_table", dying_write_table)
+    with pytest.raises(_Crash):
+        ingest(_cfg(tmp_path, *args, "data.style=cartoon"))
+    monkeypatch.setattr(shards_mod.pq, "write_table", real_write_table)
+    manifest = ingest(_cfg(tmp_path, *args))  # photo: the two cartoon shards of the journal are not kept
+    assert manifest.source["style"] == "photo"
+    rows = _rows(tmp_path / "ds")
+    assert len(rows) == 12
+    for image_id, row in rows.items():
+        identity, index = (int(x) for x in image_id.split("-")[1:])
+        np.testing.assert_array_equal(decode_rgb(row["image"]), synthetic.generate_image(identity, index, seed=0))
+
+
+def test_a_folder_dataset_ignores_the_synthetic_style(tmp_path):
+    src = tmp_path / "in"
+    make_folder(src, 2, 1)
+    built = ingest(_cfg(tmp_path, "data.source=folder", f"data.path={src}"))
+    assert "style" not in built.settings["data"] and "generator_version" not in built.settings
+    mtime = (tmp_path / "ds" / "manifest.json").stat().st_mtime_ns
+    ingest(_cfg(tmp_path, "data.source=folder", f"data.path={src}", "data.style=cartoon"))  # reused
+    assert (tmp_path / "ds" / "manifest.json").stat().st_mtime_ns == mtime
+
+
 def test_folder_round_trip_keeps_bytes_and_names(tmp_path):
     pixels = make_folder(tmp_path / "faces", identities=5, images=3)
     manifest = ingest(_cfg(tmp_path, "data.source=folder", f"data.path={tmp_path / 'faces'}"))

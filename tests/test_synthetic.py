@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
+from facemae.config import SYNTHETIC_STYLES
 from facemae.data.synthetic import (
+    GENERATOR_VERSIONS,
     HAIR_STYLES,
+    STYLES,
     generate_identity,
     generate_image,
     identity_traits,
     image_id,
 )
+from facemae.measures.image_stats import REAL_ALIGNED_QUARTILES, image_statistics, inside_real_iqr, quartiles
 
 
 def _pixels(identities: int, images: int, *, seed: int) -> np.ndarray:
@@ -89,3 +95,44 @@ def test_invalid_arguments_say_what_to_fix() -> None:
         generate_image(-1, 0, seed=0)
     with pytest.raises(ValueError, match="size"):
         generate_identity(0, images=1, seed=0, size=4)
+    with pytest.raises(ValueError, match="style must be one of"):
+        generate_image(0, 0, seed=0, style="oil")
+
+
+# sha256 (first 16 hex digits) of images drawn by generator version 1, the rendering before styles existed
+# (commit 97c151a), with the pinned Pillow: the cartoon style must keep drawing them pixel for pixel.
+VERSION_1_IMAGES = {(0, 0, 0): "899b3cc942edbc59", (3, 5, 0): "a02b401989724706",
+                    (42, 7, 1): "93aed297abf854df", (199, 19, 0): "8381e9017a957f9e"}
+
+
+def test_the_cartoon_style_is_generator_version_1_pixel_for_pixel() -> None:
+    assert GENERATOR_VERSIONS["cartoon"] == 1
+    for (identity, index, seed), digest in VERSION_1_IMAGES.items():
+        pixels = generate_image(identity, index, seed=seed, style="cartoon")
+        assert hashlib.sha256(pixels.tobytes()).hexdigest()[:16] == digest, (identity, index, seed)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_each_style_is_deterministic_per_seed_and_order_independent(style: str) -> None:
+    image = generate_image(5, 3, seed=2, style=style)
+    np.testing.assert_array_equal(image, generate_image(5, 3, seed=2, style=style))
+    np.testing.assert_array_equal(image, generate_identity(5, images=6, seed=2, style=style)[3])
+    assert not np.array_equal(image, generate_image(5, 3, seed=3, style=style))
+
+
+def test_styles_differ_and_the_config_knows_every_style() -> None:
+    assert SYNTHETIC_STYLES == STYLES
+    assert set(GENERATOR_VERSIONS) == set(STYLES) and len(set(GENERATOR_VERSIONS.values())) == len(STYLES)
+    assert not np.array_equal(generate_image(1, 1, seed=0, style="photo"), generate_image(1, 1, seed=0, style="cartoon"))
+    np.testing.assert_array_equal(generate_image(1, 1, seed=0), generate_image(1, 1, seed=0, style="photo"))
+
+
+def test_photo_faces_have_the_statistics_of_real_aligned_crops_and_cartoons_do_not() -> None:
+    faces = {style: np.concatenate([generate_identity(i, images=2, seed=0, style=style) for i in range(100)])
+             for style in STYLES}
+    for name in REAL_ALIGNED_QUARTILES:
+        medians = {style: quartiles(image_statistics(f)[name])[1] for style, f in faces.items()}
+        assert inside_real_iqr(name, medians["photo"]), (name, medians, REAL_ALIGNED_QUARTILES[name])
+    cartoon = image_statistics(faces["cartoon"])
+    assert not inside_real_iqr("laplacian_variance", quartiles(cartoon["laplacian_variance"])[1])
+    assert not inside_real_iqr("spectrum_slope", quartiles(cartoon["spectrum_slope"])[1])

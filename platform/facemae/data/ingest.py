@@ -59,9 +59,10 @@ def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
     data = config.data
     storage.configure(**asdict(config.storage))
     fingerprint = _fingerprint(data)
-    _check_generator(data, overwrite=overwrite)
+    legacy = _check_generator(data, overwrite=overwrite)
     # A rerun that turns skip_corrupt on (to get past a bad row a later stage found) reuses the dataset.
-    if (done := reusable(data.output, fingerprint, overwrite=overwrite, ignore=("data.skip_corrupt",))) is not None:
+    ignore = ("data.skip_corrupt",) + (("data.style", "generator_version") if legacy else ())
+    if (done := reusable(data.output, fingerprint, overwrite=overwrite, ignore=ignore)) is not None:
         return done
     source = resolve_source(data)
     train_ids, deploy_ids = split_identities(sorted(source.items), fraction=data.deploy_fraction, seed=data.seed)
@@ -97,23 +98,27 @@ def _fingerprint(data: DataConfig) -> dict[str, Any]:
     return {"stage": "ingest", "data": settings, "generator_version": synthetic.GENERATOR_VERSIONS[data.style]}
 
 
-def _check_generator(data: DataConfig, *, overwrite: bool) -> None:
-    """Refuses to reuse or resume a synthetic dataset that another generator version drew.
+def _check_generator(data: DataConfig, *, overwrite: bool) -> bool:
+    """Refuses to reuse a synthetic dataset that another generator version drew.
+
+    Returns:
+        Whether ``data.output`` holds a dataset made before styles existed (its manifest names neither
+        style nor version) that this run may reuse: version 1, which ``data.style=cartoon`` draws.
 
     Raises:
         DatasetError: ``data.output`` holds synthetic faces of another version or style; the message
             says which, and how to go on (the style that still draws them, or ``--overwrite``).
     """
     if data.source != "synthetic" or overwrite or not storage.exists(storage.join(data.output, MANIFEST)):
-        return
+        return False
     made = read_manifest(data.output).source
     if made.get("type") != "synthetic":
-        return  # another source entirely: reusable() names the settings that differ
+        return False  # another source entirely: reusable() names the settings that differ
     # Manifests written before styles existed hold neither key: version 1, which is the cartoon style.
     style, version = made.get("style", "cartoon"), made.get("generator_version", 1)
     want = synthetic.GENERATOR_VERSIONS[data.style]
     if (style, version) == (data.style, want):
-        return
+        return "generator_version" not in made
     still = [s for s, v in synthetic.GENERATOR_VERSIONS.items() if v == version]
     fix = (f"set data.style={still[0]} to use them as they are, or pass --overwrite to re-ingest them"
            if still else "pass --overwrite to re-ingest them (no style draws that version any more)")

@@ -53,8 +53,9 @@ def radial_power(images: np.ndarray) -> np.ndarray:
     gray = grayscale(images)
     gray -= gray.mean(axis=(1, 2), keepdims=True)
     power = np.abs(np.fft.fft2(gray)) ** 2  # (N, H, W), DC at [0, 0]
-    freq = np.fft.fftfreq(h) * h  # cycles per image, signed
-    radius = np.floor(np.hypot(freq[:, None], freq[None, :])).astype(np.int64).ravel()  # (H*W,) ring index
+    freq = np.rint(np.fft.fftfreq(h) * h).astype(np.int64)  # cycles per image, signed, exact integers
+    squared = freq[:, None] ** 2 + freq[None, :] ** 2  # exact, so a bin at radius 9 is never 8.999...
+    radius = np.floor(np.sqrt(squared)).astype(np.int64).ravel()  # (H*W,) ring index; sqrt of a square is exact
     rings_of = (radius[:, None] == np.arange(h // 2 + 1)[None, :]).astype(np.float64)  # (H*W, R) one-hot
     sums = power.reshape(n, -1) @ rings_of  # (N, R)
     counts = rings_of.sum(axis=0)  # (R,), every ring up to Nyquist is non-empty
