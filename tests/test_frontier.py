@@ -1,0 +1,92 @@
+"""Frontier math against hand computations: the Pareto set, reading it at a leak, paired comparisons."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from facemae.eval.frontier import compare, pareto_frontier, verdict
+
+# (leak, accuracy): ties in leak, an exact duplicate, dominated points on both axes.
+POINTS = [(0.10, 0.80), (0.20, 0.85), (0.20, 0.90), (0.30, 0.88), (0.40, 0.95), (0.40, 0.95), (0.50, 0.95),
+          (0.05, 0.70)]
+
+
+def test_the_frontier_keeps_exactly_the_undominated_points_in_leak_order():
+    front = pareto_frontier(*zip(*POINTS))
+    # (0.2, 0.85) loses to (0.2, 0.9) at the same leak; (0.3, 0.88) to (0.2, 0.9) on both axes; the second
+    # (0.4, 0.95) is a duplicate; (0.5, 0.95) leaks more for the same accuracy.
+    assert front.members == (7, 0, 2, 4)
+    assert_allclose(front.leak, [0.05, 0.10, 0.20, 0.40])
+    assert_allclose(front.accuracy, [0.70, 0.80, 0.90, 0.95])
+
+
+def test_reading_a_frontier_interpolates_inside_and_is_undefined_outside():
+    front = pareto_frontier(*zip(*POINTS))
+    assert front.accuracy_at(0.30) == pytest.approx(0.925)  # halfway from (0.2, 0.90) to (0.4, 0.95)
+    assert front.accuracy_at(0.05) == pytest.approx(0.70) and front.accuracy_at(0.40) == pytest.approx(0.95)
+    assert math.isnan(front.accuracy_at(0.45)) and math.isnan(front.accuracy_at(0.01))
+    assert front.leak_at(0.85) == pytest.approx(0.15)  # halfway from (0.1, 0.80) to (0.2, 0.90)
+    assert math.isnan(front.leak_at(0.99)) and math.isnan(front.leak_at(0.5))
+    single = pareto_frontier([0.3], [0.9])
+    assert single.accuracy_at(0.3) == pytest.approx(0.9) and math.isnan(single.accuracy_at(0.31))
+
+
+def test_bad_points_are_refused():
+    with pytest.raises(ValueError, match="non-empty"):
+        pareto_frontier([], [])
+    with pytest.raises(ValueError, match="finite"):
+        pareto_frontier([0.1, math.nan], [0.5, 0.6])
+
+
+def _point(seeds, leak, accuracy, **extra):
+    return {"seeds": list(seeds), "identity_leak@1": list(leak), "accuracy": list(accuracy), **extra}
+
+
+def test_the_paired_comparison_matches_a_hand_computation():
+    seeds = [0, 1, 2]
+    base_leak, base_acc = np.array([0.20, 0.21, 0.22]), np.array([0.83, 0.84, 0.85])
+    baseline = [_point(seeds, base_leak, base_acc, ratio=0.9),
+                _point(seeds, [0.50, 0.52, 0.48], [0.90, 0.91, 0.89], ratio=0.5),
+                _point(seeds, [0.60, 0.60, 0.60], [0.85, 0.85, 0.85], ratio=0.4)]  # dominated: not compared
+    method = [_point(seeds, [0.10, 0.10, 0.10], [0.80, 0.81, 0.82]),
+              _point(seeds, [0.40, 0.40, 0.40], [0.92, 0.93, 0.94])]
+    rows = compare(method, baseline)
+    assert [r["baseline_point"] for r in rows] == [0, 1]
+    # Seed s: the method's frontier is the line (0.1, a_s) -> (0.4, b_s); read it at the baseline's leak.
+    a, b = np.array([0.80, 0.81, 0.82]), np.array([0.92, 0.93, 0.94])
+    at_leak = a + (b - a) * (base_leak - 0.1) / 0.3
+    expected = at_leak - base_acc
+    assert_allclose(rows[0]["accuracy_gain"]["per_seed"], expected)
+    t = 4.3027  # t_{0.975, 2}
+    half = t * expected.std(ddof=1) / math.sqrt(3)
+    assert_allclose([rows[0]["accuracy_gain"]["ci95_low"], rows[0]["accuracy_gain"]["ci95_high"]],
+                    [expected.mean() - half, expected.mean() + half], rtol=1e-4)
+    assert rows[0]["accuracy_gain_verdict"] == "above"  # +0.010, +0.014, +0.018
+    # Leak at equal accuracy: the leak where the method's line reaches the baseline's accuracy.
+    leak_at = 0.1 + 0.3 * (base_acc - a) / (b - a)
+    assert_allclose(rows[0]["leak_gain"]["per_seed"], base_leak - leak_at)
+    assert rows[0]["leak_gain_verdict"] == "above"  # the method leaks less in every seed, by a margin
+    # A seed whose baseline accuracy lies below the method's lowest point: undefined, not extrapolated.
+    low = compare(method, [_point(seeds, base_leak, [0.83, 0.82, 0.79])])[0]
+    assert math.isnan(low["leak_gain"]["per_seed"][2]) and low["leak_gain_verdict"] == "undefined"
+    # The baseline's second point leaks more than the method's frontier reaches: undefined, not extrapolated.
+    assert rows[1]["accuracy_gain_verdict"] == "undefined" and math.isnan(rows[1]["accuracy_gain"]["mean"])
+
+
+def test_a_seed_missing_from_the_method_or_a_single_seed_is_undefined():
+    baseline = [_point([0, 1], [0.3, 0.3], [0.8, 0.8])]
+    assert compare([_point([0], [0.2], [0.9]), _point([0], [0.4], [0.95])], baseline)[0]["accuracy_gain_verdict"] \
+        == "undefined"
+    one = compare([_point([0], [0.2], [0.9]), _point([0], [0.4], [0.95])], [_point([0], [0.3], [0.8])])[0]
+    assert one["accuracy_gain"]["per_seed"] == pytest.approx([0.125]) and one["accuracy_gain_verdict"] == "undefined"
+
+
+def test_verdicts():
+    assert verdict({"ci95_low": 0.01, "ci95_high": 0.03}) == "above"
+    assert verdict({"ci95_low": -0.03, "ci95_high": -0.01}) == "below"
+    assert verdict({"ci95_low": -0.01, "ci95_high": 0.02}) == "noise"
+    assert verdict({"ci95_low": math.nan, "ci95_high": math.nan}) == "undefined"
