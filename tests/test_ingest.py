@@ -15,7 +15,7 @@ from conftest import make_folder, noise_face, png_bytes
 from facemae.config import load_config
 from facemae.data import synthetic
 from facemae.data.images import CorruptImageError, decode_rgb, encode_png
-from facemae.data.ingest import ingest, split_identities
+from facemae.data.ingest import carve_validation, ingest, split_identities
 from facemae.data.recordio import write_recordio
 from facemae.data.runner import JOURNAL
 from facemae.data.shards import DatasetError, iter_rows, read_manifest, verify_dataset
@@ -29,6 +29,30 @@ def _rows(root: Path) -> dict[str, dict]:
 
 def _cfg(tmp_path: Path, *overrides: str):
     return load_config(None, [f"data.output={tmp_path / 'ds'}", "data.workers=1", *overrides])
+
+
+def test_the_validation_split_is_carved_from_training_identities_disjoint_and_seeded():
+    train, deploy = split_identities(range(50), fraction=0.2, seed=1)
+    rest, val = carve_validation(train, count=5, seed=1)
+    assert len(val) == 5 and not set(val) & set(rest) and sorted(rest + val) == train
+    assert not set(val) & set(deploy)
+    assert carve_validation(train, count=5, seed=1) == (rest, val)
+    assert carve_validation(train, count=5, seed=2)[1] != val
+    assert carve_validation([3, 4], count=5, seed=0)[0] != []  # at least one training identity stays
+    assert carve_validation(train, count=0, seed=1) == (train, [])
+
+
+def test_a_validation_split_leaves_the_deployment_identities_as_they_were(tmp_path):
+    args = ["data.num_identities=10", "data.images_per_identity=2", "data.deploy_fraction=0.3"]
+    with_val = ingest(_cfg(tmp_path, *args, "data.val_fraction=0.2"))
+    without = ingest(load_config(None, [f"data.output={tmp_path / 'noval'}", "data.workers=1", *args,
+                                        "data.val_fraction=0"]))
+    assert with_val.identities("deploy") == without.identities("deploy")
+    assert len(with_val.identities("val")) == 2 and without.identities("val") == []
+    assert sorted(with_val.identities("train") + with_val.identities("val")) == without.identities("train")
+    assert "val_fraction" not in without.settings["data"]  # as a dataset made before the split existed
+    with pytest.raises(ValueError, match="val_fraction"):
+        _cfg(tmp_path, "data.deploy_fraction=0.5", "data.val_fraction=0.5")
 
 
 def test_split_is_disjoint_exhaustive_and_seeded():
@@ -64,10 +88,13 @@ def test_synthetic_ingest_round_trip(tmp_path):
     assert verify_dataset(root).to_json() == manifest.to_json()
     assert manifest.num_images() == 18 and manifest.report["corrupt"] == 0
     train, deploy = set(manifest.identities("train")), set(manifest.identities("deploy"))
-    assert len(deploy) == 2 and not train & deploy and train | deploy == set(range(6))
+    val = set(manifest.identities("val"))  # data.val_fraction 0.1 of 6 identities: one, from the training side
+    assert len(deploy) == 2 and len(val) == 1 and not train & deploy and not val & (train | deploy)
+    assert train | val | deploy == set(range(6))
     on_disk = json.loads((root / "manifest.json").read_text())
     assert on_disk["split_identities"]["deploy"] == sorted(deploy)
-    assert on_disk["counts"]["train"]["images"] == 12
+    assert on_disk["split_identities"]["val"] == sorted(val)
+    assert on_disk["counts"]["train"]["images"] == 9
     rows = _rows(root)
     assert len(rows) == 18
     for image_id, row in rows.items():

@@ -296,7 +296,7 @@ def _ray_session_dir(ray: Any) -> Path:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ray_cluster) -> Run:
     """Ingest, owner masking, a FaceMAE training in the local mode with checkpoints, previews and
-    validation on deployment faces, then the release (Ray Data actor pool on the session's cluster)
+    validation (on the validation identities), then the release (Ray Data actor pool on the session's cluster)
     with its folder and RecordIO exports; every command's output captured in ``logs/``."""
     root = tmp_path_factory.mktemp("privacy")
     faces = make_folder(root / "faces", identities=8, images=4, seed=11)
@@ -360,7 +360,7 @@ def test_no_removed_pixel_of_a_deployment_face_is_written_anywhere(run, forbidde
     assert {"preview.png", "metrics.jsonl", "weights.safetensors", "mp_rank_00_model_states.pt"} <= written
     assert len(list(run.root.joinpath("runs").rglob("preview.png"))) == 2  # checkpoints 2 and 4 (keep 2)
     metrics = [json.loads(line) for line in (run.root / "runs/privacy/metrics.jsonl").read_text().splitlines()]
-    assert {m["step"] for m in metrics if "val_psnr_masked" in m} == {2, 4}  # validation read deployment faces
+    assert {m["step"] for m in metrics if "val_psnr_masked" in m} == {2, 4}  # validation ran
     assert any(p.suffix in (".log", ".out", ".err") for p in run.outputs[-1].rglob("*"))  # Ray's logs
     assert not found.hits, f"removed pixels of deployment faces were written:\n{describe(found.hits)}"
 

@@ -92,7 +92,9 @@ def test_two_workers_zero2_learn_from_one_stream_of_passes_and_checkpoint(tmp_pa
     # The session's cluster is embedded, as a job's own is: Ray Train started no preemption watcher actor.
     from ray.util.state import list_actors
 
-    classes = {a.class_name for a in list_actors(limit=10_000)}
+    # The session cluster's address: a machine may run other Ray instances (a job in the background).
+    address = ray_cluster.get_runtime_context().gcs_address
+    classes = {a.class_name for a in list_actors(address=address, limit=10_000)}
     assert "RayTrainWorker" in classes and "PreemptionWatcher" not in classes, classes
 
 
@@ -206,7 +208,9 @@ def test_teacher_embeddings_from_an_actor_pool_match_a_direct_computation(tmp_pa
     out = str(tmp_path / "embedded")
     manifest = embed_dataset(config, source=dataset, weights=teacher, output=out)
     original = read_manifest(dataset)
-    assert manifest.num_images() == original.num_images()
+    # The trainer's splits only: the deployment originals are the owner's and are never embedded.
+    assert set(manifest.splits) == {"train", "val"} and original.num_images("deploy") > 0
+    assert manifest.num_images() == original.num_images("train") + original.num_images("val")
     assert [s.file for s in manifest.splits["train"]] == [s.file for s in original.splits["train"]]
     rows = [r for split in manifest.splits for r in iter_rows(manifest.files(out, split))]
     model = load_fr_backbone(teacher)
@@ -217,6 +221,36 @@ def test_teacher_embeddings_from_an_actor_pool_match_a_direct_computation(tmp_pa
     stored = np.stack([np.asarray(r["teacher_emb"], np.float32) for r in rows[:16]])
     np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5)
     assert embed_dataset(config, source=dataset, weights=teacher, output=out).to_json() == manifest.to_json()
+
+
+@pytest.mark.ray
+def test_a_facemae_run_and_its_validation_open_no_deployment_original(tmp_path, teacher, ray_cluster):
+    """DESIGN.md "Who sees what": once the owner has masked them, the deployment originals are taken out of
+    the trainer's view (their shards deleted); the teacher embedding (a Ray Data pool), a two-worker FaceMAE
+    run and its validation still run, from the train and val splits alone."""
+    from facemae.data.ingest import ingest
+    from facemae.data.owner import mask_dataset
+    from facemae.generate.embed import embed_dataset
+    from facemae.train.trainer import train
+
+    root, embedded = tmp_path / "orig", str(tmp_path / "embedded")
+    config = _config(tmp_path, str(root), teacher, "name=no-deploy", "data.num_identities=12",
+                     "data.images_per_identity=4", "data.deploy_fraction=0.25", "data.val_fraction=0.17",
+                     "data.rows_per_shard=16", "data.workers=1", f"mask.output={tmp_path / 'masked'}",
+                     "mask.splits=[deploy]", "train.num_workers=2", "train.max_steps=4", "train.val_every=2",
+                     "train.val_images=8", "train.checkpoint_every=4")
+    original = ingest(config)
+    mask_dataset(config)
+    deploy = original.files(str(root), "deploy")
+    assert deploy and original.identities("val") and not set(original.identities("val")) & set(
+        original.identities("deploy"))
+    for shard in deploy:
+        Path(shard).unlink()
+    assert set(embed_dataset(config, source=str(root), weights=teacher, output=embedded).splits) == {"train", "val"}
+    result = train(config, dataset=embedded)
+    validated = [m for m in _metrics(result.run_dir) if "val_psnr_masked" in m]
+    assert [m["step"] for m in validated] == [2, 4] and all(np.isfinite(m["val_psnr_masked"]) for m in validated)
+    assert Path(result.checkpoint).name == "checkpoint_00000004"
 
 
 def test_training_refuses_teacher_embeddings_of_another_view(tmp_path, dataset, teacher):

@@ -44,6 +44,10 @@ class DataConfig:
             photos: shading, texture, lens blur, sensor noise, JPEG) or ``cartoon`` (flat shapes under
             pixel noise, the generator before styles existed: a second domain). Synthetic only.
         deploy_fraction: Fraction of identities held out as the disjoint deployment set.
+        val_fraction: Fraction of all identities carved out of the training side as the validation
+            split (``val/``): held-out identities the trainer may read, for in-training validation
+            (``train.val_every``), so that the trainer never opens a deployment original. Disjoint
+            from ``train`` and ``deploy``; the deployment identities are the same as with 0.
         rows_per_shard: Target rows per Parquet shard.
         resize: Center-crop and resize images that are not 112x112 instead of rejecting them.
         convert_rgb: Convert grayscale / RGBA / palette images to RGB instead of rejecting them.
@@ -66,6 +70,7 @@ class DataConfig:
     seed: int = 0
     style: str = "photo"
     deploy_fraction: float = 0.2
+    val_fraction: float = 0.1
     rows_per_shard: int = 1000
     resize: bool = False
     convert_rgb: bool = False
@@ -85,6 +90,10 @@ class DataConfig:
         if not 0.0 <= self.deploy_fraction < 1.0:
             raise ValueError(f"data.deploy_fraction={self.deploy_fraction} must be in [0, 1): it is the share "
                              "of identities held out for deployment")
+        if self.val_fraction < 0 or self.deploy_fraction + self.val_fraction >= 1:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be >= 0 and leave training identities: "
+                             f"data.deploy_fraction + data.val_fraction = {self.deploy_fraction + self.val_fraction} "
+                             "must be below 1")
         if self.rows_per_shard < 1:
             raise ValueError(f"data.rows_per_shard={self.rows_per_shard} must be >= 1")
         if self.workers < 0:

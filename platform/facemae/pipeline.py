@@ -48,8 +48,8 @@ def run_training_job(config: Config, *, overwrite: bool = False,
     if config.train.task == "mae":
         config.check_mae_patch_size()  # before hours of teacher training, not after
     original = ingest(config, overwrite=overwrite)
-    say(f"dataset  {config.data.output}: {original.num_images('train')} training and "
-        f"{original.num_images('deploy')} deployment images, {original.report.get('corrupt', 0)} refused")
+    say(f"dataset  {config.data.output}: {original.num_images('train')} training, {original.num_images('val')} "
+        f"validation and {original.num_images('deploy')} deployment images, {original.report.get('corrupt', 0)} refused")
     masked = mask_dataset(config, overwrite=overwrite)
     say(f"masked   {config.masked_output()}: {masked.num_images()} faces, {masked.mask['keep']} of "
         f"{masked.mask['num_patches']} patches visible" + _skipped(masked))

@@ -1,7 +1,8 @@
 """Ingest: synthetic faces, an image folder or an InsightFace RecordIO pack -> Parquet shards + manifest.
 
 Identities are split once, by a seeded permutation, into a training set and a disjoint deployment
-set; each split is cut into shards of ``rows_per_shard`` rows built by independent work units, so
+set, and a second permutation carves a validation set out of the training side (the trainer's own
+held-out identities: it validates without opening a deployment original); each split is cut into shards of ``rows_per_shard`` rows built by independent work units, so
 large inputs run as Ray tasks and an interrupted ingest resumes where it stopped.
 """
 
@@ -66,8 +67,10 @@ def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
         return done
     source = resolve_source(data)
     train_ids, deploy_ids = split_identities(sorted(source.items), fraction=data.deploy_fraction, seed=data.seed)
+    train_ids, val_ids = carve_validation(train_ids, count=int(round(data.val_fraction * len(source.items))),
+                                          seed=data.seed)
     units = []
-    for split, ids in zip(SPLITS, (train_ids, deploy_ids)):
+    for split, ids in zip(SPLITS, (train_ids, val_ids, deploy_ids)):
         items = [item for i in ids for item in source.items[i]]
         for index, start in enumerate(range(0, len(items), data.rows_per_shard)):
             payload = {"source": source.kind, "items": items[start:start + data.rows_per_shard],
@@ -92,6 +95,8 @@ def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
 def _fingerprint(data: DataConfig) -> dict[str, Any]:
     """The settings a finished dataset must have been built with (its manifest's ``settings``)."""
     settings = {k: v for k, v in asdict(data).items() if k not in ("output", "workers", "ray_threshold")}
+    if data.val_fraction == 0:
+        settings.pop("val_fraction")  # as datasets made before the validation split, which stay reusable
     if data.source != "synthetic":
         settings.pop("style")  # only the generator draws in a style: a folder's dataset stays reusable
         return {"stage": "ingest", "data": settings}
@@ -124,6 +129,23 @@ def _check_generator(data: DataConfig, *, overwrite: bool) -> bool:
            if still else "pass --overwrite to re-ingest them (no style draws that version any more)")
     raise DatasetError(f"{data.output} holds synthetic faces drawn by generator version {version} (style {style}), "
                        f"not version {want} (style {data.style}) that this run draws; {fix}")
+
+
+def carve_validation(train: Sequence[int], *, count: int, seed: int) -> tuple[list[int], list[int]]:
+    """Carves ``count`` validation identities out of the training identities by a seeded permutation.
+
+    The deployment identities are drawn first and do not depend on this, so a dataset with a validation
+    split deploys the same identities as one without. At least one training identity is kept.
+
+    Returns:
+        ``(train, val)``, disjoint, sorted, together the input.
+    """
+    train = sorted(train)
+    count = min(count, len(train) - 1) if train else 0
+    order = np.random.default_rng([seed, 0x7A1]).permutation(len(train))
+    val = sorted(train[i] for i in order[:max(count, 0)])
+    taken = set(val)
+    return [i for i in train if i not in taken], val
 
 
 def split_identities(ids: Sequence[int], *, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from facemae import console, storage
 from facemae.config import RayConfig
-from facemae.data.shards import MANIFEST, DatasetError, Manifest, ShardInfo, read_manifest, sha256_file, verify_dataset
+from facemae.data.shards import (MANIFEST, SPLITS, DatasetError, Manifest, ShardInfo, read_manifest, sha256_file,
+                                 verify_dataset)
 
 JOURNAL = ".facemae-progress.jsonl"
 REPORT_LIMIT = 10_000  # skipped records listed one by one in a manifest's report; all are counted
@@ -112,7 +113,7 @@ def prepare_output(root: str | os.PathLike, *, overwrite: bool) -> None:
                                "or choose another output folder")
         shutil.rmtree(root)
     if root.exists():
-        foreign = [p.name for p in root.iterdir() if p.name not in (JOURNAL, "train", "deploy")]
+        foreign = [p.name for p in root.iterdir() if p.name not in (JOURNAL, *SPLITS)]
         if foreign:
             raise DatasetError(f"{root} holds files facemae did not write ({', '.join(sorted(foreign)[:5])}); "
                                "choose an empty or new output folder")
@@ -128,7 +129,7 @@ def _prepare_remote_output(root: str, *, overwrite: bool) -> None:
             raise DatasetError(f"{root} already holds a finished dataset; pass --overwrite to replace it "
                                "or choose another output location")
         storage.delete_tree(root)
-    foreign = sorted({f.split("/")[0] for f in storage.list_files(root)} - {JOURNAL, "train", "deploy"})
+    foreign = sorted({f.split("/")[0] for f in storage.list_files(root)} - {JOURNAL, *SPLITS})
     if foreign:
         raise DatasetError(f"{root} holds objects facemae did not write ({', '.join(foreign[:5])}); "
                            "choose an empty or new output prefix")

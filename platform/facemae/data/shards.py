@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 from dataclasses import MISSING, asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,7 +26,8 @@ from facemae import storage
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "deploy")
+SPLITS = ("train", "val", "deploy")  # training, validation (training side) and deployment identities
+TRAINER_SPLITS = ("train", "val")  # what the trainer may read of the originals (DESIGN.md, "Who sees what")
 
 ORIGINAL_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
@@ -234,8 +235,13 @@ def _check_keys(raw: Any, cls: type, types: dict[str, tuple[type, ...]], *, wher
             raise DatasetError(f"{where}: {key} must be {expected}, found {json.dumps(value)[:40]}; {fix}")
 
 
-def verify_dataset(root: str | os.PathLike) -> Manifest:
+def verify_dataset(root: str | os.PathLike, *, splits: Sequence[str] | None = None) -> Manifest:
     """Checks every shard named by the manifest exists with the recorded checksum and row count.
+
+    Args:
+        root: Dataset folder.
+        splits: Only these splits' shards (a trainer checks what it reads, never the owner's ``deploy``
+            originals); all by default.
 
     Raises:
         DatasetError: Naming each missing or changed shard, and how to rewrite the dataset (the
@@ -243,7 +249,9 @@ def verify_dataset(root: str | os.PathLike) -> Manifest:
     """
     manifest = read_manifest(root)
     problems = []
-    for shards in manifest.splits.values():
+    for split, shards in manifest.splits.items():
+        if splits is not None and split not in splits:
+            continue
         for s in shards:
             path = storage.join(root, s.file)
             if not storage.is_file(path):

@@ -2,8 +2,9 @@
 
 IRM compares the teacher's embeddings of the originals with those of the reconstructions; the first
 never change, so FaceMAE training reads them from a ``teacher_emb`` column instead of running the
-teacher on every original at every step. The output is a new original dataset (same splits, shard
-names and rows, plus ``teacher_emb``), written shard by shard, atomically and resumably. The
+teacher on every original at every step. The output is a new original dataset of the trainer's splits
+(``train`` and ``val``, same shard names and rows, plus ``teacher_emb``; never the owner's deployment
+originals), written shard by shard, atomically and resumably. The
 embeddings are of the IRM view the config names (``loss.irm_view``: the raw image or its Gaussian
 low-pass), recorded in the manifest as ``source.teacher_view``; training refuses a dataset embedded
 with another view.
@@ -21,7 +22,8 @@ from facemae import storage
 from facemae.allocator import retain_freed_memory
 from facemae.config import Config, LossConfig
 from facemae.data.runner import REPORT_LIMIT, Journal, UnitResult, corrupt_report, prepare_output, reusable
-from facemae.data.shards import MANIFEST, ORIGINAL_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
+from facemae.data.shards import (MANIFEST, ORIGINAL_SCHEMA, TRAINER_SPLITS, Manifest, sha256_file, verify_dataset,
+                                 write_shard)
 from facemae.data.stream import shard_rows
 from facemae.generate.streaming import write_as_shards_complete
 from facemae.losses.irm import view_name
@@ -100,7 +102,7 @@ def embed_dataset(config: Config, *, source: str, weights: str, output: str | No
 
     storage.configure(**asdict(config.storage))
     weights = check_weights(weights, task="fr").location
-    original = verify_dataset(source)
+    original = verify_dataset(source, splits=TRAINER_SPLITS)
     if original.kind != "original":
         raise ValueError(f"{source} is a {original.kind} dataset; teacher embeddings are computed on originals")
     weights_sha = sha256_file(weights)
@@ -112,16 +114,18 @@ def embed_dataset(config: Config, *, source: str, weights: str, output: str | No
         return done
     prepare_output(output, overwrite=overwrite)
     journal = Journal(output, fingerprint)
-    shards = {storage.join(source, s.file): (split, s) for split, group in original.splits.items() for s in group}
+    # The trainer's splits only: the deployment originals are the owner's, and FaceMAE never trains on them.
+    owned = {split: group for split, group in original.splits.items() if split in TRAINER_SPLITS}
+    shards = {storage.join(source, s.file): (split, s) for split, group in owned.items() for s in group}
     todo = {path: v for path, v in shards.items() if v[1].file not in journal.done}
     if todo:
         _stream(config, todo, weights=weights, output=output, journal=journal)
-    results = [journal.done[s.file] for group in original.splits.values() for s in group]
+    results = [journal.done[s.file] for group in owned.values() for s in group]
     manifest = Manifest(
         kind="original", settings=fingerprint, report=_report(original.report, results),
         identity_names=original.identity_names,
         source={**original.source, "embedded_from": str(source), "teacher": str(weights), "teacher_view": view},
-        splits={split: [journal.done[s.file].shard for s in group] for split, group in original.splits.items()})
+        splits={split: [journal.done[s.file].shard for s in group] for split, group in owned.items()})
     manifest.write(output)
     journal.finish()
     return manifest

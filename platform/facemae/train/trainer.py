@@ -56,7 +56,7 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train",
     """
     storage.configure(**asdict(config.storage))  # where s3:// locations of the config point
     root = dataset or config.data.output
-    manifest = verify_dataset(root)
+    manifest = verify_dataset(root, splits=[split])  # what this run reads: a trainer never opens deploy originals
     files = manifest.files(root, split)
     if not files:
         raise ValueError(f"{root} has no {split} shards; ingest with 0 < data.deploy_fraction < 1")

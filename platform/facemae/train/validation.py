@@ -1,7 +1,8 @@
 """Validation of a FaceMAE run on held-out identities: the numbers a Tune sweep optimises.
 
-The faces are a seeded draw of ``train.val_images`` from the ``deploy`` split of ``data.output``
-(identities the run never trains on), each masked exactly as the owner's ``facemae mask`` would
+The faces are a seeded draw of ``train.val_images`` from the ``val`` split of ``data.output``
+(identities carved out of the training side that the run never trains on; never the owner's
+deployment originals, which the trainer does not read), each masked exactly as the owner's ``facemae mask`` would
 (``mask.seed`` and the image id fix the mask), so every trial of a sweep with the same mask ratio
 is scored on the same inputs. Reported, with ``val_`` names:
 
@@ -39,7 +40,7 @@ from facemae import storage
 from facemae.config import Config
 from facemae.data.images import decode_rows
 from facemae.data.masking import image_mask_seed, random_keep
-from facemae.data.shards import read_manifest
+from facemae.data.shards import verify_dataset
 from facemae.losses.irm import irm_loss
 from facemae.measures.fidelity import hf_ratio, masked_psnr
 from facemae.measures.privacy import retrieval_leak
@@ -60,17 +61,19 @@ class ValidationSet:
 
 
 def load_validation_set(config: Config, *, device: torch.device) -> ValidationSet:
-    """Draws ``train.val_images`` faces of the ``deploy`` split of ``data.output`` and masks them.
+    """Draws ``train.val_images`` faces of the ``val`` split of ``data.output`` and masks them.
 
     Raises:
-        ValueError: The dataset has no deployment split to validate on.
+        ValueError: The dataset has no validation split to validate on.
         CorruptImageError: A drawn face's image does not decode and ``data.skip_corrupt`` is off.
     """
     root = config.data.output
-    files = read_manifest(root).files(root, "deploy")
+    manifest = verify_dataset(root, splits=["val"])
+    files = manifest.files(root, "val") if "val" in manifest.splits else []
     if not files:
-        raise ValueError(f"train.val_every needs held-out identities, but {root} has no deploy split; ingest with "
-                         "data.deploy_fraction > 0 or set train.val_every=0")
+        raise ValueError(f"train.val_every needs validation identities, but {root} has no val split; ingest with "
+                         "data.val_fraction > 0 (it carves them out of the training identities; --overwrite to "
+                         "re-ingest) or set train.val_every=0")
     paths, fs = storage.for_arrow(files)  # an s3:// dataset through its endpoint
     path_of = dict(zip(files, paths))
     index = [(f, i, image_id, identity) for f in files
