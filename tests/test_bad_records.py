@@ -29,7 +29,7 @@ from facemae.models.weights import save_weights
 
 # 8 training identities x 4 = 32 training rows (two shards of 16), 2 deployment identities x 4 = 8 rows:
 # 32 rows make whole micro-batches of 8 in one process and on each of two workers (16 rows each).
-DATA = ["data.num_identities=10", "data.images_per_identity=4", "data.deploy_fraction=0.2",
+DATA = ["data.num_identities=10", "data.images_per_identity=4", "data.deploy_fraction=0.2", "data.val_fraction=0",
         "data.rows_per_shard=16", "data.workers=1"]
 TINY = ["model.mae=facemae_vit_tiny_p8", "model.fr=fr_tiny", "model.teacher=fr_tiny", "model.embedding_size=64",
         "train.micro_batch=8", "train.metrics_port=0", "train.base_lr=0.016", "train.warmup_steps=2",
