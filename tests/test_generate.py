@@ -26,6 +26,8 @@ from facemae.generate.export import export_image_folder, export_recordio
 from facemae.generate.release import generate_released
 from facemae.models.weights import save_weights
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -151,6 +153,22 @@ def test_a_killed_generation_reruns_to_exactly_the_input_rows(tmp_path, owner):
     assert sorted(ids) == sorted(r["image_id"] for r in _rows(root / "masked"))
     for rel, mtime in done.items():
         assert (out / rel).stat().st_mtime_ns == mtime, f"{rel} was complete and must not be rewritten"
+
+
+def test_a_folder_export_names_each_file_as_its_image(tmp_path):
+    from conftest import make_folder
+
+    from facemae.generate.export import export_name
+
+    assert export_name("person_01/img.jpg#m1", PNG) == "img#m1.png"
+    assert export_name("person_01/img.JPEG", b"\xff\xd8\xff\xe0") == "img.jpg"
+    assert export_name("syn-000001-0002", PNG) == "syn-000001-0002.png"
+    assert export_name("rec-000000007#m0", PNG) == "rec-000000007#m0.png"
+    faces = make_folder(tmp_path / "in", 2, 2)
+    ingest(load_config(None, ["data.source=folder", f"data.path={tmp_path / 'in'}", f"data.output={tmp_path / 'ds'}",
+                              "data.workers=1", "data.deploy_fraction=0", "data.val_fraction=0"]))
+    assert export_image_folder(str(tmp_path / "ds"), str(tmp_path / "out"), splits=("train",)) == 4
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.*")) == sorted(faces)
 
 
 @pytest.mark.ray

@@ -16,6 +16,19 @@ from facemae.data.recordio import write_recordio
 from facemae.data.shards import iter_rows, verify_dataset
 
 EXPORT_SPLITS = ("deploy", "train")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+
+
+def export_name(image_id: str, data: bytes) -> str:
+    """The file name of a row in its identity folder: the image's own name (the last part of a folder
+    source's ``<identity>/<image>`` id), with its image suffix replaced by that of the bytes' format and a
+    masked copy's ``#m<j>`` kept: ``person_01/img.jpg#m1`` with PNG bytes -> ``img#m1.png``."""
+    name, _, copy = image_id.rpartition("/")[2].partition("#")
+    stem, suffix = os.path.splitext(name)
+    if suffix.lower() not in IMAGE_SUFFIXES:
+        stem = name
+    return stem + (f"#{copy}" if copy else "") + (".jpg" if data[:3] == JPEG_MAGIC else ".png")
 
 
 def _rows(root: str, splits: tuple[str, ...]) -> Iterator[dict]:
@@ -26,7 +39,9 @@ def _rows(root: str, splits: tuple[str, ...]) -> Iterator[dict]:
 
 
 def export_image_folder(released: str, output: str, *, splits: tuple[str, ...] = EXPORT_SPLITS) -> int:
-    """Writes ``<output>/<identity>/<image>.png``; the folder appears whole (temp folder, then rename).
+    """Writes ``<output>/<identity>/<image>.png`` (:func:`export_name`); the folder appears whole (temp
+    folder, then rename). Two images whose names differ only in their suffix (``a.jpg`` and ``a.png``) keep
+    apart: the second is written under its whole id.
 
     Returns:
         The number of images written.
@@ -42,7 +57,10 @@ def export_image_folder(released: str, output: str, *, splits: tuple[str, ...] =
         for row in _rows(released, splits):
             folder = tmp / names.get(str(row["identity"]), f"{row['identity']:06d}")
             folder.mkdir(exist_ok=True)
-            (folder / (row["image_id"].replace("/", "_") + ".png")).write_bytes(row["image"])
+            path = folder / export_name(row["image_id"], row["image"])
+            if path.exists():  # a.jpg after a.png: the whole id is unique in the dataset
+                path = folder / (row["image_id"].replace("/", "_") + path.suffix)
+            path.write_bytes(row["image"])
             count += 1
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
