@@ -301,6 +301,22 @@ def test_teacher_embedding_checks_the_teacher_on_the_driver(tmp_path, dataset, w
     assert not (tmp_path / "embedded").exists()
 
 
+def test_a_facemae_run_checks_its_teacher_and_judge_on_the_driver_naming_the_key(tmp_path, dataset, weights, no_ray):
+    from facemae.train.trainer import train
+
+    root, args = dataset
+    base = [*args, "train.task=mae", "model.mae=facemae_vit_tiny_p8", "train.num_workers=2", "train.max_steps=2",
+            f"train.storage_path={tmp_path / 'runs'}"]
+    missing = tmp_path / "no-teacher" / "weights.safetensors"
+    with pytest.raises(WeightsError) as exc:
+        train(load_config(None, [*base, f"train.teacher={missing}"]))
+    assert str(exc.value).startswith(f"train.teacher={missing}: {missing} does not exist; pass the weights")
+    with pytest.raises(WeightsError, match=rf"^train.judge={weights['mae']}: .* holds FaceMAE weights .*, but an FR "):
+        train(load_config(None, [*base, f"train.teacher={weights['fr']}", f"train.judge={weights['mae']}",
+                                 "train.val_every=1"]))
+    assert not (tmp_path / "runs").exists()
+
+
 # 6. What a user sees: a real process, one line, no traceback.
 
 def test_the_command_line_shows_one_line_and_no_traceback(tmp_path, dataset, weights):

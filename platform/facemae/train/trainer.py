@@ -64,6 +64,7 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train",
     _check_teacher_view(config, manifest.source, root)
     if (done := finished_run(config)) is not None:
         return done
+    _check_frozen_nets(config)
     # One MLflow run per run folder (tracking.mlflow_uri): opened here, logged to by rank 0, ended here.
     with tracked_run(config, folder=config.run_dir(), name=config.name, kind="train") as tracked:
         if config.train.num_workers == 0:
@@ -86,6 +87,30 @@ def _check_teacher_view(config: Config, source: dict[str, Any], root: str) -> No
         raise ValueError(f"{root} holds teacher embeddings of the {stored!r} IRM view but this run trains with "
                          f"{wanted!r} (loss.irm_view / loss.irm_blur_sigma); train on {source['embedded_from']} "
                          "re-embedded with this config (facemae.generate.embed.embed_dataset), or match the loss")
+
+
+def _check_frozen_nets(config: Config) -> None:
+    """The teacher and judge a FaceMAE run will load, checked on the driver before any Ray work: a missing
+    or wrong file fails once, in one line naming the config key, instead of in every worker after start-up.
+
+    Raises:
+        WeightsError: ``train.teacher=<path>: ...`` or ``train.judge=<path>: ...`` and what to pass instead.
+    """
+    from facemae.models.weights import WeightsError, check_weights
+
+    train = config.train
+    if train.task != "mae":
+        return
+    needed = []
+    if train.teacher and (config.loss.lambda_irm > 0 or train.val_every):  # IRM, or validation's val_irm
+        needed.append(("train.teacher", train.teacher))
+    if train.judge and train.val_every:  # validation's leaks
+        needed.append(("train.judge", train.judge))
+    for key, path in needed:
+        try:
+            check_weights(path, task="fr")
+        except WeightsError as exc:
+            raise WeightsError(f"{key}={path}: {exc}") from None
 
 
 def finished_run(config: Config) -> TrainResult | None:
