@@ -317,6 +317,39 @@ def test_a_facemae_run_checks_its_teacher_and_judge_on_the_driver_naming_the_key
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("error, says", [
+    (PermissionError(13, "Permission denied", "/data/faces/manifest.json"),
+     "/data/faces/manifest.json: permission denied; give this user access to it (chmod / chown) or choose another "
+     "location"),
+    (IsADirectoryError(21, "Is a directory", "/data/lfw.bin"),
+     "/data/lfw.bin: is a directory; a file is needed there, not a folder: give the file's path"),
+    (NotADirectoryError(20, "Not a directory", "/data/notes.txt/part-0.parquet"),
+     "/data/notes.txt/part-0.parquet: not a directory; a part of the path is a file, not a folder: fix the path"),
+])
+def test_a_refused_path_is_one_line_naming_it_and_the_fix(capsys, monkeypatch, error, says):
+    def refuse(path: str) -> None:
+        raise error
+
+    monkeypatch.setattr(cli, "verify_dataset", refuse)  # where the file system said no is not what is tested
+    assert error_line(capsys, "verify", "/data/faces") == f"facemae verify: error: {says}"
+
+
+def test_an_unwritable_output_folder_is_one_line(tmp_path, capsys):
+    # /sys refuses new folders even to root (EPERM), where chmod would not stop a root test run.
+    try:
+        os.mkdir("/sys/facemae-probe")
+    except PermissionError:
+        pass
+    except OSError as exc:  # pragma: no cover - e.g. a read-only /sys (EROFS)
+        pytest.skip(f"/sys refuses with {exc.strerror}, not a permission error, here")
+    else:  # pragma: no cover - a machine where /sys takes folders
+        os.rmdir("/sys/facemae-probe")
+        pytest.skip("/sys accepts new folders here")
+    line = error_line(capsys, "ingest", "--output", "/sys/facemae-out", "--set", "data.num_identities=2",
+                      "--set", "data.images_per_identity=1", "--set", "data.workers=1")
+    assert line.startswith("facemae ingest: error: /sys/facemae-out: operation not permitted; give this user access")
+
+
 # 6. What a user sees: a real process, one line, no traceback.
 
 def test_the_command_line_shows_one_line_and_no_traceback(tmp_path, dataset, weights):

@@ -25,7 +25,12 @@ from facemae.data.shards import DatasetError, Manifest, verify_dataset
 from facemae.train.guard import NonFiniteLossError
 
 # Errors a user fixes (input, config, a diverged run's learning rate): one line and exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, TimeoutError, sdk.JobFailedError, NonFiniteLossError)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ConnectionError,
+               TimeoutError, sdk.JobFailedError, NonFiniteLossError)
+# What fixes each file-system refusal, after the path and the system's reason.
+PATH_FIXES = {PermissionError: "give this user access to it (chmod / chown) or choose another location",
+              IsADirectoryError: "a file is needed there, not a folder: give the file's path",
+              NotADirectoryError: "a part of the path is a file, not a folder: fix the path"}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -290,7 +295,11 @@ SUBCOMMANDS: dict[str, tuple[Options, Run, dict[str, str] | None]] = {
 
 
 def one_line(exc: BaseException) -> str:
-    """A user error's message on one line (a failed job's summary: its log was already followed)."""
+    """A user error's message on one line (a failed job's summary: its log was already followed; a refused
+    path as ``<path>: <reason>; <fix>`` rather than Python's ``[Errno 13] Permission denied: '<path>'``)."""
+    fix = next((text for kind, text in PATH_FIXES.items() if isinstance(exc, kind)), None)
+    if fix and isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {(exc.strerror or type(exc).__name__).lower()}; {fix}"
     message = exc.summary if isinstance(exc, sdk.JobFailedError) else str(exc)
     return " ".join(line.strip() for line in message.splitlines() if line.strip()) or type(exc).__name__
 
