@@ -253,6 +253,29 @@ def test_a_facemae_run_and_its_validation_open_no_deployment_original(tmp_path, 
     assert Path(result.checkpoint).name == "checkpoint_00000004"
 
 
+def test_previews_of_two_runs_over_the_same_data_show_the_same_faces(tmp_path, dataset, teacher):
+    from PIL import Image
+
+    from facemae.data.images import decode_rgb
+    from facemae.train.trainer import train
+
+    grids = []
+    for seed in (0, 1):
+        config = _config(tmp_path, dataset, teacher, f"name=preview-{seed}", f"train.seed={seed}", "train.num_workers=0",
+                         "train.max_steps=2", "train.checkpoint_every=1", "loss.lambda_irm=0")
+        run = Path(train(config).run_dir)
+        first, last = (np.asarray(Image.open(run / f"checkpoint_0000000{s}" / "preview.png")) for s in (1, 2))
+        np.testing.assert_array_equal(first[224:], last[224:])  # the same originals at every checkpoint
+        grids.append(last)
+    assert grids[0].shape == (3 * 112, 8 * 112, 3)
+    np.testing.assert_array_equal(grids[0][:112], grids[1][:112])  # the same owner's masks
+    np.testing.assert_array_equal(grids[0][224:], grids[1][224:])  # the same faces ...
+    assert not np.array_equal(grids[0][112:224], grids[1][112:224])  # ... reconstructed by different runs
+    # ... the first 8 image ids of the validation split, in their shard's order.
+    rows = sorted(iter_rows(read_manifest(dataset).files(dataset, "val")), key=lambda r: r["image_id"])[:8]
+    np.testing.assert_array_equal(grids[0][224:], np.concatenate([decode_rgb(r["image"]) for r in rows], axis=1))
+
+
 def test_training_refuses_teacher_embeddings_of_another_view(tmp_path, dataset, teacher):
     from facemae.train.trainer import _check_teacher_view
 

@@ -68,6 +68,7 @@ class WorkerContext:
         self._corrupt_new: set[int] = set()  # uids this rank skipped since then
         self._restoring: str | None = None  # the checkpoint folder restore_dir() hands out
         self._gather_group: Any = None
+        self._preview: Any = None  # the preview's faces (validation.ValidationSet), loaded at the first checkpoint
         self._attempt: int | None = None  # of this run: read from metrics.jsonl at the first line
         self._logged_before = 0  # highest step an earlier attempt logged
         self._metrics_log: storage.AppendLog | None = None  # rank 0's metrics.jsonl, opened at its first line
@@ -219,16 +220,22 @@ class WorkerContext:
         if self.config.train.debug_state_dir:
             _dump(engine, Path(self.config.train.debug_state_dir) / f"restored_step{step:08d}_rank{self.rank}.pt")
 
-    def write_preview(self, engine: Any, batch: dict[str, torch.Tensor], directory: Path) -> None:
-        """A PNG grid of masked / reconstructed / original faces (FaceMAE runs), next to the checkpoint.
+    def write_preview(self, engine: Any, directory: Path) -> None:
+        """A PNG grid of masked / reconstructed / original faces (FaceMAE runs), next to the checkpoint: the
+        same faces at every checkpoint and in every run over the same data (``load_preview_set``).
 
         Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 writes.
         """
         if self.config.train.task != "mae":
             return
-        mae = engine.module.mae
-        n = min(8, len(batch["image"]))
-        imgs, mask = batch["image"][:n], batch["mask"][:n]
+        if self._preview is None:
+            from facemae.train.validation import load_preview_set
+
+            self._preview = load_preview_set(self.config, device=next(engine.module.parameters()).device)
+        mae, faces = engine.module.mae, self._preview
+        if not faces.image_id:
+            return  # every preview face is corrupt (data.skip_corrupt): nothing to show
+        imgs, mask = faces.images.to(next(mae.parameters()).dtype), faces.mask
         with torch.no_grad():
             _, pred, _ = mae(imgs, mask=mask)
             released = mae.compose(imgs, pred, mask, paste_visible=self.config.loss.paste_visible)

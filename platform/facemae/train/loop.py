@@ -92,7 +92,7 @@ def _train(config: Config, ctx: WorkerContext, engine: Any, module: torch.nn.Mod
                 last.update(validator(engine.module.mae, dtype=dtype))
             if progress.step % train.checkpoint_every == 0 or progress.step == train.max_steps:
                 guard.check_state(probe_loss(engine, batch, world_size=ctx.world_size), step=progress.step)
-                _checkpoint(engine, ctx, progress, last, batch, guard=guard)
+                _checkpoint(engine, ctx, progress, last, guard=guard)
             elif progress.step % train.log_every == 0 or validated:
                 ctx.report(last, None)
             if progress.step >= train.max_steps:
@@ -127,14 +127,14 @@ def _log_metrics(out: dict[str, torch.Tensor], engine: Any, progress: Progress) 
     return metrics
 
 
-def _checkpoint(engine: Any, ctx: WorkerContext, progress: Progress, metrics: dict[str, Any],
-                batch: dict[str, torch.Tensor], *, guard: StepGuard) -> None:
+def _checkpoint(engine: Any, ctx: WorkerContext, progress: Progress, metrics: dict[str, Any], *,
+                guard: StepGuard) -> None:
     tag = f"step{progress.step:08d}"
     with ctx.checkpoint_dir(progress.step) as directory:
         ds.save(engine, directory, tag=tag, rank=ctx.rank,
                 client_state={"progress": asdict(progress), "guard": guard.state_dict()})
         ctx.saved(engine, directory, progress.step)
-        ctx.write_preview(engine, batch, Path(directory))
+        ctx.write_preview(engine, Path(directory))
         if ctx.rank == 0:
             (Path(directory) / PROGRESS).write_text(json.dumps(asdict(progress)) + "\n")
         ctx.report(metrics, directory)

@@ -60,6 +60,9 @@ class ValidationSet:
     skipped: list[str] = field(default_factory=list)  # image_ids drawn but left out as corrupt
 
 
+PREVIEW_FACES = 8  # faces in a checkpoint's preview.png
+
+
 def load_validation_set(config: Config, *, device: torch.device) -> ValidationSet:
     """Draws ``train.val_images`` faces of the ``val`` split of ``data.output`` and masks them.
 
@@ -74,38 +77,62 @@ def load_validation_set(config: Config, *, device: torch.device) -> ValidationSe
         raise ValueError(f"train.val_every needs validation identities, but {root} has no val split; ingest with "
                          "data.val_fraction > 0 (it carves them out of the training identities; --overwrite to "
                          "re-ingest) or set train.val_every=0")
-    paths, fs = storage.for_arrow(files)  # an s3:// dataset through its endpoint
-    path_of = dict(zip(files, paths))
-    index = [(f, i, image_id, identity) for f in files
-             for i, (image_id, identity) in enumerate(zip(*pq.read_table(path_of[f], columns=["image_id", "identity"],
-                                                                         filesystem=fs).to_pydict().values()))]
+    index = _index(files)
     n = min(config.train.val_images, len(index))
     picked = sorted(np.random.default_rng(config.train.seed).choice(len(index), n, replace=False))
-    chosen = [index[j] for j in picked]
+    faces = _masked_faces(config, [index[j] for j in picked], device=device)
+    if not faces.image_id and faces.skipped:
+        raise ValueError(f"every face drawn for validation from {root} is corrupt ({faces.skipped[:3]}...); rebuild "
+                         "the dataset or set train.val_every=0")
+    return faces
+
+
+def load_preview_set(config: Config, *, device: torch.device) -> ValidationSet:
+    """The faces of every checkpoint's preview: the first :data:`PREVIEW_FACES` image ids of the ``val`` split
+    of ``data.output`` (of ``train`` where there is none), masked as the owner would. Chosen by id, not by
+    seed or batch, so the previews of two runs over the same data show the same faces side by side."""
+    root = config.data.output
+    manifest = verify_dataset(root, splits=["val"])
+    split = "val" if manifest.splits.get("val") else "train"
+    index = sorted(_index(manifest.files(root, split)), key=lambda c: c[2])
+    return _masked_faces(config, index[:PREVIEW_FACES], device=device)
+
+
+def _index(files: list[str]) -> list[tuple[str, int, str, int]]:
+    """``(file, row, image_id, identity)`` of every row of the shards, in order."""
+    paths, fs = storage.for_arrow(files)  # an s3:// dataset through its endpoint
+    return [(f, i, image_id, identity) for f, path in zip(files, paths)
+            for i, (image_id, identity) in enumerate(zip(*pq.read_table(path, columns=["image_id", "identity"],
+                                                                        filesystem=fs).to_pydict().values()))]
+
+
+def _masked_faces(config: Config, chosen: list[tuple[str, int, str, int]], *, device: torch.device) -> ValidationSet:
+    """Decodes the chosen rows (corrupt ones left out and listed, or raised for) and masks each face with the
+    owner's mask of its image id (``mask.seed``, ``mask.ratio``)."""
+    paths, fs = storage.for_arrow(list(dict.fromkeys(c[0] for c in chosen)))
+    path_of = dict(zip(dict.fromkeys(c[0] for c in chosen), paths))
     pixels, reasons = [], []
-    for f in dict.fromkeys(c[0] for c in chosen):  # read each file's image column once
+    for f in path_of:  # read each file's image column once
         images = pq.read_table(path_of[f], columns=["image"], filesystem=fs).column("image")
         rows = [c for c in chosen if c[0] == f]
         decoded, why = decode_rows([images[i].as_py() for _, i, _, _ in rows], image_ids=[c[2] for c in rows],
                                    paths=[f] * len(rows), skip_corrupt=config.data.skip_corrupt)
         pixels += list(decoded)
         reasons += why
-    skipped = [c[2] for c, why in zip(chosen, reasons) if why]
+    ordered = [c for f in path_of for c in chosen if c[0] == f]  # the order pixels were decoded in
+    skipped = [c[2] for c, why in zip(ordered, reasons) if why]
     pixels = [p for p, why in zip(pixels, reasons) if not why]
-    chosen = [c for c, why in zip(chosen, reasons) if not why]
-    n = len(chosen)
-    if n == 0 and skipped:
-        raise ValueError(f"every face drawn for validation from {root} is corrupt ({skipped[:3]}...); rebuild the "
-                         "dataset or set train.val_every=0")
+    kept = [c for c, why in zip(ordered, reasons) if not why]
     mask = config.mask
-    keep = np.stack([random_keep(mask.num_patches, mask.keep,
-                                 rng=np.random.default_rng(image_mask_seed(c[2], mask.seed))) for c in chosen])
-    removed = np.ones((n, mask.num_patches), dtype=np.float32)
-    np.put_along_axis(removed, keep, 0.0, axis=1)
-    return ValidationSet(image_id=[c[2] for c in chosen],
-                         images=to_model_range(torch.from_numpy(np.stack(pixels))).to(device),
+    removed = np.ones((len(kept), mask.num_patches), dtype=np.float32)
+    if kept:
+        keep = np.stack([random_keep(mask.num_patches, mask.keep,
+                                     rng=np.random.default_rng(image_mask_seed(c[2], mask.seed))) for c in kept])
+        np.put_along_axis(removed, keep, 0.0, axis=1)
+    images = np.stack(pixels) if pixels else np.zeros((0, 112, 112, 3), dtype=np.uint8)
+    return ValidationSet(image_id=[c[2] for c in kept], images=to_model_range(torch.from_numpy(images)).to(device),
                          mask=torch.from_numpy(removed).to(device),
-                         identity=torch.tensor([c[3] for c in chosen], dtype=torch.int64, device=device),
+                         identity=torch.tensor([c[3] for c in kept], dtype=torch.int64, device=device),
                          skipped=skipped)
 
 
