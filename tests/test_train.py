@@ -276,6 +276,28 @@ def test_previews_of_two_runs_over_the_same_data_show_the_same_faces(tmp_path, d
     np.testing.assert_array_equal(grids[0][224:], np.concatenate([decode_rgb(r["image"]) for r in rows], axis=1))
 
 
+def test_a_killed_and_rerun_local_run_marks_the_steps_it_trains_again(tmp_path, dataset, teacher, monkeypatch):
+    from facemae.train.context import LocalContext
+    from facemae.train.trainer import train
+
+    config = _config(tmp_path, dataset, teacher, "name=killed-local", "train.num_workers=0", "train.max_steps=5",
+                     "train.log_every=1", "train.checkpoint_every=2", "loss.lambda_irm=0")
+    report = LocalContext.report
+
+    def dies_after_logging_step_3(self, metrics, directory):
+        report(self, metrics, directory)
+        if metrics["step"] == 3:
+            raise KeyboardInterrupt  # killed after step 3's line, its last checkpoint at step 2
+
+    monkeypatch.setattr(LocalContext, "report", dies_after_logging_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(LocalContext, "report", report)
+    lines = _metrics(train(config).run_dir)
+    assert [(m["step"], m["attempt"], m.get("repeat", False)) for m in lines] == \
+        [(1, 1, False), (2, 1, False), (3, 1, False), (3, 2, True), (4, 2, False), (5, 2, False)]
+
+
 def test_training_refuses_teacher_embeddings_of_another_view(tmp_path, dataset, teacher):
     from facemae.train.trainer import _check_teacher_view
 
