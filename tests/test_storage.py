@@ -62,6 +62,34 @@ def _body(client, bucket: str, key: str) -> bytes:
 
 # (a) The storage layer itself.
 
+def test_a_long_log_on_a_store_is_uploaded_at_most_every_n_seconds_not_per_line(s3, monkeypatch):
+    """1,000 report lines over 1,000 s of a run: one whole-log upload per line sends O(lines^2) bytes; at most
+    one per 60 s (and the forced one at the end) sends a few dozen copies of the log at most."""
+    _, bucket, client = s3
+    clock = [0.0]
+    monkeypatch.setattr(storage.time, "monotonic", lambda: clock[0])
+    sent = []
+    upload = storage.upload_file
+    monkeypatch.setattr(storage, "upload_file", lambda local, remote: sent.append(Path(local).stat().st_size)
+                        or upload(local, remote))
+    log = storage.AppendLog(f"s3://{bucket}/runs/long/metrics.jsonl", upload_every_s=60)
+    line = json.dumps({"step": 0, "loss": 0.123456789, "lr": 0.001, "images_per_s": 123.45}) + "\n"
+    for step in range(1000):
+        log.write(line)
+        log.flush()
+        clock[0] += 1.0
+        if step == 499:
+            log.flush(force=True)  # a checkpoint: the store's copy reaches this step, whatever the clock
+            assert _body(client, bucket, "runs/long/metrics.jsonl") == (line * 500).encode()
+    log.close()
+    total = len(line) * 1000
+    assert _body(client, bucket, "runs/long/metrics.jsonl") == (line * 1000).encode()
+    assert len(sent) <= 1000 // 60 + 3 and sum(sent) <= (1000 // 60 + 3) * total
+    per_line = sum(len(line) * n for n in range(1, 1001))  # what an upload per line would have sent
+    print(f"log uploads: {len(sent)}, {sum(sent)} bytes, against {per_line} bytes uploading at every line")
+    assert sum(sent) < per_line / 25
+
+
 def test_write_read_list_checksum_and_delete(s3):
     _, bucket, client = s3
     root = f"s3://{bucket}/unit"

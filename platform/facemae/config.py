@@ -312,10 +312,13 @@ class TrainConfig:
         seed: Seed of model init and the local mode's data order.
         log_sample_ids: Each rank appends the ids of the images it trained on to
             ``<run>/sample_ids/rank<r>.txt`` (data lineage audits).
+        log_upload_every_s: With ``storage_path`` on an object store: seconds between uploads of
+            ``metrics.jsonl`` and the sample-id logs (an object cannot grow: each upload sends the whole
+            log), besides the uploads at every checkpoint and at the end of the run.
         debug_state_dir: Write each rank's full training state after every save and restore there
             (resume audits; large).
         val_every: FaceMAE runs: optimizer steps between validations on held-out identities (the
-            ``deploy`` split of ``data.output``), also run at the last step; 0 turns it off. Each
+            ``val`` split of ``data.output``: ``data.val_fraction``), also run at the last step; 0 turns it off. Each
             validation joins that step's report, so a Tune sweep has its objective at every report.
         val_images: Held-out faces of each validation (a seeded draw, masked as the owner would).
         judge: ``weights.safetensors`` of the privacy judge (an FR run apart from the teacher); with
@@ -358,6 +361,7 @@ class TrainConfig:
     metrics_host: str = "127.0.0.1"
     seed: int = 0
     log_sample_ids: bool = False
+    log_upload_every_s: float = 30.0
     debug_state_dir: str = ""
     val_every: int = 0
     val_images: int = 64
@@ -410,6 +414,8 @@ class TrainConfig:
             raise ValueError("train.use_gpu needs Ray Train workers: set train.num_workers >= 1")
         if self.base_lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("train.base_lr must be > 0 and train.min_lr_ratio in [0, 1]")
+        if self.log_upload_every_s < 0:
+            raise ValueError(f"train.log_upload_every_s={self.log_upload_every_s} must be >= 0 (0 = at every report)")
         if self.val_every < 0 or self.val_images < 2:
             raise ValueError(f"train.val_every={self.val_every} must be >= 0 (0 = off) and train.val_images="
                              f"{self.val_images} >= 2")

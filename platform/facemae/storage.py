@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -562,11 +563,14 @@ class AppendLog:
     """A text file that grows by lines (metrics.jsonl, sample ids). Appended in place when local. An
     object cannot grow, so on a store a local copy (started from the object, when there is one) takes
     the lines and :meth:`flush` uploads it whole, replacing the object: a reader sees the log as of
-    the last flush, never half a line."""
+    the last upload, never half a line. Uploads are at most one per ``upload_every_s`` (a whole-log
+    upload per line would send O(lines^2) bytes over a run), plus forced ones (a checkpoint, the end)."""
 
-    def __init__(self, location: PathLike) -> None:
+    def __init__(self, location: PathLike, *, upload_every_s: float = 0.0) -> None:
         self.location = str(location)
         self.remote = is_remote(location)
+        self.upload_every_s = upload_every_s
+        self._uploaded_at = -math.inf
         if self.remote:
             self._local = scratch("log", suffix=".txt")
             if is_file(location):
@@ -583,19 +587,23 @@ class AppendLog:
         return Path(self._local).read_text(encoding="utf-8")
 
     def write(self, text: str) -> None:
-        """Appends ``text``; on disk on return when local, at the next :meth:`flush` on a store."""
+        """Appends ``text``; on disk on return when local, at the next upload on a store."""
         self._file.write(text)
         self._file.flush()
         self._dirty = True
 
-    def flush(self) -> None:
-        """Uploads the log when it is on a store and has grown since the last flush."""
-        if self.remote and self._dirty:
+    def flush(self, *, force: bool = False) -> None:
+        """Uploads the log when it is on a store, has grown since the last upload, and either ``force`` or
+        ``upload_every_s`` have passed since then."""
+        if not (self.remote and self._dirty):
+            return
+        now = time.monotonic()
+        if force or now - self._uploaded_at >= self.upload_every_s:
             upload_file(self._local, self.location)
-        self._dirty = False
+            self._uploaded_at, self._dirty = now, False
 
     def close(self) -> None:
-        self.flush()
+        self.flush(force=True)
         self._file.close()
         if self.remote:
             Path(self._local).unlink(missing_ok=True)

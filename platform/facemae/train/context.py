@@ -72,7 +72,8 @@ class WorkerContext:
         self._attempt: int | None = None  # of this run: read from metrics.jsonl at the first line
         self._logged_before = 0  # highest step an earlier attempt logged
         self._metrics_log: storage.AppendLog | None = None  # rank 0's metrics.jsonl, opened at its first line
-        self._ids_file = storage.AppendLog(storage.join(run_dir, "sample_ids", f"rank{rank:03d}.txt")) \
+        self._ids_file = storage.AppendLog(storage.join(run_dir, "sample_ids", f"rank{rank:03d}.txt"),
+                                           upload_every_s=config.train.log_upload_every_s) \
             if train.log_sample_ids else None
         self._tracker = ReportLogger.create(config, tracked, rank=rank, run_dir=run_dir)  # MLflow, TensorBoard
 
@@ -108,13 +109,21 @@ class WorkerContext:
         if self.rank != 0:
             return
         if self._metrics_log is None:
-            self._metrics_log = storage.AppendLog(storage.join(self.run_dir, METRICS_LOG))
+            self._metrics_log = storage.AppendLog(storage.join(self.run_dir, METRICS_LOG),
+                                                  upload_every_s=self.config.train.log_upload_every_s)
             self._attempt, self._logged_before = _attempt_after(self._metrics_log.text())
         line = {**metrics, "attempt": self._attempt}
         if line.get("step", 0) <= self._logged_before:
             line["repeat"] = True
         self._metrics_log.write(json.dumps(line) + "\n")
-        self._metrics_log.flush()  # on an object store: the whole log, replaced
+        self._metrics_log.flush()  # on an object store: the whole log, replaced, at most every log_upload_every_s
+
+    def upload_logs(self) -> None:
+        """Uploads the logs that grew (an object store's copies) now: with a checkpoint, so the logs on the store
+        reach at least the step a resume starts after."""
+        for log in (self._metrics_log, self._ids_file):
+            if log is not None:
+                log.flush(force=True)
 
     def close(self) -> None:
         """Puts the last lines of the run's logs in place (an object store's copies are uploaded)."""
@@ -185,7 +194,7 @@ class WorkerContext:
 
     def run_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         if self._ids_file is not None:
-            self._ids_file.flush()  # the sample ids up to this report, with it
+            self._ids_file.flush()  # on an object store: the sample ids so far, at most every log_upload_every_s
         images, corrupt = self.sync_run_totals()
         compute_s, wait_s = self.metrics.seconds_totals()
         return {**metrics, "images_trained": images, "corrupt_skipped": corrupt,

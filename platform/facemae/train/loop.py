@@ -138,6 +138,7 @@ def _checkpoint(engine: Any, ctx: WorkerContext, progress: Progress, metrics: di
         if ctx.rank == 0:
             (Path(directory) / PROGRESS).write_text(json.dumps(asdict(progress)) + "\n")
         ctx.report(metrics, directory)
+    ctx.upload_logs()
 
 
 def _restore(engine: Any, ctx: WorkerContext, guard: StepGuard) -> Progress:
