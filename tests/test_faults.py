@@ -95,7 +95,7 @@ def test_main_job_killed_driver_leaves_no_process_behind_and_the_same_command_re
     assert teacher.is_file() and f"teacher  {teacher}" in out.stdout
     manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text())
     masked = json.loads((tmp_path / "syn-masked" / "manifest.json").read_text())
-    assert manifest["counts"]["train"]["images"] + manifest["counts"]["deploy"]["images"] == 12 * 6
+    assert sum(manifest["counts"][split]["images"] for split in ("train", "val", "deploy")) == 12 * 6
     assert list(masked["splits"]) == ["deploy"]
     assert masked["counts"]["deploy"]["images"] == manifest["counts"]["deploy"]["images"]
 

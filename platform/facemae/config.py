@@ -118,7 +118,8 @@ class MaskConfig:
         patch_size: Side of a square patch in pixels; must divide 112.
         ratio: Fraction of patches removed per image.
         seed: Mask seed; each image's mask depends only on this seed and its ``image_id``.
-        splits: Dataset splits to mask.
+        splits: Dataset splits to mask (``train``, ``val``, ``deploy``); the owner's release masks
+            ``deploy``, every job config says so. By default every split.
         output: Folder (or ``s3://`` / ``gs://`` prefix) of the masked dataset; empty means
             ``<data.output>-masked``.
         copies: Masked versions of each face, each with its own mask (``image_id#m<j>``), so that
@@ -129,7 +130,7 @@ class MaskConfig:
     ratio: float = 0.75
     seed: int = 0
     copies: int = 1
-    splits: list[str] = field(default_factory=lambda: ["train", "deploy"])
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "deploy"])
     output: str = ""
 
     @property
@@ -153,9 +154,9 @@ class MaskConfig:
                              f"of the {self.num_patches}; lower the ratio or the patch size")
         if self.copies < 1:
             raise ValueError(f"mask.copies={self.copies} must be >= 1")
-        unknown = sorted(set(self.splits) - {"train", "deploy"})
+        unknown = sorted(set(self.splits) - {"train", "val", "deploy"})
         if unknown or not self.splits:
-            raise ValueError(f"mask.splits={self.splits} must be a non-empty subset of ['train', 'deploy']")
+            raise ValueError(f"mask.splits={self.splits} must be a non-empty subset of ['train', 'val', 'deploy']")
         _check_location("mask.output", self.output)
 
 
