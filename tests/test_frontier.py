@@ -72,9 +72,9 @@ def test_the_paired_comparison_matches_a_hand_computation():
     assert rows[0]["leak_gain_verdict"] == "above"  # the method leaks less in every seed, by a margin
     # A seed whose baseline accuracy lies below the method's lowest point: undefined, not extrapolated.
     low = compare(method, [_point(seeds, base_leak, [0.83, 0.82, 0.79])])[0]
-    assert math.isnan(low["leak_gain"]["per_seed"][2]) and low["leak_gain_verdict"] == "undefined"
+    assert low["leak_gain"]["per_seed"][2] is None and low["leak_gain_verdict"] == "undefined"
     # The baseline's second point leaks more than the method's frontier reaches: undefined, not extrapolated.
-    assert rows[1]["accuracy_gain_verdict"] == "undefined" and math.isnan(rows[1]["accuracy_gain"]["mean"])
+    assert rows[1]["accuracy_gain_verdict"] == "undefined" and rows[1]["accuracy_gain"]["mean"] is None
 
 
 def test_a_seed_missing_from_the_method_or_a_single_seed_is_undefined():
@@ -90,3 +90,43 @@ def test_verdicts():
     assert verdict({"ci95_low": -0.03, "ci95_high": -0.01}) == "below"
     assert verdict({"ci95_low": -0.01, "ci95_high": 0.02}) == "noise"
     assert verdict({"ci95_low": math.nan, "ci95_high": math.nan}) == "undefined"
+
+
+def _sweep_points():
+    """A small sweep in the frontier issue's schema: masked, MAE and FaceMAE at three mask ratios, 3 seeds."""
+    rng = np.random.default_rng(0)
+    points = []
+    for method, lam, acc0, leak0 in (("masked", 0.0, 0.80, 0.05), ("mae", 0.0, 0.86, 0.30), ("facemae", 0.1, 0.88, 0.32)):
+        for i, ratio in enumerate((0.9, 0.75, 0.5)):
+            acc = acc0 + 0.04 * i + rng.normal(0, 0.003, 3)
+            leak = leak0 + 0.15 * i + rng.normal(0, 0.01, 3)
+            points.append({"method": method, "mask_ratio": ratio, "lambda_irm": lam, "options": {},
+                           "seeds": [0, 1, 2], "accuracy": acc.tolist(), "identity_leak@1": leak.tolist(),
+                           "image_leak@1": (leak / 3).tolist(), "psnr_masked": [17.0, 17.1, 16.9],
+                           "hf_ratio": [1.0, 1.1, 0.9]})
+    return points
+
+
+def test_the_frontier_report_holds_every_point_the_comparison_and_a_verdict(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from facemae.eval.frontier import markdown, plot, summarise
+
+    points = _sweep_points()
+    result = summarise(points)
+    assert result["points"] == points and len(result["comparison"]) == 3  # MAE's three points are its frontier
+    assert json.loads(json.dumps(result, allow_nan=False)) == result  # standard JSON: undefined is null, not NaN
+    assert result["verdict"].startswith("Accuracy at equal leak, at each of mae's 3 frontier point(s): ")
+    # FaceMAE's curve lies 0.02 above MAE's at slightly higher leak: above at MAE's two upper points, and
+    # MAE's lowest-leak point lies below FaceMAE's range (undefined, not extrapolated).
+    verdicts = [r["accuracy_gain_verdict"] for r in result["comparison"]]
+    assert verdicts[0] == "undefined" and "above" in verdicts[1:], result["comparison"]
+    text = "\n".join(markdown(result, meta={"commit": "abc1234"}))
+    assert result["verdict"] in text and "| facemae | 0.75 | 0.1 | 3 |" in text and "- commit: abc1234" in text
+    plot(points, str(tmp_path / "frontier.png"), ceiling=(1.0, 0.98))
+    with Image.open(tmp_path / "frontier.png") as png:
+        assert png.format == "PNG" and png.size[0] > 400
+    with pytest.raises(ValueError, match="needs points of 'facemae' and of 'mae'"):
+        summarise([p for p in points if p["method"] != "facemae"])

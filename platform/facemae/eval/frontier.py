@@ -15,6 +15,9 @@ values of verification accuracy (utility, higher is better) and ``identity_leak@
 - A **verdict** per compared point: ``above`` (the interval lies above zero: the method is better there),
   ``below``, ``noise`` (the interval holds zero) or ``undefined`` (outside the method's range in some seed,
   or a single seed).
+
+:func:`summarise`, :func:`markdown` and :func:`plot` make ``frontier.json``, ``frontier.md`` and ``frontier.png``
+from points in the frontier issue's schema (per-seed lists).
 """
 
 from __future__ import annotations
@@ -129,20 +132,121 @@ def compare(method: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]]
 
 
 def _paired(values: list[float]) -> dict[str, Any]:
-    """Mean and 95% t interval of per-seed differences; NaN throughout when any seed's is undefined."""
-    if not values or any(math.isnan(v) for v in values):
-        return {"mean": math.nan, "ci95_low": math.nan, "ci95_high": math.nan, "n": len(values), "per_seed": values}
-    interval = mean_ci(values)
-    return {**interval.to_dict(), "per_seed": values}
+    """Mean and 95% t interval of per-seed differences; None (JSON null) where undefined: everywhere when a
+    seed's difference is, the interval alone for a single seed."""
+    per_seed = [None if math.isnan(v) else v for v in values]
+    if not values or None in per_seed:
+        return {"mean": None, "ci95_low": None, "ci95_high": None, "n": len(values), "per_seed": per_seed}
+    interval = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in mean_ci(values).to_dict().items()}
+    return {**interval, "per_seed": per_seed}
 
 
 def verdict(interval: dict[str, Any]) -> str:
-    """``above`` / ``below`` zero, ``noise`` (the interval holds zero) or ``undefined``."""
+    """``above`` / ``below`` zero, ``noise`` (the interval holds zero) or ``undefined`` (no interval)."""
     low, high = interval["ci95_low"], interval["ci95_high"]
-    if math.isnan(low) or math.isnan(high):
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
         return "undefined"
     if low > 0:
         return "above"
     if high < 0:
         return "below"
     return "noise"
+
+
+POINT_METRICS = ("accuracy", "identity_leak@1", "image_leak@1", "psnr_masked", "hf_ratio")
+
+
+def summarise(points: Sequence[dict[str, Any]], *, method: str = "facemae", baseline: str = "mae") -> dict[str, Any]:
+    """``frontier.json``'s body: the points as given, the comparison of :func:`compare` and a one-line verdict.
+
+    Args:
+        points: ``{"method", "mask_ratio", "lambda_irm", "options", "seeds", <POINT_METRICS>: [per seed]}``.
+        method: The method judged.
+        baseline: What it is judged against.
+    """
+    of = {name: [p for p in points if p["method"] == name] for name in (method, baseline)}
+    if not of[method] or not of[baseline]:
+        raise ValueError(f"a frontier comparison needs points of {method!r} and of {baseline!r}; got methods "
+                         f"{sorted({p['method'] for p in points})}")
+    rows = compare(of[method], of[baseline])
+    return {"points": list(points), "comparison": rows, "verdict": verdict_line(rows, method=method, baseline=baseline)}
+
+
+def verdict_line(rows: Sequence[dict[str, Any]], *, method: str, baseline: str) -> str:
+    """The comparison in words: where (at which of the baseline's frontier leaks) the method's accuracy is
+    above, below, inside the noise or undefined."""
+    by: dict[str, list[float]] = {}
+    for row in rows:
+        by.setdefault(row["accuracy_gain_verdict"], []).append(row["leak"])
+    words = {"above": f"{method} is above {baseline}", "below": f"{method} is below {baseline}",
+             "noise": "the difference is inside the noise", "undefined": f"undefined (outside {method}'s leak range "
+                                                                          "in some seed, or a single seed)"}
+    parts = [f"{words[v]} at identity_leak@1 {', '.join(f'{leak:.3f}' for leak in sorted(by[v]))}"
+             for v in ("above", "below", "noise", "undefined") if v in by]
+    return (f"Accuracy at equal leak, at each of {baseline}'s {len(rows)} frontier point(s): " + "; ".join(parts)
+            + ".")
+
+
+def markdown(result: dict[str, Any], *, meta: dict[str, Any]) -> list[str]:
+    """``frontier.md``: every point (seed means and 95% intervals), the paired comparison, the verdict and
+    where the numbers came from."""
+    lines = ["# Privacy-utility frontiers", "", result["verdict"], "",
+             "| method | mask ratio | lambda | seeds | " + " | ".join(POINT_METRICS) + " |",
+             "|---" * (len(POINT_METRICS) + 4) + "|"]
+    for p in sorted(result["points"], key=lambda p: (p["method"], p["mask_ratio"], p["lambda_irm"])):
+        cells = [mean_ci(p[k]).format(3) if p.get(k) and all(map(math.isfinite, p[k])) else "-" for k in POINT_METRICS]
+        lines.append(f"| {p['method']} | {p['mask_ratio']} | {p['lambda_irm']} | {len(p['seeds'])} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "At each baseline frontier point: the method's accuracy at the same leak and its leak at the same "
+              "accuracy, paired by seed (mean [95% t interval]; + = the method is better).", "",
+              "| baseline leak | baseline accuracy | accuracy gain | verdict | leak gain | verdict |", "|---" * 6 + "|"]
+    for r in result["comparison"]:
+        gain = [_interval_cell(r[k]) for k in ("accuracy_gain", "leak_gain")]
+        lines.append(f"| {r['leak']:.3f} | {r['accuracy']:.3f} | {gain[0]} | {r['accuracy_gain_verdict']} | "
+                     f"{gain[1]} | {r['leak_gain_verdict']} |")
+    return lines + [""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
+
+
+def _interval_cell(interval: dict[str, Any]) -> str:
+    if interval["mean"] is None:
+        return "undefined"
+    if interval["ci95_low"] is None:
+        return f"{interval['mean']:+.4f} (n={interval['n']})"
+    return f"{interval['mean']:+.4f} [{interval['ci95_low']:+.4f}, {interval['ci95_high']:+.4f}]"
+
+
+def plot(points: Sequence[dict[str, Any]], path: str, *, ceiling: tuple[float, float] | None = None) -> None:
+    """Accuracy against identity_leak@1: every point at its seed mean with 95% interval crosses, each method's
+    frontier as a line, the masked release as the floor and the originals (``ceiling``, leak and accuracy)
+    as the ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in dict.fromkeys(p["method"] for p in points):
+        mine = [p for p in points if p["method"] == name]
+        leak, acc = seed_means(mine)
+        half = [[_half(p[k]) for p in mine] for k in (LEAK, ACCURACY)]
+        bars = ax.errorbar(leak, acc, xerr=half[0], yerr=half[1], fmt="o", capsize=2, label=name, linestyle="none",
+                           alpha=0.8)
+        front = pareto_frontier(leak, acc)
+        style = ":" if name == "masked" else "-"
+        ax.plot(front.leak, front.accuracy, style, color=bars[0].get_color())
+        for p, x, y in zip(mine, leak, acc):
+            ax.annotate(f"{p['mask_ratio']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    if ceiling:
+        ax.scatter([ceiling[0]], [ceiling[1]], marker="*", s=120, color="black", label="originals")
+    ax.set(xlabel="identity_leak@1 (lower is more private)", ylabel="verification accuracy",
+           title="privacy-utility frontiers (labels: mask ratio)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _half(values: Sequence[float]) -> float:
+    """Half-width of the 95% t interval of a point's seeds; 0 for a single seed (no cross drawn)."""
+    interval = mean_ci(values)
+    return 0.0 if math.isnan(interval.half_width) else interval.half_width
