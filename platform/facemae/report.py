@@ -52,23 +52,38 @@ def plot_roc(table: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_privacy_utility(table: dict[str, dict[str, Any]], path: Path) -> None:
-    """Each row as a point: identity_leak@1 (privacy, lower is better) against verification accuracy."""
+def plot_privacy_utility(rows: dict[str, dict[str, list[float]]], path: Path, *, chance: float) -> None:
+    """Each row at its seed means, identity_leak@1 (privacy, lower is better) against verification accuracy,
+    with crosses of the 95% t intervals over the seeds (none for a single seed).
+
+    Args:
+        rows: ``row -> metric -> [value per seed]`` (:attr:`facemae.experiment.ExperimentResult.rows`).
+        path: The PNG to write.
+        chance: identity_leak@1 of a judge that guesses.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from facemae.eval.stats import mean_ci
+
+    def half(values: list[float]) -> float:
+        width = mean_ci(values).half_width
+        return 0.0 if np.isnan(width) else width
+
     fig, ax = plt.subplots(figsize=(5, 4))
-    for row, r in table.items():
-        acc = next(iter(r["verification"].values()))["accuracy"]
-        leak = r["privacy"]["identity_leak@1"]
-        ax.scatter([leak], [acc])
-        ax.annotate(row, (leak, acc), textcoords="offset points", xytext=(5, 5))
-    chance = next(iter(table.values()))["privacy"]["identity_chance@1"]
+    seeds = 0
+    for row, metrics in rows.items():
+        leak, acc = metrics["identity_leak@1"], metrics["accuracy"]
+        seeds = max(seeds, len(acc))
+        x, y = float(np.mean(leak)), float(np.mean(acc))
+        ax.errorbar([x], [y], xerr=[half(leak)], yerr=[half(acc)], fmt="o", capsize=3)
+        ax.annotate(row, (x, y), textcoords="offset points", xytext=(5, 5))
     ax.axvline(chance, linestyle=":", color="grey", label="chance leak")
     ax.set(xlabel="identity_leak@1 (lower is more private)", ylabel="verification accuracy",
-           title="privacy-utility plane", xlim=(0, 1.05))  # leak is a fraction; keep the chance line in view
+           title=f"privacy-utility plane ({seeds} seed{'s' if seeds > 1 else ''}, 95% intervals)",
+           xlim=(0, 1.05))  # leak is a fraction; keep the chance line in view
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
