@@ -257,7 +257,7 @@ def write_report(config: Config, result: ExperimentResult) -> str:
         first = result.table
         reconstruction_grid({row: r["dataset"] for row, r in first.items()}, out / "reconstructions.png")
         plot_roc(first, out / "roc.png")
-        plot_privacy_utility(result.rows, out / "privacy_utility.png",
+        plot_privacy_utility(stats["summary"], out / "privacy_utility.png",
                              chance=first["originals"]["privacy"]["identity_chance@1"])
         (out / "report.md").write_text("\n".join(report_lines(config, result, stats, checks)))
     return storage.join(config.experiment.output, "report.md")

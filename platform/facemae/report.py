@@ -52,12 +52,12 @@ def plot_roc(table: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_privacy_utility(rows: dict[str, dict[str, list[float]]], path: Path, *, chance: float) -> None:
+def plot_privacy_utility(summary: dict[str, dict[str, dict[str, float]]], path: Path, *, chance: float) -> None:
     """Each row at its seed means, identity_leak@1 (privacy, lower is better) against verification accuracy,
     with crosses of the 95% t intervals over the seeds (none for a single seed).
 
     Args:
-        rows: ``row -> metric -> [value per seed]`` (:attr:`facemae.experiment.ExperimentResult.rows`).
+        summary: ``row -> metric -> {mean, ci95_low, ci95_high, n}`` (the experiment's ``summarise``).
         path: The PNG to write.
         chance: identity_leak@1 of a judge that guesses.
     """
@@ -66,20 +66,17 @@ def plot_privacy_utility(rows: dict[str, dict[str, list[float]]], path: Path, *,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from facemae.eval.stats import mean_ci
-
-    def half(values: list[float]) -> float:
-        width = mean_ci(values).half_width
+    def half(interval: dict[str, float]) -> float:
+        width = (interval["ci95_high"] - interval["ci95_low"]) / 2
         return 0.0 if np.isnan(width) else width
 
     fig, ax = plt.subplots(figsize=(5, 4))
     seeds = 0
-    for row, metrics in rows.items():
+    for row, metrics in summary.items():
         leak, acc = metrics["identity_leak@1"], metrics["accuracy"]
-        seeds = max(seeds, len(acc))
-        x, y = float(np.mean(leak)), float(np.mean(acc))
-        ax.errorbar([x], [y], xerr=[half(leak)], yerr=[half(acc)], fmt="o", capsize=3)
-        ax.annotate(row, (x, y), textcoords="offset points", xytext=(5, 5))
+        seeds = max(seeds, int(acc["n"]))
+        ax.errorbar([leak["mean"]], [acc["mean"]], xerr=[half(leak)], yerr=[half(acc)], fmt="o", capsize=3)
+        ax.annotate(row, (leak["mean"], acc["mean"]), textcoords="offset points", xytext=(5, 5))
     ax.axvline(chance, linestyle=":", color="grey", label="chance leak")
     ax.set(xlabel="identity_leak@1 (lower is more private)", ylabel="verification accuracy",
            title=f"privacy-utility plane ({seeds} seed{'s' if seeds > 1 else ''}, 95% intervals)",
