@@ -188,7 +188,11 @@ def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cl
         values = science["rows"][row]
         assert set(values) == {"accuracy", "identity_leak@1", "image_leak@1", "psnr_masked", "hf_ratio"}
         assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in values.values())
-        assert all(0 < x < 50 for x in values["hf_ratio"]) and all(0 < x < 60 for x in values["psnr_masked"])
+        # A 6-step model releases near-noise: against photo-like originals (Laplacian variance ~150) its
+        # hf_ratio reads in the hundreds (130-230 seen); uniform noise over 0-255 would read ~700
+        # (20 x its variance 5,400 / 150). The bound catches a broken metric, not a bad model.
+        assert all(0 < x < 1000 for x in values["hf_ratio"]) and all(0 < x < 60 for x in values["psnr_masked"]), \
+            values
     for png in ("reconstructions.png", "roc.png", "privacy_utility.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC), png
     for row, r in result.table.items():

@@ -29,7 +29,7 @@ from facemae.data.runner import JOURNAL, UnitResult
 from facemae.data.shards import MANIFEST, iter_rows, read_manifest
 
 FACEMAE = str(Path(sys.executable).parent / "facemae")
-SYNTHETIC = ["data.num_identities=6", "data.images_per_identity=3", "data.rows_per_shard=4",
+SYNTHETIC = ["data.num_identities=6", "data.images_per_identity=3", "data.rows_per_shard=4", "data.val_fraction=0",
              "data.deploy_fraction=0.34"]
 
 
