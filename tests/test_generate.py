@@ -81,6 +81,36 @@ def test_each_shard_reaches_the_actor_pool_whole_and_is_read_by_the_actor(owner,
 
 
 @pytest.mark.ray
+def test_the_gpu_pools_are_given_a_batch_size_ray_data_accepts(owner, ray_cluster):
+    """Found on an H200: Ray Data refuses ``batch_size=None`` for a pool that asks for GPUs, so the
+    embedding and release pools failed there as they were built. Building their plans checks it (nothing
+    runs, so no GPU is needed)."""
+    import ray.data
+
+    from facemae.data.stream import pool_batch_size, shard_rows
+    from facemae.generate.embed import embedding_pool
+    from facemae.generate.release import release_pool
+
+    root, _ = owner
+    masked = read_manifest(root / "masked")
+    todo = {str(root / "masked" / s.file): ("deploy", s) for s in masked.splits["deploy"]}
+    assert pool_batch_size(todo, num_cpus=0.5) is None  # CPU pools keep a whole shard per call
+    assert pool_batch_size(todo, num_gpus=1) == max(s.rows for s in masked.splits["deploy"]) > 0
+
+    class Same:
+        def __call__(self, batch: dict) -> dict:
+            return batch
+
+    with pytest.raises(ValueError, match="batch_size"):  # what the pools did before
+        shard_rows(list(todo), num_gpus=1).map_batches(Same, batch_size=None, num_gpus=1,
+                                                       compute=ray.data.ActorPoolStrategy(size=1))
+    config = load_config(None, ["train.use_gpu=true", "generate.use_gpu=true"])
+    for ds in (embedding_pool(config, todo, weights="unused"),
+               release_pool(config, todo, weights="unused", patch_size=8)):
+        assert isinstance(ds, ray.data.Dataset)
+
+
+@pytest.mark.ray
 @pytest.mark.parametrize("paste", [True, False])
 def test_release_pastes_the_owners_pixels_bit_exact_and_lists_every_row_once(tmp_path, owner, paste, ray_cluster):
     root, args = owner

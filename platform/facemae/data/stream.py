@@ -31,6 +31,16 @@ def shard_rows(files: Sequence[str], *, columns: Sequence[str] | None = None, **
     return per_file(paths, shard_file_rows, fn_kwargs=kwargs, **resources)
 
 
+def pool_batch_size(todo: dict[str, tuple[str, Any]], **resources: Any) -> int | None:
+    """The ``batch_size`` of the actor pool that maps :func:`shard_rows`' rows: None (a whole shard per
+    call, the read fused into the pool) on CPU; on GPUs, where Ray Data refuses None ("You must provide
+    `batch_size` ... when requesting GPUs"), the largest shard's rows, which keeps one shard per call where
+    shards are even. ``todo`` maps shard paths to ``(split, ShardInfo)``."""
+    if not resources.get("num_gpus"):
+        return None
+    return max((shard.rows for _, shard in todo.values()), default=1)
+
+
 def per_file(paths: Sequence[str], fn: Any, *, fn_kwargs: dict[str, Any], tasks: int | None = None,
              **resources: Any) -> Any:
     """A Ray Dataset of one task per entry of ``paths`` (filesystem paths, :func:`facemae.storage.for_arrow`;

@@ -24,7 +24,7 @@ from facemae.config import Config, LossConfig
 from facemae.data.runner import REPORT_LIMIT, Journal, UnitResult, corrupt_report, prepare_output, reusable
 from facemae.data.shards import (MANIFEST, ORIGINAL_SCHEMA, TRAINER_SPLITS, Manifest, sha256_file, verify_dataset,
                                  write_shard)
-from facemae.data.stream import shard_rows
+from facemae.data.stream import pool_batch_size, shard_rows
 from facemae.generate.streaming import write_as_shards_complete
 from facemae.losses.irm import view_name
 
@@ -134,24 +134,30 @@ def embed_dataset(config: Config, *, source: str, weights: str, output: str | No
 def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, output: str,
             journal: Journal) -> None:
     """Runs the actor pool over the shards to do; writes each shard once all its rows are back."""
-    import ray.data
-
     from facemae.cluster import ensure_ray
 
     ensure_ray(config.ray)
-    use_gpu = config.train.use_gpu
-    actors = max(1, config.train.num_workers)
-    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}
-    kwargs = {"weights": weights, "use_gpu": use_gpu, "view": config.loss.irm_view, "sigma": config.loss.irm_blur_sigma,
-              "batch_size": config.train.micro_batch, "storage_options": storage.options()}
-    ds = shard_rows(list(todo), columns=["image_id", "identity", "image"], **resources).map_batches(
-        TeacherEmbedder, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=None, batch_format="numpy", **resources)
+    ds = embedding_pool(config, todo, weights=weights)
     write_as_shards_complete(ds, todo, columns=("image_id", "identity", "image", "teacher_emb", "corrupt", "path"),
                              write=lambda rows, split, rel: _write(rows, split=split, rel=rel, output=output,
                                                                    journal=journal,
                                                                    skip_corrupt=config.data.skip_corrupt),
                              desc="embed")
+
+
+def embedding_pool(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str) -> Any:
+    """The lazy Ray Dataset of the teacher's embeddings of ``todo``'s rows: one actor per training worker
+    (a GPU each with ``train.use_gpu``)."""
+    import ray.data
+
+    use_gpu = config.train.use_gpu
+    actors = max(1, config.train.num_workers)
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}
+    kwargs = {"weights": weights, "use_gpu": use_gpu, "view": config.loss.irm_view, "sigma": config.loss.irm_blur_sigma,
+              "batch_size": config.train.micro_batch, "storage_options": storage.options()}
+    return shard_rows(list(todo), columns=["image_id", "identity", "image"], **resources).map_batches(
+        TeacherEmbedder, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=pool_batch_size(todo, **resources), batch_format="numpy", **resources)
 
 
 def _report(source: dict[str, Any], results: list[UnitResult]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from facemae.config import Config
 from facemae.data.images import encode_png
 from facemae.data.runner import Journal, UnitResult, corrupt_report, prepare_output, reusable
 from facemae.data.shards import MANIFEST, RELEASED_SCHEMA, Manifest, sha256_file, verify_dataset, write_shard
-from facemae.data.stream import shard_rows
+from facemae.data.stream import pool_batch_size, shard_rows
 from facemae.generate.streaming import write_as_shards_complete
 from facemae.models.weights import WEIGHTS
 
@@ -183,6 +183,21 @@ def check_mae(weights: str, *, patch_size: int, masked: str) -> str:
     return header.location
 
 
+def release_pool(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, patch_size: int) -> Any:
+    """The lazy Ray Dataset of the released rows of ``todo``: ``generate.actors`` actors, a GPU each with
+    ``generate.use_gpu``."""
+    import ray.data
+
+    g = config.generate
+    resources = {"num_gpus": 1} if g.use_gpu else {"num_cpus": g.cpus_per_actor}
+    return shard_rows(list(todo), **resources).map_batches(
+        Reconstructor, batch_size=pool_batch_size(todo, **resources), batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=g.actors),
+        fn_constructor_kwargs={"weights": weights, "method": g.method, "patch_size": patch_size,
+                               "paste_visible": config.loss.paste_visible, "batch_size": g.batch_size,
+                               "use_gpu": g.use_gpu, "storage_options": storage.options()}, **resources)
+
+
 def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, patch_size: int, output: str,
             journal: Journal) -> None:
     """Runs the actor pool over the shards to do; writes each shard once all its rows are back."""
@@ -190,15 +205,9 @@ def _stream(config: Config, todo: dict[str, tuple[str, Any]], *, weights: str, p
 
     from facemae.cluster import ensure_ray
 
-    g = config.generate
     ensure_ray(config.ray)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    resources = {"num_gpus": 1} if g.use_gpu else {"num_cpus": g.cpus_per_actor}
-    ds = shard_rows(list(todo), **resources).map_batches(
-        Reconstructor, batch_size=None, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=g.actors),
-        fn_constructor_kwargs={"weights": weights, "method": g.method, "patch_size": patch_size,
-                               "paste_visible": config.loss.paste_visible, "batch_size": g.batch_size,
-                               "use_gpu": g.use_gpu, "storage_options": storage.options()}, **resources)
+    ds = release_pool(config, todo, weights=weights, patch_size=patch_size)
     write_as_shards_complete(ds, todo, columns=("image_id", "source_id", "identity", "image", "corrupt", "path"),
                              write=lambda rows, split, rel: _write(rows, split=split, rel=rel, output=output,
                                                                    journal=journal,
