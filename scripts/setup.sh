@@ -43,7 +43,8 @@ pip_install() {
 # 2. everything DeepSpeed needs at build time and the rest of the stack.
 "${pip[@]}" "ray[default,train,tune,data]" timm pyarrow prometheus-client numpy pillow pyyaml \
   safetensors tqdm matplotlib ninja pytest pytest-timeout hjson psutil py-cpuinfo pydantic packaging msgpack einops \
-  onnx onnxruntime onnxscript mlflow-skinny tensorboardX "moto[server]"
+  onnx onnxruntime onnxscript mlflow-skinny tensorboardX "moto[server]" scipy \
+  mkdocs mkdocs-material "mkdocstrings[python]"
 # 3. DeepSpeed builds from source and imports torch in its setup.py: no build isolation, or pip builds
 #    it against a second, freshly downloaded torch.
 "${pip[@]}" --no-build-isolation deepspeed

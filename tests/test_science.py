@@ -16,12 +16,17 @@ from facemae.experiment import ROWS, summarise, target_checks
 from facemae.losses.irm import gaussian_blur
 from facemae.train.steps import freeze_teacher, mae_irm_step
 
+# Student's t has closed-form quantiles for 1 and 2 degrees of freedom: tan(pi (p - 1/2)) and
+# (2p - 1) sqrt(2 / (4p (1 - p))), at p = 0.975 (12.7062 and 4.3027 in a statistics table).
+T975_DF1 = math.tan(0.475 * math.pi)
+T975_DF2 = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025))
+
 
 def test_mean_ci_matches_a_hand_computation():
-    # values 0.90, 0.93, 0.96: mean 0.93, s = 0.03, t_{0.975,2} = 4.3027, half = 4.3027 * 0.03 / sqrt(3)
+    # values 0.90, 0.93, 0.96: mean 0.93, s = 0.03, half = t_{0.975,2} * 0.03 / sqrt(3)
     ci = mean_ci([0.90, 0.93, 0.96])
     assert ci.mean == pytest.approx(0.93)
-    assert ci.half_width == pytest.approx(4.3027 * 0.03 / math.sqrt(3), rel=1e-6)
+    assert ci.half_width == pytest.approx(T975_DF2 * 0.03 / math.sqrt(3), rel=1e-9)
     assert (ci.low, ci.high) == pytest.approx((0.93 - 0.074525, 0.93 + 0.074525), abs=1e-5)
     assert ci.n == 3
 
@@ -34,7 +39,7 @@ def test_paired_difference_removes_what_the_seeds_share():
     diff = paired_difference(a, b)
     d = np.array(a) - np.array(b)  # 0.011, 0.010, 0.009
     assert diff.mean == pytest.approx(d.mean())
-    assert diff.half_width == pytest.approx(4.3027 * d.std(ddof=1) / math.sqrt(3), rel=1e-6)
+    assert diff.half_width == pytest.approx(T975_DF2 * d.std(ddof=1) / math.sqrt(3), rel=1e-9)
     assert diff.low > 0 and diff.excludes_zero()
     assert mean_ci(a).low < mean_ci(b).high  # the unpaired view cannot tell them apart
     assert not paired_difference([0.9, 0.8, 0.7], [0.8, 0.9, 0.7]).excludes_zero()
@@ -42,12 +47,14 @@ def test_paired_difference_removes_what_the_seeds_share():
         paired_difference([1.0, 2.0], [1.0])
 
 
-def test_single_seed_has_no_interval_and_t_table_edges():
+def test_single_seed_has_no_interval_and_t_quantiles():
     ci = mean_ci([0.5])
     assert ci.mean == 0.5 and math.isnan(ci.half_width) and not ci.excludes_zero()
-    assert t_quantile_975(1) == pytest.approx(12.7062)
-    assert t_quantile_975(22) == t_quantile_975(20)  # conservative between table rows
-    assert t_quantile_975(1000) == pytest.approx(1.96)
+    assert t_quantile_975(1) == pytest.approx(T975_DF1, rel=1e-12)
+    assert t_quantile_975(2) == pytest.approx(T975_DF2, rel=1e-12)
+    assert t_quantile_975(20) == pytest.approx(2.0860, abs=1e-4)  # a statistics table's row
+    assert t_quantile_975(20) > t_quantile_975(22) > t_quantile_975(25)  # exact between table rows
+    assert t_quantile_975(100_000) == pytest.approx(1.95996, abs=1e-4)  # the normal's 1.96 in the limit
     with pytest.raises(ValueError):
         t_quantile_975(0)
 

@@ -13,19 +13,19 @@ from typing import Sequence
 
 import numpy as np
 
-# Two-sided 95% quantiles of Student's t, t_{0.975, df} (any statistics table; scipy.stats.t.ppf(0.975, df)).
-_T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646, 8: 2.3060, 9: 2.2622,
-         10: 2.2281, 11: 2.2010, 12: 2.1788, 13: 2.1604, 14: 2.1448, 15: 2.1314, 16: 2.1199, 17: 2.1098,
-         18: 2.1009, 19: 2.0930, 20: 2.0860, 25: 2.0595, 30: 2.0423, 40: 2.0211, 60: 2.0003, 120: 1.9799}
-
 
 def t_quantile_975(df: int) -> float:
-    """``t_{0.975, df}``; between tabulated df the next smaller df (a wider, conservative interval)."""
+    """``t_{0.975, df}``, the two-sided 95% quantile of Student's t with ``df`` degrees of freedom.
+
+    Raises:
+        ValueError: when ``df`` < 1 (an interval needs at least 2 values).
+    """
     if df < 1:
         raise ValueError(f"a t interval needs at least 2 values (df >= 1), got df={df}")
-    if df > 120:
-        return 1.9600
-    return _T975[max(k for k in _T975 if k <= df)]
+    # Imported here: scipy.stats takes about a second to import, and only the reports need it.
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(0.975, df))
 
 
 @dataclass(frozen=True)
