@@ -29,6 +29,7 @@ SUBCOMMAND_FLAGS = {
     "evaluate": ["--fr", "--bin", "--pairs-from", "--pairs", "--judge", "--released", "--originals"],
     "experiment": ["--config", "--address", "--output", "--storage-path"],
     "tune": ["--config", "--set", "--address", "--output", "--no-restore"],
+    "frontier": ["--config", "--set", "--address", "--name", "--data", "--storage-path", "--output", "--no-restore"],
     "export": ["--weights", "--onnx", "--opset"],
     "submit": ["--address", "--working-dir", "--runtime-env-json", "--submission-id", "--no-follow", "--timeout",
                "entrypoint"],

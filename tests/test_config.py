@@ -41,7 +41,7 @@ def test_int_is_accepted_for_float_but_not_bool_for_int():
 
 @pytest.mark.parametrize("override, message", [
     ("data.num_identites=5", r"unknown key\(s\) data.num_identites; valid keys under data: .*num_identities"),
-    ("trainer.lr=1", r"unknown key\(s\) trainer; valid keys: data, eval, experiment, generate, loss, mask, model, name, ray, storage, tracking, train"),
+    ("trainer.lr=1", r"unknown key\(s\) trainer; valid keys: data, eval, experiment, frontier, generate, loss, mask, model, name, ray, storage, tracking, train"),
     ("mask.patch_size=10", r"mask.patch_size=10 must divide the image size 112"),
     ("mask.ratio=1.0", r"mask.ratio=1.0 must be in \[0, 1\)"),
     ("data.deploy_fraction=1.5", r"data.deploy_fraction=1.5 must be in \[0, 1\)"),

@@ -124,9 +124,73 @@ def test_the_frontier_report_holds_every_point_the_comparison_and_a_verdict(tmp_
     verdicts = [r["accuracy_gain_verdict"] for r in result["comparison"]]
     assert verdicts[0] == "undefined" and "above" in verdicts[1:], result["comparison"]
     text = "\n".join(markdown(result, meta={"commit": "abc1234"}))
-    assert result["verdict"] in text and "| facemae | 0.75 | 0.1 | 3 |" in text and "- commit: abc1234" in text
+    assert result["verdict"] in text and "| facemae | 0.75 | 0.1 | - | 3 |" in text and "- commit: abc1234" in text
     plot(points, str(tmp_path / "frontier.png"), ceiling=(1.0, 0.98))
     with Image.open(tmp_path / "frontier.png") as png:
         assert png.format == "PNG" and png.size[0] > 400
     with pytest.raises(ValueError, match="needs points of 'facemae' and of 'mae'"):
         summarise([p for p in points if p["method"] != "facemae"])
+
+
+# --- the sweep's plan: which trials run, and where more seeds go ---------------------------------------------
+
+def _plan_point(method, ratio, leak, acc, *, lam=0.0, paste=True):
+    return {"method": method, "mask_ratio": ratio, "lambda_irm": lam,
+            "options": {} if method == "masked" else {"paste_visible": paste},
+            "seeds": [0], "accuracy": [acc], "identity_leak@1": [leak]}
+
+
+def test_the_first_phase_has_one_trial_per_generator_and_seed():
+    from facemae.config import load_config
+    from facemae.frontier import generators
+
+    config = load_config(None, ["frontier.mask_ratios=[0.5, 0.9]", "frontier.lambdas=[0.1, 0.3]",
+                                "frontier.paste_visible=[true, false]"])
+    trials = generators(config, [0])
+    kinds = sorted((t["method"], t["mask_ratio"], t["lambda_irm"]) for t in trials)
+    assert kinds == [("facemae", 0.5, 0.1), ("facemae", 0.5, 0.3), ("facemae", 0.9, 0.1), ("facemae", 0.9, 0.3),
+                     ("mae", 0.5, 0.0), ("mae", 0.9, 0.0), ("masked", 0.5, 0.0), ("masked", 0.9, 0.0),
+                     ("originals", 0.0, 0.0)]
+    # A generator is trained once and released with every option; the masked faces have no option.
+    assert all(t["paste_visible"] == ([True] if t["method"] in ("masked", "originals") else [True, False])
+               for t in trials)
+
+
+def test_more_seeds_go_to_the_frontier_points_and_their_neighbours_along_the_ratio():
+    from facemae.config import load_config
+    from facemae.frontier import deciding, more_seeds
+
+    mae = [_plan_point("mae", r, leak, acc) for r, leak, acc in
+           [(0.5, 0.60, 0.90), (0.6, 0.50, 0.80), (0.75, 0.40, 0.85), (0.85, 0.30, 0.70), (0.9, 0.20, 0.60)]]
+    # (0.6) is dominated by (0.75): the frontier is 0.5, 0.75, 0.85, 0.9; every ratio is on it or next to it.
+    # FaceMAE at lambda 0.3 is dominated everywhere by lambda 0.1 at 0.9, so only its 0.9 neighbour...
+    face = [_plan_point("facemae", 0.5, 0.10, 0.95, lam=0.1), _plan_point("facemae", 0.9, 0.05, 0.90, lam=0.1),
+            _plan_point("facemae", 0.5, 0.50, 0.50, lam=0.3), _plan_point("facemae", 0.75, 0.60, 0.40, lam=0.3),
+            _plan_point("facemae", 0.9, 0.70, 0.30, lam=0.3)]
+    picked = {(p["method"], p["mask_ratio"], p["lambda_irm"]) for p in deciding(mae + face)}
+    assert {k for k in picked if k[0] == "mae"} == {("mae", r, 0.0) for r in (0.5, 0.6, 0.75, 0.85, 0.9)}
+    # ... is not picked: lambda 0.3 has no point on FaceMAE's frontier (0.5 and 0.9 at lambda 0.1).
+    assert {k for k in picked if k[0] == "facemae"} == {("facemae", 0.5, 0.1), ("facemae", 0.9, 0.1)}
+    config = load_config(None, ["frontier.seeds=[0, 1, 2]"])
+    trials = more_seeds(config, mae + face)
+    assert sorted({t["seed"] for t in trials}) == [1, 2]
+    assert len([t for t in trials if t["method"] == "originals"]) == 2  # the ceiling, every seed
+    assert len(trials) == 2 * (1 + 5 + 2)
+    assert more_seeds(load_config(None, ["frontier.seeds=[0]"]), mae + face) == []
+
+
+def test_rows_of_seeds_merge_into_points_with_per_seed_lists():
+    from facemae.frontier import collect
+
+    rows = [{"method": "mae", "mask_ratio": 0.5, "lambda_irm": 0.0, "options": {"paste_visible": True}, "seed": s,
+             "accuracy": 0.5 + s / 10, "identity_leak@1": 0.3, "image_leak@1": 0.1, "psnr_masked": 20.0,
+             "hf_ratio": 1.0} for s in (2, 0, 1, 0)]
+    (point,) = collect(rows)
+    assert point["seeds"] == [0, 1, 2] and point["accuracy"] == [0.5, 0.6, 0.7]  # seed order, a repeat once
+
+
+def test_the_report_names_how_each_point_was_released():
+    from facemae.eval.frontier import _release_cell
+
+    assert [_release_cell(_plan_point("mae", 0.5, 0.1, 0.9, paste=p)) for p in (True, False)] == ["pasted", "decoder"]
+    assert _release_cell(_plan_point("masked", 0.5, 0.1, 0.9)) == "-"

@@ -78,7 +78,7 @@ FLOORS = {
     "models": 1, "config.py": 2, "cluster.py": 3, "data": 4,
     "tracking.py": 4,
     "train": 5, "generate": 5, "eval": 5, "report.py": 5, "tune": 6, "pipeline.py": 6, "experiment.py": 6,
-    "sdk.py": 7, "cli.py": 8, "__init__.py": 9,
+    "frontier.py": 7, "sdk.py": 8, "cli.py": 9, "__init__.py": 10,
 }
 
 

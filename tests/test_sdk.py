@@ -181,7 +181,8 @@ def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cl
     summary = json.loads((out / "report.json").read_text())["summary"]
     acc = result.rows["facemae"]["accuracy"]
     assert summary["facemae"]["accuracy"]["mean"] == pytest.approx(sum(acc) / 2)
-    half = 12.7062 * abs(acc[0] - acc[1]) / math.sqrt(2) / math.sqrt(2)  # t_{0.975,1} * s / sqrt(n), s = |d|/sqrt(2)
+    t975 = math.tan(0.475 * math.pi)  # t_{0.975,1} in closed form (12.7062 in a table)
+    half = t975 * abs(acc[0] - acc[1]) / math.sqrt(2) / math.sqrt(2)  # t_{0.975,1} * s / sqrt(n), s = |d|/sqrt(2)
     assert summary["facemae"]["accuracy"]["ci95_high"] - summary["facemae"]["accuracy"]["mean"] == \
         pytest.approx(half, abs=1e-9)
     for row in ("masked", "mae", "facemae"):  # the new fidelity columns, finite, one value per seed
@@ -210,3 +211,40 @@ def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cl
         f"experiment.output={tmp_path / 'report'}", "experiment.seeds=[0, 1]"])
     assert again.rows == result.rows and {p: p.stat().st_mtime_ns for p in scores} == stamps
     assert any(line.startswith("report ") for line in said)
+
+
+@pytest.mark.ray
+def test_smoke_frontier_runs_through_tune_and_a_rerun_restores_it(tmp_path, ray_cluster):
+    """2 mask ratios x masked / MAE / FaceMAE x 1 seed, each generator a Ray Tune trial: every point scored,
+    finite, in frontier.json's schema; the same command again restores the sweep and retrains nothing."""
+    said: list[str] = []
+    overrides = [f"data.output={tmp_path / 'syn'}", f"train.storage_path={tmp_path / 'runs'}",
+                 f"frontier.output={tmp_path / 'report'}"]
+    result = facemae.frontier(CONFIGS / "frontier_smoke.yaml", say=said.append, overrides=overrides)
+    assert result.errors == {} and result.report == str(tmp_path / "report" / "frontier.md")
+    assert sorted((p["method"], p["mask_ratio"]) for p in result.points) == [
+        ("facemae", 0.5), ("facemae", 0.9), ("mae", 0.5), ("mae", 0.9), ("masked", 0.5), ("masked", 0.9)]
+    body = json.loads((tmp_path / "report" / "frontier.json").read_text())
+    assert set(body) == {"points", "comparison", "verdict", "originals", "errors"}
+    for p in body["points"]:
+        assert p["seeds"] == [0] and p["lambda_irm"] == (0.1 if p["method"] == "facemae" else 0.0)
+        for k in ("accuracy", "identity_leak@1", "image_leak@1", "psnr_masked", "hf_ratio"):
+            assert len(p[k]) == 1 and math.isfinite(p[k][0]), (p["method"], k)
+        assert 0 <= p["accuracy"][0] <= 1 and 0 <= p["identity_leak@1"][0] <= 1
+    # The points are the runs' own scores: each FR run keeps them beside its weights.
+    runs = tmp_path / "runs"
+    scores = sorted(runs.glob("*-fr-*/experiment_scores.json"))
+    assert len(scores) == 7  # 6 points and the originals' ceiling
+    mae_09 = json.loads(next(runs.glob("*-r0.9-fr-mae-s0/experiment_scores.json")).read_text())["scores"]
+    (point,) = [p for p in body["points"] if p["method"] == "mae" and p["mask_ratio"] == 0.9]
+    assert point["identity_leak@1"] == [mae_09["privacy"]["identity_leak@1"]]
+    assert body["comparison"] and body["verdict"].startswith("Accuracy at equal leak")
+    assert body["originals"]["seeds"] == [0]
+    for png in ("frontier.png", "reconstructions.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stamps = {p: p.stat().st_mtime_ns for p in scores}
+    folders = sorted(p.name for p in runs.iterdir())
+    again = facemae.frontier(CONFIGS / "frontier_smoke.yaml", say=said.append, overrides=overrides)
+    assert again.points == result.points and {p: p.stat().st_mtime_ns for p in scores} == stamps
+    assert sorted(p.name for p in runs.iterdir()) == folders
+    assert any(line.startswith("restoring ") for line in said)

@@ -6,8 +6,8 @@
     facemae.submit(["python", "jobs/train.py"], address="http://head:8265")
 
 The SDK (:mod:`facemae.sdk`) loads on first use, so ``import facemae`` imports neither torch nor ray.
-``train``, ``tune``, ``generate`` and ``experiment`` are also the names of subpackages; those
-subpackages are callable and run their SDK function, so ``facemae.train(...)`` and
+``train``, ``tune``, ``generate``, ``experiment`` and ``frontier`` are also the names of subpackages or
+modules; those are callable and run their SDK function, so ``facemae.train(...)`` and
 ``facemae.train.trainer`` both work (see ``help(facemae.sdk.train)`` for the arguments).
 """
 
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers and editors see; at run time the names load lazily
     from facemae.config import Config, load_config
     from facemae.sdk import (EvaluateResult, GenerateResult, JobFailedError, SubmitResult, evaluate, experiment,
-                             export_onnx, generate, ingest, mask, resolve_config, submit, train, train_run, tune)
+                             export_onnx, frontier, generate, ingest, mask, resolve_config, submit, train, train_run, tune)
 
 # Names that are also subpackages (or modules) of facemae; each of those modules is made callable.
-_CALLABLE = ("train", "tune", "generate", "experiment")
+_CALLABLE = ("train", "tune", "generate", "experiment", "frontier")
 _EXPORTS = {
     **{name: "facemae.sdk" for name in (
         "evaluate", "export_onnx", "ingest", "mask", "submit", "train_run", "resolve_config", "EvaluateResult",

@@ -69,6 +69,8 @@ EVALUATE_FLAGS = {"bins": "eval.bins", "pairs": "eval.pairs"}
 EXPERIMENT_FLAGS = {"name": "name", "data": "data.output", "storage_path": "train.storage_path",
                     "output": "experiment.output"}
 TUNE_FLAGS = {"output": "tune.output"}
+FRONTIER_FLAGS = {"name": "name", "data": "data.output", "storage_path": "train.storage_path",
+                  "output": "frontier.output"}
 COMMANDS = {
     "ingest": "turn synthetic faces, an image folder or a RecordIO pack into Parquet shards",
     "mask": "owner-side masking: keep only visible patches' pixels and the mask",
@@ -79,6 +81,7 @@ COMMANDS = {
     "export": "write exported weights (FR backbone or FaceMAE generator) as ONNX for onnxruntime deployments",
     "experiment": "the paper's comparison: originals, masked, MAE and FaceMAE rows, with a report",
     "tune": "a Ray Tune sweep of the training loop, with a report of the best trial",
+    "frontier": "privacy-utility frontiers of masked, MAE and FaceMAE releases across mask ratios (Ray Tune)",
     "submit": "send a command to a remote Ray cluster (job submission) and follow its logs",
 }
 
@@ -177,6 +180,15 @@ def _tune_options(p: argparse.ArgumentParser) -> None:
                    help="start the sweep over instead of continuing an interrupted one of the same name")
 
 
+def _frontier_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="name of the sweep's runs (name)")
+    p.add_argument("--data", help="dataset folder (data.output)")
+    p.add_argument("--storage-path", help="folder of all training runs (train.storage_path)")
+    p.add_argument("--output", help="report folder (frontier.output)")
+    p.add_argument("--no-restore", dest="restore", action="store_false",
+                   help="start the sweep's phases over (finished runs, releases and scores are reused anyway)")
+
+
 def _submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", required=True, help="the cluster's dashboard address, e.g. http://127.0.0.1:8265")
     p.add_argument("--working-dir", default=".", help="folder uploaded and run from (default: %(default)s); "
@@ -259,6 +271,13 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
             "report": result.report}
 
 
+def _frontier(args: argparse.Namespace) -> dict[str, Any]:
+    result = sdk.frontier(_config(args), restore=args.restore, say=_say)
+    return {"report": result.report, "verdict": (result.summary or {}).get("verdict"), "errors": result.errors,
+            "points": [{k: p[k] for k in ("method", "mask_ratio", "lambda_irm", "options", "seeds")}
+                       for p in result.points]}
+
+
 def _submit(args: argparse.Namespace) -> dict[str, Any]:
     entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     if not entrypoint:
@@ -290,6 +309,7 @@ SUBCOMMANDS: dict[str, tuple[Options, Run, dict[str, str] | None]] = {
     "export": (_export_options, _export, None),
     "experiment": (_experiment_options, _experiment, EXPERIMENT_FLAGS),
     "tune": (_tune_options, _tune, TUNE_FLAGS),
+    "frontier": (_frontier_options, _frontier, FRONTIER_FLAGS),
     "submit": (_submit_options, _submit, None),
 }
 

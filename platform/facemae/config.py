@@ -521,6 +521,58 @@ class ExperimentConfig:
         _check_location("experiment.output", self.output)
 
 
+FRONTIER_METHODS = ("masked", "mae", "facemae")
+
+
+@dataclass
+class FrontierConfig:
+    """The privacy-utility frontier sweep (``jobs/frontier.py``): one Ray Tune trial per generator.
+
+    Each point is a method at a mask ratio (and, for FaceMAE, an IRM weight): its generator is trained,
+    the deployment faces are released and one identical FR model is trained on the release and scored
+    (``experiment.fr_steps``, the experiment's judge and pairs). The first seed runs at every point; the
+    other seeds only at the points on or next to a method's frontier.
+
+    Attributes:
+        methods: Of ``masked`` (no generator: the masked faces themselves), ``mae`` (lambda 0) and ``facemae``.
+        mask_ratios: The mask ratios swept; each has its own masked dataset.
+        lambdas: FaceMAE's IRM weights (``loss.lambda_irm``); MAE is lambda 0.
+        paste_visible: Release options (``loss.paste_visible``): ``[true]`` pastes the owner's visible
+            patches back (today's release); ``[true, false]`` adds the decoder's prediction everywhere.
+        seeds: The first runs at every point, the rest where they decide (on or next to a frontier).
+        output: Report folder (``frontier.json``, ``frontier.md``, ``frontier.png``, ``reconstructions.png``).
+        max_concurrent: Trials at once (each trains in its own process; 1 on a 2-core machine).
+        cpus_per_trial: CPUs each trial reserves and trains with (its training runs in its own process, its
+            releases on Ray Data beside it).
+    """
+
+    methods: list[str] = field(default_factory=lambda: list(FRONTIER_METHODS))
+    mask_ratios: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.75, 0.85, 0.9])
+    lambdas: list[float] = field(default_factory=lambda: [0.1, 0.3])
+    paste_visible: list[bool] = field(default_factory=lambda: [True])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    output: str = "reports/frontier"
+    max_concurrent: int = 1
+    cpus_per_trial: float = 2.0
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.methods) - set(FRONTIER_METHODS))
+        if unknown or not self.methods:
+            raise ValueError(f"frontier.methods={self.methods}: each must be one of {', '.join(FRONTIER_METHODS)}")
+        if not self.mask_ratios or not all(0 < r < 1 for r in self.mask_ratios):
+            raise ValueError(f"frontier.mask_ratios={self.mask_ratios} must be a non-empty list in (0, 1)")
+        if "facemae" in self.methods and (not self.lambdas or not all(x > 0 for x in self.lambdas)):
+            raise ValueError(f"frontier.lambdas={self.lambdas} must be FaceMAE's IRM weights, each > 0 "
+                             "(MAE, lambda 0, is its own method)")
+        if not self.paste_visible or len(set(self.paste_visible)) != len(self.paste_visible):
+            raise ValueError(f"frontier.paste_visible={self.paste_visible} must be [true], [false] or [true, false]")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"frontier.seeds={self.seeds} must be a non-empty list of distinct seeds, e.g. [0, 1, 2]")
+        if self.max_concurrent < 1 or self.cpus_per_trial <= 0:
+            raise ValueError("frontier.max_concurrent must be >= 1 and frontier.cpus_per_trial > 0")
+        _check_location("frontier.output", self.output)
+
+
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 OBJECTIVES = ("utility", "privacy_utility")
 
@@ -688,6 +740,7 @@ class Config:
         eval: Verification and privacy evaluation.
         experiment: The paper's comparison.
         tune: Hyperparameter sweeps.
+        frontier: The privacy-utility frontier sweep.
         ray: Cluster connection.
         tracking: Experiment tracking (MLflow, TensorBoard).
         storage: Object-store endpoint and region for ``s3://`` / ``gs://`` locations.
@@ -703,6 +756,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    frontier: FrontierConfig = field(default_factory=FrontierConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)

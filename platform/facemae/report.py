@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -19,13 +19,14 @@ def _deploy_rows(root: str) -> list[dict[str, Any]]:
     return list(iter_rows(manifest.files(root, "deploy")))
 
 
-def reconstruction_grid(sets: dict[str, str], path: Path, *, faces: int = 8) -> None:
-    """One column per deployment face, one row per released set (masked, MAE, FaceMAE, original)."""
+def reconstruction_grid(sets: dict[str, str], path: Path, *, faces: int = 8, order: Sequence[str] = GRID_ROWS) -> None:
+    """One column per deployment face, one row per released set (``order``: masked, MAE, FaceMAE, original;
+    the frontier's releases across mask ratios name their own)."""
     originals = sorted(_deploy_rows(sets["originals"]), key=lambda r: r["image_id"])
     step = max(1, len(originals) // faces)
     picked = [r["image_id"] for r in originals[::step][:faces]]
     rows = []
-    for name in (n for n in GRID_ROWS if n in sets):
+    for name in (n for n in order if n in sets):
         by_source: dict[str, bytes] = {}
         for r in sorted(_deploy_rows(sets[name]), key=lambda r: r["image_id"]):
             by_source.setdefault(r.get("source_id", r["image_id"]), r["image"])  # first masked copy

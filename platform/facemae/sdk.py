@@ -30,12 +30,13 @@ from facemae.config import Config, _apply_override, from_dict, load_config
 if TYPE_CHECKING:
     from facemae.data.shards import Manifest
     from facemae.experiment import ExperimentResult
+    from facemae.frontier import FrontierResult
     from facemae.pipeline import JobResult
     from facemae.train.trainer import TrainResult
     from facemae.tune import SweepResult
 
 __all__ = ["ConfigSource", "EvaluateResult", "GenerateResult", "JobFailedError", "SubmitResult", "evaluate",
-           "experiment", "export_onnx", "generate", "ingest", "mask", "resolve_config", "submit", "train",
+           "experiment", "export_onnx", "frontier", "generate", "ingest", "mask", "resolve_config", "submit", "train",
            "train_run", "tune"]
 
 ConfigSource = Config | str | Path | None
@@ -283,6 +284,23 @@ def experiment(config: ConfigSource = None, *, overrides: Sequence[str] = (), ad
     from facemae.experiment import run_experiment
 
     return run_experiment(resolve_config(config, overrides=overrides, address=address), say=say)
+
+
+def frontier(config: ConfigSource = None, *, overrides: Sequence[str] = (), address: str | None = None,
+             restore: bool = True, say: Callable[[str], None] = console.say) -> FrontierResult:
+    """The privacy-utility frontier sweep (``jobs/frontier.py``): masked, MAE and FaceMAE across mask ratios
+    and IRM weights, one Ray Tune trial per generator.
+
+    Args:
+        restore: Continue an interrupted sweep of the same name instead of starting its phases over
+            (finished runs, releases and scores are reused either way).
+
+    Returns:
+        The ``frontier.md`` path, the points (per-seed lists) and the comparison with its verdict.
+    """
+    from facemae.frontier import run_frontier
+
+    return run_frontier(resolve_config(config, overrides=overrides, address=address), restore=restore, say=say)
 
 
 @dataclass

@@ -191,12 +191,13 @@ def markdown(result: dict[str, Any], *, meta: dict[str, Any]) -> list[str]:
     """``frontier.md``: every point (seed means and 95% intervals), the paired comparison, the verdict and
     where the numbers came from."""
     lines = ["# Privacy-utility frontiers", "", result["verdict"], "",
-             "| method | mask ratio | lambda | seeds | " + " | ".join(POINT_METRICS) + " |",
-             "|---" * (len(POINT_METRICS) + 4) + "|"]
-    for p in sorted(result["points"], key=lambda p: (p["method"], p["mask_ratio"], p["lambda_irm"])):
+             "| method | mask ratio | lambda | release | seeds | " + " | ".join(POINT_METRICS) + " |",
+             "|---" * (len(POINT_METRICS) + 5) + "|"]
+    for p in sorted(result["points"], key=lambda p: (p["method"], p["mask_ratio"], p["lambda_irm"],
+                                                     str(p.get("options")))):
         cells = [mean_ci(p[k]).format(3) if p.get(k) and all(map(math.isfinite, p[k])) else "-" for k in POINT_METRICS]
-        lines.append(f"| {p['method']} | {p['mask_ratio']} | {p['lambda_irm']} | {len(p['seeds'])} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {p['method']} | {p['mask_ratio']} | {p['lambda_irm']} | {_release_cell(p)} | "
+                     f"{len(p['seeds'])} | " + " | ".join(cells) + " |")
     lines += ["", "At each baseline frontier point: the method's accuracy at the same leak and its leak at the same "
               "accuracy, paired by seed (mean [95% t interval]; + = the method is better).", "",
               "| baseline leak | baseline accuracy | accuracy gain | verdict | leak gain | verdict |", "|---" * 6 + "|"]
@@ -205,6 +206,13 @@ def markdown(result: dict[str, Any], *, meta: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['leak']:.3f} | {r['accuracy']:.3f} | {gain[0]} | {r['accuracy_gain_verdict']} | "
                      f"{gain[1]} | {r['leak_gain_verdict']} |")
     return lines + [""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
+
+
+def _release_cell(point: dict[str, Any]) -> str:
+    """How a point's faces were released: the owner's visible patches pasted back, or the decoder's output
+    everywhere (``loss.paste_visible``); ``-`` where there is no generator."""
+    paste = (point.get("options") or {}).get("paste_visible")
+    return "-" if paste is None else "pasted" if paste else "decoder"
 
 
 def _interval_cell(interval: dict[str, Any]) -> str:
@@ -240,7 +248,7 @@ def plot(points: Sequence[dict[str, Any]], path: str, *, ceiling: tuple[float, f
         ax.scatter([ceiling[0]], [ceiling[1]], marker="*", s=120, color="black", label="originals")
     ax.set(xlabel="identity_leak@1 (lower is more private)", ylabel="verification accuracy",
            title="privacy-utility frontiers (labels: mask ratio)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
