@@ -248,3 +248,41 @@ def test_privacy_embeds_originals_and_release_in_one_actor_pool_as_one_process_d
     for key in in_process:
         assert on_ray[key] == pytest.approx(in_process[key], abs=1e-6), key
     assert in_process["image_leak@1"] > 0  # the untrained FaceMAE's releases keep the owner's visible pixels
+
+
+def test_a_cached_gallery_scores_a_release_as_a_fresh_one_and_embeds_only_the_release(tmp_path, owner, monkeypatch):
+    """The judge's embeddings of the originals are kept once per (judge, originals, split): every release
+    scored against them embeds only its own faces, with the same leak as a fresh run."""
+    from facemae.eval import evaluate
+    from facemae.models.registry import build_fr
+
+    root, args = owner
+    out = tmp_path / "released"
+    config = load_config(None, [*args, f"generate.output={out}", "eval.ray_threshold=1000000"])
+    generate_released(config)
+    torch.manual_seed(0)
+    judge = str(save_weights(build_fr("fr_tiny", embedding_size=32), tmp_path / "judge",
+                             {"task": "fr", "model": "fr_tiny", "embedding_size": 32, "run": "judge"}))
+    embedded, real = [], evaluate.embed_splits
+
+    def counted(config, weights, sets):
+        embedded.append([str(r) for r, _ in sets])
+        return real(config, weights, sets)
+
+    monkeypatch.setattr(evaluate, "embed_splits", counted)
+    kwargs = {"released": str(out), "originals": str(root / "orig")}
+    fresh = evaluate.privacy(config, judge, **kwargs)
+    cache = tmp_path / "galleries"
+    first = evaluate.privacy(config, judge, **kwargs, gallery_cache=str(cache))
+    (kept,) = cache.glob("gallery-*.npz")
+    again = evaluate.privacy(config, judge, **kwargs, gallery_cache=str(cache))
+    assert embedded == [[str(root / "orig"), str(out)]] * 2 + [[str(out)]]  # the third call: the release only
+    assert fresh == first == again
+    # Another judge is another key: its gallery is embedded, not read from the first one's file.
+    torch.manual_seed(1)
+    other = str(save_weights(build_fr("fr_tiny", embedding_size=32), tmp_path / "judge2",
+                             {"task": "fr", "model": "fr_tiny", "embedding_size": 32, "run": "judge2"}))
+    evaluate.privacy(config, other, **kwargs, gallery_cache=str(cache))
+    assert embedded[-1] == [str(root / "orig"), str(out)] and len(list(cache.glob("gallery-*.npz"))) == 2
+    kept.write_bytes(b"not an npz")  # a damaged cache file is rebuilt, not trusted
+    assert evaluate.privacy(config, judge, **kwargs, gallery_cache=str(cache)) == fresh

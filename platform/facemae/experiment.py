@@ -16,6 +16,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -161,9 +162,17 @@ def _scores(config: Config, row: str, weights: str, *, dataset: str, judge: str,
     fidelity = None if row == "originals" else {
         k: v for k, v in release_fidelity(dataset, originals=config.data.output, masked=masked).items() if k != "images"}
     scores = {"verification": verify(config, weights, pairs_from=config.data.output),
-              "privacy": privacy(config, judge, released=dataset, originals=config.data.output), "fidelity": fidelity}
+              "privacy": privacy(config, judge, released=dataset, originals=config.data.output,
+                                 gallery_cache=_gallery_cache(config)), "fidelity": fidelity}
     atomic_write_text(path, json.dumps({"inputs": inputs, "scores": scores}, default=float) + "\n")
     return scores
+
+
+def _gallery_cache(config: Config) -> str | None:
+    """Where the judge's embeddings of the originals are kept for every row to share (keyed by the judge and
+    the originals inside): beside the runs when they are local."""
+    root = config.train.storage_root()
+    return None if storage.is_remote(root) else str(Path(root) / "judge-galleries")
 
 
 def run_experiment(config: Config, *, say: Callable[[str], None] = console.say) -> ExperimentResult:

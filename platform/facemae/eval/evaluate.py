@@ -7,6 +7,10 @@ plain functions of :mod:`facemae.eval.verification` and :mod:`facemae.measures.p
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from facemae import storage
 from facemae.allocator import retain_freed_memory
 from facemae.config import Config
 from facemae.data.images import corrupt_records, decode_face, decode_rows
-from facemae.data.shards import iter_rows, verify_dataset
+from facemae.data.shards import MANIFEST, iter_rows, sha256_file, verify_dataset
 from facemae.data.stream import shard_rows
 from facemae.data.verification_bin import load_verification_bin
 from facemae.measures.privacy import retrieval_leak
@@ -196,8 +200,14 @@ def _scores(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray, *, far: floa
     return {**acc.summary(), **rates, "tpr": acc.tpr.tolist(), "fpr": acc.fpr.tolist()}
 
 
-def privacy(config: Config, judge: str, *, released: str, originals: str, split: str = "deploy") -> dict[str, Any]:
+def privacy(config: Config, judge: str, *, released: str, originals: str, split: str = "deploy",
+            gallery_cache: str | None = None) -> dict[str, Any]:
     """``image_leak@k`` and ``identity_leak@k`` of a released set against its originals, by the judge.
+
+    ``gallery_cache``, a local folder, keeps the judge's embeddings of the originals (the gallery) under a
+    key of the judge's weights, the originals' manifest, the split and ``data.skip_corrupt``: every
+    release of the same originals scored by the same judge (an experiment's rows, a frontier's points)
+    embeds only its own faces.
 
     With ``data.skip_corrupt``, rows of either set whose image would not decode are left out, counted
     (``corrupt_skipped``) and named (``corrupt_image_ids``); a released face whose original was left
@@ -211,7 +221,15 @@ def privacy(config: Config, judge: str, *, released: str, originals: str, split:
 
     storage.configure(**asdict(config.storage))
     check_weights(judge, task="fr")
-    gallery, queries = embed_splits(config, judge, [(originals, split), (released, split)])
+    cached = _gallery_path(gallery_cache, judge=judge, originals=originals, split=split,
+                           skip_corrupt=config.data.skip_corrupt) if gallery_cache else None
+    gallery = _load_gallery(cached) if cached else None
+    if gallery is None:
+        gallery, queries = embed_splits(config, judge, [(originals, split), (released, split)])
+        if cached:
+            _save_gallery(cached, gallery)
+    else:
+        (queries,) = embed_splits(config, judge, [(released, split)])
     position = {image_id: i for i, image_id in enumerate(gallery.image_id)}
     left_out = {s["image_id"] for s in gallery.skipped}
     scored = np.array([s not in left_out for s in queries.source_id], dtype=bool)
@@ -227,3 +245,33 @@ def privacy(config: Config, judge: str, *, released: str, originals: str, split:
     if not scored.all():
         leak["queries_left_out"] = int((~scored).sum())
     return leak
+
+
+def _gallery_path(folder: str, *, judge: str, originals: str, split: str, skip_corrupt: bool) -> Path:
+    key = json.dumps({"judge": sha256_file(judge), "originals": sha256_file(storage.join(originals, MANIFEST)),
+                      "split": split, "skip_corrupt": skip_corrupt}, sort_keys=True)
+    return Path(folder) / f"gallery-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+def _load_gallery(path: Path) -> Embeddings | None:
+    """A cached gallery, or None when there is none (or it does not read: it is then rebuilt)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Embeddings(image_id=z["image_id"], source_id=z["source_id"], identity=z["identity"],
+                              emb=z["emb"], skipped=json.loads(str(z["skipped"])))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _save_gallery(path: Path, gallery: Embeddings) -> None:
+    """Writes the gallery atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gallery-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, image_id=gallery.image_id, source_id=gallery.source_id, identity=gallery.identity,
+                     emb=gallery.emb, skipped=np.array(json.dumps(gallery.skipped)))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
