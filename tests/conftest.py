@@ -223,3 +223,13 @@ def s3_server():
         else:
             os.environ[key] = value
     server.stop()
+
+
+def train_in_subprocess(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``facemae.train.trainer.train`` of ``overrides`` in a fresh process (a diverging engine must not take
+    the test session with it); its last stdout line is the result as JSON (checkpoint, weights, metrics)."""
+    script = ("import json, sys\nfrom facemae.config import load_config\nfrom facemae.train.trainer import train\n"
+              "r = train(load_config(None, sys.argv[1:]))\n"
+              "print(json.dumps({'checkpoint': r.checkpoint, 'weights': r.weights, 'metrics': r.metrics}))\n")
+    return subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True,
+                          timeout=timeout)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import train_in_subprocess
 
 from facemae.data.shards import Manifest, read_manifest, write_shard
 from facemae.losses.irm import view_name
@@ -67,11 +67,7 @@ def test_guard_level_is_a_running_median_floored_by_the_initial_loss():
 
 
 def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    script = ("import json, sys\nfrom facemae.config import load_config\nfrom facemae.train.trainer import train\n"
-              "r = train(load_config(None, sys.argv[1:]))\n"
-              "print(json.dumps({'checkpoint': r.checkpoint, 'weights': r.weights, 'metrics': r.metrics}))\n")
-    return subprocess.run([sys.executable, "-c", script, *TINY, f"train.storage_path={tmp_path}", *overrides],
-                          capture_output=True, text=True, timeout=600)
+    return train_in_subprocess(*TINY, f"train.storage_path={tmp_path}", *overrides)
 
 
 def _written(run_dir: Path) -> list[str]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_in_subprocess
 
 pytestmark = [pytest.mark.gpu, pytest.mark.ray,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -26,11 +26,7 @@ TINY = ["model.mae=facemae_vit_tiny_p8", "model.fr=fr_tiny", "model.teacher=fr_t
 
 
 def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    script = ("import json, sys\nfrom facemae.config import load_config\nfrom facemae.train.trainer import train\n"
-              "r = train(load_config(None, sys.argv[1:]))\n"
-              "print(json.dumps({'checkpoint': r.checkpoint, 'weights': r.weights, 'metrics': r.metrics}))\n")
-    return subprocess.run([sys.executable, "-c", script, *TINY, f"train.storage_path={tmp_path}", *overrides],
-                          capture_output=True, text=True, timeout=600)
+    return train_in_subprocess(*TINY, f"train.storage_path={tmp_path}", *overrides)
 
 
 def _saved(run_dir: Path) -> list[str]:
