@@ -47,7 +47,7 @@ def run_one(size: int, root: Path) -> dict[str, float]:
     config = load_config("jobs/configs/train.yaml", [
         f"data.output={root / 'faces'}", f"data.num_identities={size // PER_IDENTITY}",
         f"data.images_per_identity={PER_IDENTITY}", "data.rows_per_shard=500", "data.workers=2",
-        "mask.splits=[train, deploy]", f"generate.weights={weights}", f"generate.output={root / 'released'}"])
+        "mask.splits=[train, val, deploy]", f"generate.weights={weights}", f"generate.output={root / 'released'}"])
     seconds = {}
     for stage, work in (("ingest", lambda: ingest(config)), ("mask", lambda: mask_dataset(config)),
                         ("release", lambda: generate_released(config))):

@@ -40,10 +40,13 @@ pip_install() {
 # 1. torch first, pinned: an unpinned torch (or one pulled in by a dependency) is a multi-GB download.
 "${pip[@]}" --upgrade "pip>=23" "setuptools>=64" wheel
 "${pip[@]}" torch torchvision
+# 1b. face detection for `ingest --align` (MTCNN, weights inside the wheel): --no-deps, because its
+#     dependencies (torchvision, numpy, Pillow, requests) are ours already and a resolver must not touch torch.
+"${pip[@]}" --no-deps facenet-pytorch
 # 2. everything DeepSpeed needs at build time and the rest of the stack.
 "${pip[@]}" "ray[default,train,tune,data]" timm pyarrow prometheus-client numpy pillow pyyaml \
   safetensors tqdm matplotlib ninja pytest pytest-timeout hjson psutil py-cpuinfo pydantic packaging msgpack einops \
-  onnx onnxruntime onnxscript mlflow-skinny tensorboardX "moto[server]" scipy \
+  onnx onnxruntime onnxscript mlflow-skinny tensorboardX "moto[server]" scipy scikit-image \
   mkdocs mkdocs-material "mkdocstrings[python]"
 # 3. DeepSpeed builds from source and imports torch in its setup.py: no build isolation, or pip builds
 #    it against a second, freshly downloaded torch.

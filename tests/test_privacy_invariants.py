@@ -11,6 +11,10 @@ platform holds pixels in: uint8 (interleaved and per-channel) and the model's fl
 (``pixel / 255`` and :func:`facemae.models.fr.to_model_range`, in float32, bfloat16 and float16).
 A positive control plants leaks in each form and checks that the search reports them.
 
+The release runs on the test session's Ray cluster, whose object store (the raylet's shared memory under
+/dev/shm) a watch reads while it runs; what it held is searched the same way, raw and as decoded images, with
+a positive control of its own.
+
 The second invariant: the Prometheus endpoint of a training run binds 127.0.0.1 unless
 ``train.metrics_host`` says otherwise.
 """
@@ -23,6 +27,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections import Counter
@@ -243,17 +248,153 @@ def search(roots: list[Path], finder: Finder) -> Search:
         for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
             out.files += 1
             for what, blob in views(path):
-                kind = "image" if "image@" in what else what.split()[0]  # raw, column, tensor, numbers
-                out.views[kind] += 1
-                out.bytes[kind] += len(blob)
-                found = {label for _, label in finder.find(blob)} if len(blob) >= KEY else set()
-                if found:
-                    out.hits.setdefault(f"{path}: {what}", set()).update(found)
+                _look(out, f"{path}: {what}", what, blob, finder)
     return out
+
+
+def _look(out: Search, where: str, what: str, blob: bytes, finder: Finder) -> None:
+    kind = "image" if "image@" in what else what.split()[0]  # raw, column, tensor, numbers
+    out.views[kind] += 1
+    out.bytes[kind] += len(blob)
+    found = {label for _, label in finder.find(blob)} if len(blob) >= KEY else set()
+    if found:
+        out.hits.setdefault(where, set()).update(found)
 
 
 def describe(hits: dict[str, set[str]]) -> str:
     return "\n".join(f"{where}: {len(labels)} rows, e.g. {sorted(labels)[:3]}" for where, labels in hits.items())
+
+
+# -- Ray's object store ---------------------------------------------------------------------------
+# Ray's plasma store, a part of the raylet, keeps every object in one shared mmap of object_store_memory bytes:
+# a file it creates in --plasma_directory (/dev/shm on Linux) and unlinks at once; objects that do not fit go to
+# more such files in --fallback_directory (the session folder), unlinked as well
+# (src/ray/object_manager/plasma/dlmalloc.cc, create_and_mmap_buffer). Only open descriptors reach them: the
+# raylet's /proc/<pid>/fd. The file is sparse; SEEK_DATA / SEEK_HOLE give the pages ever written. Freed objects
+# are not cleared, but dlmalloc gives their memory to the next objects once the raylet frees them (in batches,
+# about every second), so one read after a run sees only what was not overwritten: the watch reads during it.
+# Objects spilled to disk go to the session folder, which the file search reads.
+STORE_PAGE = 1 << 16  # bytes compared between reads of the store
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    """The object store of the Ray node that this process started (not any other Ray on the machine)."""
+
+    raylet: int  # pid
+    directories: tuple[str, str]  # the raylet's --plasma_directory and --fallback_directory
+
+    @classmethod
+    def of(cls, ray: Any) -> ObjectStore:
+        from ray._private import ray_constants
+
+        node = ray._private.worker._global_node  # no public API names a node's processes
+        (raylet,) = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
+        args = dict(a[2:].split("=", 1) for a in Path(f"/proc/{raylet.process.pid}/cmdline").read_text().split("\0")
+                    if a.startswith("--") and "=" in a)
+        assert args["session_dir"] == node.get_session_dir_path(), f"raylet {raylet.process.pid} is another cluster's"
+        return cls(raylet.process.pid, (args["plasma_directory"], args["fallback_directory"]))
+
+    def files(self) -> list[Path]:
+        """The raylet's descriptors of its plasma files (``<directory>/plasmaXXXXXX (deleted)``)."""
+        out = []
+        for fd in Path(f"/proc/{self.raylet}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            folder, _, name = target.removesuffix(" (deleted)").rpartition("/")
+            if folder in self.directories and re.fullmatch(r"plasma\w{6}", name):
+                out.append(fd)
+        return out
+
+    def extents(self) -> Iterator[tuple[int, int, bytes]]:
+        """``(file inode, offset, bytes)`` of each written stretch of each plasma file, from a
+        :data:`STORE_PAGE` boundary."""
+        for path in self.files():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:  # a fallback file unmapped meanwhile
+                continue
+            try:
+                inode, size, offset = os.fstat(fd).st_ino, os.fstat(fd).st_size, 0
+                while offset < size:
+                    try:
+                        start = os.lseek(fd, offset, os.SEEK_DATA)
+                    except OSError:  # ENXIO: no written page after offset
+                        break
+                    offset = os.lseek(fd, start, os.SEEK_HOLE)
+                    start -= start % STORE_PAGE  # the same pages at every read
+                    yield inode, start, os.pread(fd, offset - start, start)
+            finally:
+                os.close(fd)
+
+
+class StoreWatch:
+    """Keeps every stretch of an object store that changed between its reads: one when the ``with``
+    block starts, one every ``interval`` seconds during it, one at its end. So an object that the block's
+    work put there, freed, and let later objects overwrite is still searched."""
+
+    def __init__(self, store: ObjectStore, *, interval: float = 0.25) -> None:
+        self.store, self.interval = store, interval
+        self.last: dict[tuple[int, int], int] = {}  # (inode, offset) -> hash of that page at the last read
+        self.kept: dict[int, bytes] = {}  # hash -> consecutive changed pages and one page either side
+        self.reads = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> StoreWatch:
+        self.read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.read()
+
+    def _loop(self) -> None:
+        # A read takes about 1.5 ms per MB ever written, and a whole test session's cluster holds more than
+        # this module's: pausing twice as long as the last read took keeps the watch within a third of a core.
+        pause = self.interval
+        while not self._stop.wait(pause):
+            began = time.monotonic()
+            self.read()
+            pause = max(self.interval, 2 * (time.monotonic() - began))
+
+    def read(self) -> None:
+        for inode, start, data in self.store.extents():
+            view, changed = memoryview(data), []
+            for i in range(0, len(data), STORE_PAGE):
+                page = (inode, start + i)
+                digest = hash(view[i:i + STORE_PAGE])
+                if self.last.get(page) != digest:
+                    self.last[page] = digest
+                    changed.append(i)
+            # A run of changed pages is kept whole, with a page of context either side: an object (a block
+            # of PNGs) spans many pages, and an image is only decoded from its first byte to its last.
+            for first, last in _runs(changed, STORE_PAGE):
+                stretch = data[max(first - STORE_PAGE, 0):last + 2 * STORE_PAGE]
+                self.kept.setdefault(hash(stretch), stretch)
+        self.reads += 1
+
+    def search(self, finder: Finder) -> Search:
+        """The kept stretches as raw bytes and as the images that start anywhere in them (decoded)."""
+        out = Search()
+        for n, stretch in enumerate(self.kept.values()):
+            out.files += 1
+            for what, blob in [("raw", stretch), *_embedded_images(stretch)]:
+                _look(out, f"object store stretch {n}: {what}", what, blob, finder)
+        return out
+
+
+def _runs(offsets: list[int], step: int) -> Iterator[tuple[int, int]]:
+    """``(first, last)`` of each run of ``offsets`` (ascending) that are ``step`` apart."""
+    for k, offset in enumerate(offsets):
+        if k == 0 or offset - offsets[k - 1] != step:
+            first = offset
+        if k + 1 == len(offsets) or offsets[k + 1] - offset != step:
+            yield first, offset
 
 
 # -- the platform run -----------------------------------------------------------------------------
@@ -267,6 +408,7 @@ class Run:
     released: dict[str, dict]  # image_id -> released-shard row
     outputs: list[Path]  # everything the platform wrote that must hold no removed pixel
     originals: Path  # the owner's ingested dataset, which does hold them
+    store: StoreWatch  # what the cluster's object store held while the release ran on it
 
 
 def _teacher(folder: Path, seed: int) -> str:
@@ -297,7 +439,8 @@ def _ray_session_dir(ray: Any) -> Path:
 def run(tmp_path_factory, ray_cluster) -> Run:
     """Ingest, owner masking, a FaceMAE training in the local mode with checkpoints, previews and
     validation (on the validation identities), then the release (Ray Data actor pool on the session's cluster)
-    with its folder and RecordIO exports; every command's output captured in ``logs/``."""
+    with its folder and RecordIO exports, the cluster's object store watched meanwhile; every command's output
+    captured in ``logs/``. (Ingest, masking and the local-mode training use no Ray.)"""
     root = tmp_path_factory.mktemp("privacy")
     faces = make_folder(root / "faces", identities=8, images=4, seed=11)
     (root / "logs").mkdir()
@@ -312,14 +455,15 @@ def run(tmp_path_factory, ray_cluster) -> Run:
              "--set", "train.val_images=8", "--set", "train.metrics_port=0", "--set", "train.log_sample_ids=true"]
     _facemae("train", *common, *train, log=root / "logs" / "train")
     address = ray_cluster.get_runtime_context().gcs_address
-    _facemae("generate", *common, "--address", address, "--set", "generate.actors=1", "--set",
-             "generate.batch_size=4", "--export-folder", str(root / "export-folder"), "--export-recordio",
-             str(root / "export-rec" / "train.rec"), log=root / "logs" / "generate")
+    with StoreWatch(ObjectStore.of(ray_cluster)) as store:
+        _facemae("generate", *common, "--address", address, "--set", "generate.actors=1", "--set",
+                 "generate.batch_size=4", "--export-folder", str(root / "export-folder"), "--export-recordio",
+                 str(root / "export-rec" / "train.rec"), log=root / "logs" / "generate")
     masked = {r["image_id"]: r for r in _rows(root / "masked")}
     assert masked and set(masked) <= set(faces) and read_manifest(root / "masked").splits.keys() == {"deploy"}
     outputs = [root / d for d in ("masked", "released", "export-folder", "export-rec", "runs", "logs")]
     return Run(root=root, faces=faces, masked=masked, released={r["image_id"]: r for r in _rows(root / "released")},
-               outputs=[*outputs, _ray_session_dir(ray_cluster)], originals=root / "orig")
+               outputs=[*outputs, _ray_session_dir(ray_cluster)], originals=root / "orig", store=store)
 
 
 def _rows(root: Path) -> list[dict]:
@@ -422,6 +566,69 @@ def _plant(folder: Path, face: np.ndarray, patch: np.ndarray, weights: Path) -> 
             "metrics.jsonl": ("model-range floats printed to 4 decimals", "numbers"),
             "shard.parquet": ("a zstd-compressed Parquet column", "column"),
             "weights.bin": ("uint8 bytes after the weights", "raw")}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_no_removed_pixel_of_a_deployment_face_reaches_rays_object_store(run, forbidden):
+    """What the session's Ray cluster held in its object store while the release ran on it (every stretch
+    of its shared memory that changed between reads at least a quarter of a second apart, raw and as decoded
+    images) holds no removed row. That it read the release's objects: the pasted visible patches of every
+    face are found there, in the released PNGs."""
+    found = run.store.search(forbidden)
+    visible, labels = _patches(run, removed=False)
+    shown = run.store.search(Finder(row_needles(visible, labels, floats=False)))
+    seen = {label.split(" patch ")[0] for where, found_there in shown.hits.items() if "image@" in where
+            for label in found_there}
+    print(f"\nobject store of raylet {run.store.store.raylet}: {run.store.reads} reads, {len(run.store.kept)} "
+          f"changed stretches, {sum(map(len, run.store.kept.values())) / 1e6:.1f} MB (MB: "
+          f"{ {k: round(v / 1e6, 2) for k, v in found.bytes.items()} }, views: {dict(found.views)}); visible "
+          f"patches of {len(seen)} of {len(run.masked)} faces in its images; {len(found.hits)} views with a removed "
+          f"row")
+    assert run.store.reads >= 3
+    assert seen == set(run.masked), "the watch did not read the released faces in the object store"
+    assert not found.hits, f"removed pixels of deployment faces reached Ray's object store:\n{describe(found.hits)}"
+
+
+@pytest.mark.ray
+def test_object_store_search_finds_removed_pixels_held_there(run, forbidden, ray_cluster):
+    """Positive control of the object store search, on the session's cluster: the removed rows of the
+    deployment faces, put there as a driver's uint8 batch, as a worker's float32 model input (a task's
+    return) and as a list of PNGs, are all found by a watch during which they were also freed, and new
+    objects of their sizes were put."""
+    ray = ray_cluster
+    originals = np.stack([run.faces[row["source_id"]] for _, row in sorted(run.masked.items())])  # (N, H, W, 3)
+    pngs = [png_bytes(face) for face in originals]
+    with StoreWatch(ObjectStore.of(ray)) as watch:
+        refs = [ray.put(originals), ray.remote(to_model_range).remote(torch.from_numpy(originals)), ray.put(pngs)]
+        ray.wait(refs, num_returns=len(refs))
+        _wait_for_reads(watch, 2)  # one whole read after all three are in the store
+        del refs
+        time.sleep(1.5)  # the raylet frees objects in batches, about every second
+        noise = np.random.default_rng(0)
+        for n in (originals.nbytes, 4 * originals.nbytes, sum(map(len, pngs))):  # to take the freed memory
+            ray.put(noise.integers(0, 256, n, dtype=np.uint8))
+        _wait_for_reads(watch, 2)
+    found = watch.search(forbidden)
+    raw = set().union(*(labels for where, labels in found.hits.items() if where.endswith(": raw")))
+    images = set().union(*(labels for where, labels in found.hits.items() if "image@" in where))
+    _, removed = _patches(run, removed=True)
+    rows = [f"{label} row {r}" for label in removed for r in range(P)]
+    assert {f"{row} (uint8 HWC)" for row in rows} <= raw, "a removed row of the put uint8 batch went unfound"
+    assert {f"{row} (float32 model channel {c})" for row in rows for c in range(3)} <= raw, \
+        "a removed row of the float32 model input a task returned went unfound"
+    assert {f"{row} (uint8 HWC)" for row in rows} <= images, "a removed row of the put PNGs went unfound"
+    late = StoreWatch(ObjectStore.of(ray))
+    late.read()
+    print(f"\n{watch.reads} reads; one read after the fillers alone finds {len(late.search(forbidden).hits)} "
+          f"views with a removed row, the watch {len(found.hits)}")
+
+
+def _wait_for_reads(watch: StoreWatch, n: int, *, timeout: float = 30) -> None:
+    until, deadline = watch.reads + n, time.monotonic() + timeout
+    while watch.reads < until:
+        assert time.monotonic() < deadline, f"the object store watch made no {n} reads in {timeout} s"
+        time.sleep(0.05)
 
 
 # -- the metrics endpoint -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from facemae import console, sdk
 from facemae.cluster import input_errors_unwrapped, shutdown_embedded
-from facemae.config import Config
+from facemae.config import ALIGNERS, Config
 from facemae.data.images import CorruptImageError
 from facemae.data.shards import DatasetError, Manifest, verify_dataset
 from facemae.train.guard import NonFiniteLossError
@@ -59,7 +59,7 @@ def _flag_overrides(args: argparse.Namespace, table: dict[str, str]) -> list[str
 
 INGEST_FLAGS = {"source": "data.source", "path": "data.path", "output": "data.output",
                 "skip_corrupt": "data.skip_corrupt", "resize": "data.resize", "convert_rgb": "data.convert_rgb",
-                "workers": "data.workers", "deploy_fraction": "data.deploy_fraction"}
+                "align": "data.align", "workers": "data.workers", "deploy_fraction": "data.deploy_fraction"}
 MASK_FLAGS = {"patch_size": "mask.patch_size", "ratio": "mask.ratio", "seed": "mask.seed", "output": "mask.output"}
 TRAIN_FLAGS = {"name": "name", "data": "data.output", "storage_path": "train.storage_path",
                "max_steps": "train.max_steps", "num_workers": "train.num_workers", "use_gpu": "train.use_gpu"}
@@ -110,6 +110,9 @@ def _ingest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-corrupt", action="store_true", help="count bad images in the manifest and go on")
     p.add_argument("--resize", action="store_true", help="center-crop and resize images that are not 112x112")
     p.add_argument("--convert-rgb", action="store_true", help="convert grayscale / RGBA images to RGB")
+    p.add_argument("--align", nargs="?", const="mtcnn", choices=ALIGNERS,
+                   help="detect the face of each photo that is not 112x112 and align it to InsightFace's "
+                        "112x112 template (data.align; --align alone means mtcnn)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset in the output folder")
 
 

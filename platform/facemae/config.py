@@ -25,6 +25,8 @@ SYNTHETIC_STYLES = ("photo", "cartoon")  # facemae.data.synthetic.STYLES (tests/
 # The standard margin of each head (ArcFace: radians, CosFace: cosine), used when loss.m is unset.
 DEFAULT_MARGIN_M = {"arcface": 0.5, "cosface": 0.4}
 IRM_VIEWS = ("raw", "blur")
+ALIGNERS = ("none", "mtcnn")  # face detection + ArcFace alignment of folder photos at ingest (facemae.data.align)
+MULTIPLE_FACES = ("largest", "center")  # which face of a photo with several is aligned
 
 
 @dataclass
@@ -60,6 +62,17 @@ class DataConfig:
         workers: Parallel Ray tasks for synthetic generation; 0 picks by size (Ray above
             ``ray_threshold`` images), 1 forces a single process.
         ray_threshold: Synthetic datasets with more images than this are generated through Ray.
+        align: ``mtcnn`` detects the face of each folder image that is not 112x112 (facenet-pytorch's
+            MTCNN, the ``align`` extra), maps its five landmarks onto InsightFace's ``arcface_dst``
+            template by a similarity and warps it to 112x112 as InsightFace's ``norm_crop`` does;
+            112x112 images are kept as already-aligned crops. ``none`` (the default) reads every image
+            as an aligned crop. Folder sources only.
+        align_min_score: Lowest detection score (MTCNN's last-stage probability) a face is aligned at;
+            an image whose faces all score lower is refused as ``face score below``.
+        align_min_face: Shortest side, in pixels of the photo, of a face box that is aligned; an image
+            whose faces are all smaller is refused as ``face too small``.
+        align_multiple: The face aligned in a photo with several: ``largest`` (box area) or ``center``
+            (box centre nearest the photo's centre); such photos are counted in the report.
     """
 
     source: str = "synthetic"
@@ -77,6 +90,10 @@ class DataConfig:
     skip_corrupt: bool = False
     workers: int = 0
     ray_threshold: int = 20_000
+    align: str = "none"
+    align_min_score: float = 0.9
+    align_min_face: int = 40
+    align_multiple: str = "largest"
 
     def validate(self) -> None:
         if self.source not in SOURCES:
@@ -98,7 +115,29 @@ class DataConfig:
             raise ValueError(f"data.rows_per_shard={self.rows_per_shard} must be >= 1")
         if self.workers < 0:
             raise ValueError(f"data.workers={self.workers} must be >= 0 (0 = choose by dataset size)")
+        self._validate_align()
         _check_location("data.output", self.output)
+
+    def _validate_align(self) -> None:
+        if self.align not in ALIGNERS:
+            raise ValueError(f"data.align={self.align!r} is not one of {ALIGNERS}")
+        if self.align_multiple not in MULTIPLE_FACES:
+            raise ValueError(f"data.align_multiple={self.align_multiple!r} is not one of {MULTIPLE_FACES}")
+        if not 0.0 < self.align_min_score <= 1.0:
+            raise ValueError(f"data.align_min_score={self.align_min_score} must be in (0, 1]: it is the lowest "
+                             "detection probability a face is aligned at (0.9 by default)")
+        if self.align_min_face < 12:
+            raise ValueError(f"data.align_min_face={self.align_min_face} must be >= 12 pixels, the smallest face "
+                             "MTCNN detects")
+        if self.align == "none":
+            return
+        if self.source != "folder":
+            raise ValueError(f"data.align={self.align} reads photos from an image folder, not data.source="
+                             f"{self.source!r} (whose faces are aligned already); set data.source=folder or "
+                             "data.align=none")
+        if self.resize:
+            raise ValueError(f"data.resize and data.align={self.align} both handle images that are not "
+                             f"{IMAGE_SIZE}x{IMAGE_SIZE}; drop --resize to align faces, or --align to center-crop")
 
 
 def _check_location(key: str, location: str) -> None:

@@ -69,6 +69,26 @@ def prepare_face(data: bytes, *, where: str, resize: bool = False,
     Raises:
         CorruptImageError: Truncated or undecodable bytes, a wrong mode or a wrong size.
     """
+    img = open_image(data, where=where)
+    unchanged = img.format in ("JPEG", "PNG") and img.mode == "RGB"
+    img = to_rgb(img, where=where, convert_rgb=convert_rgb)
+    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+        if not resize:
+            raise CorruptImageError(where, f"image is {img.size[0]}x{img.size[1]}, not {IMAGE_SIZE}x{IMAGE_SIZE}",
+                                    f"align faces to {IMAGE_SIZE}x{IMAGE_SIZE} (--align detects and aligns them), "
+                                    f"pass --resize (data.resize=true) to center-crop and resize, {_SKIP_HINT}")
+        img = center_crop_resize(img, IMAGE_SIZE)
+        unchanged = False
+    pixels = np.asarray(img, dtype=np.uint8)
+    return pixels, (data if unchanged else encode_png(pixels))
+
+
+def open_image(data: bytes, *, where: str) -> Image.Image:
+    """Decodes encoded image bytes fully (a truncated file fails here, not later).
+
+    Raises:
+        CorruptImageError: Truncated or undecodable bytes, or a decompression bomb, naming ``where``.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -77,22 +97,21 @@ def prepare_face(data: bytes, *, where: str, resize: bool = False,
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
         raise CorruptImageError(where, f"truncated or undecodable image ({type(exc).__name__}: {exc})",
                                 f"re-export or remove the file, {_SKIP_HINT}") from exc
-    unchanged = img.format in ("JPEG", "PNG")
-    if img.mode != "RGB":
-        unchanged = False
-        if not convert_rgb:
-            raise CorruptImageError(where, f"image mode is {img.mode}, not RGB",
-                                    f"convert it to RGB, pass --convert-rgb (data.convert_rgb=true), {_SKIP_HINT}")
-        img = img.convert("RGB")
-    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-        if not resize:
-            raise CorruptImageError(where, f"image is {img.size[0]}x{img.size[1]}, not {IMAGE_SIZE}x{IMAGE_SIZE}",
-                                    f"align faces to {IMAGE_SIZE}x{IMAGE_SIZE}, pass --resize (data.resize=true) "
-                                    f"to center-crop and resize, {_SKIP_HINT}")
-        img = center_crop_resize(img, IMAGE_SIZE)
-        unchanged = False
-    pixels = np.asarray(img, dtype=np.uint8)
-    return pixels, (data if unchanged else encode_png(pixels))
+    return img
+
+
+def to_rgb(img: Image.Image, *, where: str, convert_rgb: bool) -> Image.Image:
+    """Returns ``img`` as RGB: as it is, converted (``convert_rgb``), or refused.
+
+    Raises:
+        CorruptImageError: A grayscale / RGBA / palette image while ``convert_rgb`` is off.
+    """
+    if img.mode == "RGB":
+        return img
+    if not convert_rgb:
+        raise CorruptImageError(where, f"image mode is {img.mode}, not RGB",
+                                f"convert it to RGB, pass --convert-rgb (data.convert_rgb=true), {_SKIP_HINT}")
+    return img.convert("RGB")
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:

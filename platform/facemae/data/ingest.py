@@ -3,7 +3,8 @@
 Identities are split once, by a seeded permutation, into a training set and a disjoint deployment
 set, and a second permutation carves a validation set out of the training side (the trainer's own
 held-out identities: it validates without opening a deployment original); each split is cut into shards of ``rows_per_shard`` rows built by independent work units, so
-large inputs run as Ray tasks and an interrupted ingest resumes where it stopped.
+large inputs run as Ray tasks and an interrupted ingest resumes where it stopped. With
+``data.align=mtcnn`` a folder's photos are detected and aligned inside those units (:mod:`facemae.data.align`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,21 @@ import pyarrow as pa
 from facemae import storage
 from facemae.config import Config, DataConfig
 from facemae.data import synthetic
-from facemae.data.images import CorruptImageError, encode_png, prepare_face
+from facemae.data.align import REFUSALS, FaceAligner, FaceNotAlignedError, contact_sheet
+from facemae.data.images import CorruptImageError, decode_rgb, encode_png, open_image, prepare_face
 from facemae.data.recordio import RecordIOError, RecordIOReader
 from facemae.data.runner import REPORT_LIMIT, Unit, UnitResult, finish, prepare_output, reusable, run_units
-from facemae.data.shards import (MANIFEST, ORIGINAL_SCHEMA, SPLITS, DatasetError, Manifest, read_manifest, shard_name,
-                                 write_shard)
+from facemae.data.shards import (MANIFEST, ORIGINAL_SCHEMA, SPLITS, DatasetError, Manifest, atomic_write, iter_rows,
+                                 read_manifest, shard_name, write_shard)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+ALIGN_KEYS = ("align", "align_min_score", "align_min_face", "align_multiple")
+# Detecting and aligning a photo costs about a hundred times generating a synthetic face, so with
+# data.workers=0 an aligned ingest goes to Ray at a hundredth of data.ray_threshold.
+ALIGN_COST = 100
+SHEET_TILES = 64  # crops on a contact sheet
+UNIT_SAMPLE = 8  # aligned crops each work unit offers the sheet, so that it shows several shards
+SCORE_EDGES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)  # the report's detection-score histogram
 
 
 @dataclass(frozen=True)
@@ -75,19 +84,26 @@ def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
         for index, start in enumerate(range(0, len(items), data.rows_per_shard)):
             payload = {"source": source.kind, "items": items[start:start + data.rows_per_shard],
                        "description": source.description, "resize": data.resize,
-                       "convert_rgb": data.convert_rgb, "skip_corrupt": data.skip_corrupt}
+                       "convert_rgb": data.convert_rgb, "skip_corrupt": data.skip_corrupt,
+                       **{f"{k}": getattr(data, k) for k in ALIGN_KEYS}}
             units.append(Unit(root=data.output, split=split, rel=shard_name(split, index), payload=payload))
     total = sum(len(u.payload["items"]) for u in units)
-    use_ray = data.workers > 1 or (data.workers == 0 and total > data.ray_threshold)
+    threshold = data.ray_threshold // (ALIGN_COST if data.align != "none" else 1)
+    use_ray = data.workers > 1 or (data.workers == 0 and total > threshold)
     prepare_output(data.output, overwrite=overwrite)
     results = run_units(data.output, units, build_unit, fingerprint=fingerprint, use_ray=use_ray,
                         ray_config=config.ray, desc=f"ingest {source.kind}")
     manifest = Manifest(
         kind="original", source=source.description, settings=fingerprint,
         splits={s: [r.shard for r in results if r.split == s] for s in SPLITS},
-        report=_report(results, source=source, inputs=total + len(source.skipped)),
+        report=_report(results, source=source, inputs=total + len(source.skipped), data=data),
         identity_names=source.identity_names)
+    sheets = _contact_sheets(data.output, manifest, results) if data.align != "none" else {}
+    if sheets:
+        manifest.report["align"]["sheets"] = sorted(sheets)
     manifest.write(data.output)
+    for name, pixels in sheets.items():  # after the manifest: a folder without one holds only shards
+        atomic_write(storage.join(data.output, name), lambda tmp, px=pixels: Path(tmp).write_bytes(encode_png(px)))
     finish(data.output)
     return manifest
 
@@ -97,6 +113,9 @@ def _fingerprint(data: DataConfig) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(data).items() if k not in ("output", "workers", "ray_threshold")}
     if data.val_fraction == 0:
         settings.pop("val_fraction")  # as datasets made before the validation split, which stay reusable
+    if data.align == "none":  # as datasets made before alignment, which stay reusable; on, they all count
+        for key in ALIGN_KEYS:
+            settings.pop(key)
     if data.source != "synthetic":
         settings.pop("style")  # only the generator draws in a style: a folder's dataset stays reusable
         return {"stage": "ingest", "data": settings}
@@ -266,10 +285,16 @@ def build_unit(unit: Unit) -> UnitResult:
     p = unit.payload
     columns: dict[str, list[Any]] = {"image_id": [], "identity": [], "image": []}
     skipped, converted = [], 0
+    # The detector is loaded once per work unit (one shard, one Ray task), never per image.
+    aligner = (FaceAligner(min_score=p["align_min_score"], min_face=p["align_min_face"],
+                           multiple=p["align_multiple"]) if p.get("align", "none") != "none" else None)
+    stats: dict[str, Any] = {"aligned": 0, "already_aligned": 0, "multiple_faces": 0, "scores": [], "sample": []}
     for image_id, identity, where, load in _records(p):
         try:
             data = load()
-            if p["source"] != "synthetic":
+            if aligner is not None:
+                data = _align_one(aligner, data, where=where, image_id=image_id, p=p, stats=stats)
+            elif p["source"] != "synthetic":
                 stored = prepare_face(data, where=where, resize=p["resize"], convert_rgb=p["convert_rgb"])[1]
                 converted += stored is not data
                 data = stored
@@ -279,13 +304,39 @@ def build_unit(unit: Unit) -> UnitResult:
                     raise
                 raise CorruptImageError(where, f"unreadable record ({exc})",
                                         "repair the input or pass --skip-corrupt to count it and go on") from exc
-            skipped.append({"where": where, "reason": getattr(exc, "reason", str(exc))})
+            skipped.append(_skipped(exc, where=where))
             continue
         columns["image_id"].append(image_id)
         columns["identity"].append(identity)
         columns["image"].append(data)
     shard = write_shard(unit.root, unit.rel, pa.table(columns, schema=ORIGINAL_SCHEMA))
-    return UnitResult(split=unit.split, shard=shard, skipped=skipped, converted=converted)
+    return UnitResult(split=unit.split, shard=shard, skipped=skipped, converted=converted,
+                      stats=stats if aligner is not None else {})
+
+
+def _align_one(aligner: FaceAligner, data: bytes, *, where: str, image_id: str, p: dict[str, Any],
+               stats: dict[str, Any]) -> bytes:
+    """One folder image through the aligner, counted in the unit's ``stats``; returns the bytes to store."""
+    stored, aligned = aligner.prepare(data, where=where, convert_rgb=p["convert_rgb"])
+    if aligned is None:
+        stats["already_aligned"] += 1
+        return stored
+    stats["aligned"] += 1
+    stats["multiple_faces"] += aligned.faces > 1
+    stats["scores"].append(round(aligned.face.score, 6))
+    if len(stats["sample"]) < UNIT_SAMPLE:
+        stats["sample"].append(image_id)
+    return stored
+
+
+def _skipped(exc: Exception, *, where: str) -> dict[str, Any]:
+    """How the report lists a refused image; an alignment refusal says which (``refused``) and its score."""
+    record: dict[str, Any] = {"where": where, "reason": getattr(exc, "reason", str(exc))}
+    if isinstance(exc, FaceNotAlignedError):
+        record["refused"] = exc.kind
+        if exc.score is not None:
+            record["score"] = round(exc.score, 6)
+    return record
 
 
 def _records(p: dict[str, Any]) -> Iterator[tuple[str, int, str, Callable[[], bytes]]]:
@@ -306,9 +357,59 @@ def _records(p: dict[str, Any]) -> Iterator[tuple[str, int, str, Callable[[], by
                        lambda key=key: reader.read_image(key).image)
 
 
-def _report(results: list[UnitResult], *, source: Source, inputs: int) -> dict[str, Any]:
+def _report(results: list[UnitResult], *, source: Source, inputs: int, data: DataConfig) -> dict[str, Any]:
     skipped = [*source.skipped, *(s for r in results for s in r.skipped)]
-    return {"inputs": inputs, "images": sum(r.shard.rows for r in results), "corrupt": len(skipped),
-            "corrupt_records": skipped[:REPORT_LIMIT], "converted": sum(r.converted for r in results),
-            "empty_identities": list(source.empty_identities), "hidden_skipped": len(source.hidden),
-            "hidden_files": list(source.hidden[:REPORT_LIMIT])}
+    report = {"inputs": inputs, "images": sum(r.shard.rows for r in results), "corrupt": len(skipped),
+              "corrupt_records": skipped[:REPORT_LIMIT], "converted": sum(r.converted for r in results),
+              "empty_identities": list(source.empty_identities), "hidden_skipped": len(source.hidden),
+              "hidden_files": list(source.hidden[:REPORT_LIMIT])}
+    if data.align != "none":
+        report["align"] = _align_report(results, skipped, data=data)
+    return report
+
+
+def _align_report(results: list[UnitResult], skipped: list[dict[str, Any]], *, data: DataConfig) -> dict[str, Any]:
+    """Counts of an aligned ingest: aligned, kept as crops, refused by reason, several faces; the
+    detection-score distribution of the aligned faces. Refused images are among ``corrupt_records``."""
+    scores = np.array([s for r in results for s in r.stats["scores"]], dtype=np.float64)
+    refused = {kind: sum(s.get("refused") == kind for s in skipped) for kind in REFUSALS}
+    distribution: dict[str, Any] = {"count": int(scores.size)}
+    if scores.size:
+        q = np.quantile(scores, [0.0, 0.05, 0.25, 0.5, 0.75, 1.0])
+        distribution.update({k: round(float(v), 6) for k, v in zip(("min", "p5", "p25", "median", "p75", "max"), q)})
+        counts, _ = np.histogram(scores, bins=SCORE_EDGES)
+        distribution["histogram"] = {f"{lo}-{hi}": int(c) for lo, hi, c in zip(SCORE_EDGES, SCORE_EDGES[1:], counts)}
+    return {"detector": f"{data.align} (facenet-pytorch)", "min_score": data.align_min_score,
+            "min_face": data.align_min_face, "multiple_policy": data.align_multiple,
+            "aligned": sum(r.stats["aligned"] for r in results),
+            "already_aligned": sum(r.stats["already_aligned"] for r in results),
+            "multiple_faces": sum(r.stats["multiple_faces"] for r in results),
+            "refused": refused, "refused_total": sum(refused.values()), "scores": distribution}
+
+
+def _contact_sheets(root: str, manifest: Manifest, results: list[UnitResult]) -> dict[str, np.ndarray]:
+    """The contact sheets of an aligned ingest, to write beside the manifest: ``aligned.png``, a sample
+    of aligned crops read back from the shards, and ``refused.png``, the photos refused for want of a
+    face, each captioned with the reason (absent when there is none).
+
+    Returns:
+        Sheet pixels ``[H, W, 3]`` uint8 by file name, relative to ``root``.
+    """
+    crops: list[np.ndarray] = []
+    for r in results:
+        if len(crops) >= SHEET_TILES:
+            break
+        if r.stats.get("sample"):
+            want = set(r.stats["sample"])
+            crops += [decode_rgb(row["image"]) for row in iter_rows([storage.join(root, r.shard.file)],
+                                                                    columns=["image_id", "image"])
+                      if row["image_id"] in want]
+    refused = [s for s in manifest.report["corrupt_records"] if "refused" in s][:SHEET_TILES]
+    photos = [np.asarray(open_image(Path(s["where"]).read_bytes(), where=s["where"]).convert("RGB"))
+              for s in refused]
+    sheets = {}
+    if crops:
+        sheets["aligned.png"] = contact_sheet(crops[:SHEET_TILES])
+    if photos:
+        sheets["refused.png"] = contact_sheet(photos, captions=[s["refused"] for s in refused])
+    return sheets

@@ -50,6 +50,7 @@ class UnitResult:
     shard: ShardInfo
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"where", "reason", ...} per corrupt record
     converted: int = 0  # images stored after an opted-in convert / resize
+    stats: dict[str, Any] = field(default_factory=dict)  # a stage's own counts (ingest's alignment)
 
 
 def corrupt_report(results: Sequence[UnitResult]) -> dict[str, Any]:
