@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -184,7 +185,7 @@ def test_of_several_faces_the_policy_picks_the_largest_or_the_centre_one(aligner
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.align=dlib", r"data.align='dlib' is not one of \('none', 'mtcnn'\)"),
+    ("data.align=dlib", r"data.align='dlib' is not one of \('auto', 'none', 'mtcnn'\)"),
     ("data.align_multiple=first", r"data.align_multiple='first' is not one of"),
     ("data.align_min_score=0", r"data.align_min_score=0.0 must be in \(0, 1\]"),
     ("data.align_min_face=5", r"data.align_min_face=5 must be >= 12 pixels"),
@@ -199,6 +200,45 @@ def test_align_needs_a_folder_and_is_not_combined_with_resize():
         load_config(None, ["data.align=mtcnn"])
     with pytest.raises(ValueError, match="drop --resize to align faces, or --align to center-crop"):
         load_config(None, ["data.source=folder", "data.path=x", "data.align=mtcnn", "data.resize=true"])
+
+
+def test_auto_aligns_a_folder_read_without_resize_and_nothing_else():
+    def aligner(*overrides: str) -> str:
+        return load_config(None, list(overrides)).data.aligner
+
+    assert load_config(None, []).data.align == "auto"
+    assert aligner("data.source=folder", "data.path=x") == "mtcnn"
+    assert aligner("data.source=folder", "data.path=x", "data.resize=true") == "none"  # center-crop asked for
+    assert aligner("data.source=recordio", "data.path=x.rec") == "none"  # a pack's faces are aligned already
+    assert aligner() == "none"  # synthetic
+    assert aligner("data.source=folder", "data.path=x", "data.align=none") == "none"
+
+
+def test_by_default_a_folder_of_photos_is_aligned_and_its_crops_never_load_the_detector(tmp_path, monkeypatch,
+                                                                                         astronaut):
+    import facemae.data.align as align_mod
+
+    crops = tmp_path / "crops"
+    for i in range(2):
+        (crops / f"person_{i}").mkdir(parents=True)
+        for k in range(2):
+            (crops / f"person_{i}" / f"{k}.png").write_bytes(png_bytes(noise_face(10 * i + k)))
+    real_load = align_mod.load_mtcnn
+
+    def no_detector(**kwargs):
+        raise AssertionError("the detector was loaded for a folder of 112x112 crops")
+
+    monkeypatch.setattr(align_mod, "load_mtcnn", no_detector)
+    config = load_config(None, ["data.source=folder", f"data.path={crops}", f"data.output={tmp_path / 'crops-ds'}",
+                                "data.workers=1", "data.val_fraction=0", "data.deploy_fraction=0.5"])
+    manifest = ingest(config)
+    assert (manifest.report["align"]["aligned"], manifest.report["align"]["already_aligned"]) == (0, 4)
+    monkeypatch.setattr(align_mod, "load_mtcnn", real_load)
+    (crops / "person_0" / "photo.jpg").write_bytes(png_bytes(astronaut, "JPEG"))
+    manifest = ingest(dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                           output=str(tmp_path / "photos-ds"))))
+    assert (manifest.report["align"]["aligned"], manifest.report["align"]["already_aligned"]) == (1, 4)
+    assert read_manifest(tmp_path / "photos-ds").settings["data"]["align"] == "mtcnn"
 
 
 def test_the_align_flag_sets_data_align():

@@ -20,7 +20,8 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 SUBCOMMAND_FLAGS = {
-    "ingest": ["--source", "--path", "--skip-corrupt", "--resize", "--convert-rgb", "--set"],
+    "ingest": ["--source", "--path", "--skip-corrupt", "--resize", "--convert-rgb", "--align", "--export-recordio",
+               "--export-bin", "--set"],
     "mask": ["--patch-size", "--ratio", "--seed", "--output"],
     "verify": ["path"],
     "train": ["--config", "--set", "--address", "--name", "--data", "--storage-path", "--max-steps",
@@ -120,6 +121,33 @@ def test_ingest_mask_verify_from_the_command_line(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     out = run(*FACEMAE, "verify", str(tmp_path / "masked"))
     assert out.returncode == 2 and "does not match its checksum" in out.stderr
+
+
+def test_an_ingested_folder_is_also_written_as_a_recordio_pack_and_a_verification_bin(tmp_path):
+    """Align once, use the faces with other tools: the pack holds every stored image under its identity,
+    the .bin pairs stored images with labels that say whether their identities agree."""
+    from facemae.data.recordio import RecordIOReader
+    from facemae.data.shards import iter_rows, read_manifest
+    from facemae.data.verification_bin import load_verification_bin
+
+    make_folder(tmp_path / "faces", identities=6, images=4)
+    out = run(*FACEMAE, "ingest", "--source", "folder", "--path", str(tmp_path / "faces"), "--output",
+              str(tmp_path / "ds"), "--workers", "1", "--export-recordio", str(tmp_path / "pack" / "train.rec"),
+              "--export-bin", str(tmp_path / "faces.bin"), "--set", "eval.pairs=20", "--set", "eval.pair_seed=3")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (summary["recordio_records"], summary["bin_pairs"]) == (24, 20)
+    manifest = read_manifest(tmp_path / "ds")
+    assert manifest.settings["data"]["align"] == "mtcnn"  # auto: a folder is aligned, its 112x112 crops kept
+    stored = {r["image"]: r["identity"] for split in manifest.splits
+              for r in iter_rows(manifest.files(tmp_path / "ds", split))}
+    assert len(stored) == 24
+    pack = RecordIOReader(tmp_path / "pack" / "train.rec")
+    assert pack.has_header and {(im.image, im.label) for im in pack} == set(stored.items())
+    pairs = load_verification_bin(tmp_path / "faces.bin")
+    assert len(pairs.issame) == 20 and sum(pairs.issame) == 10
+    assert all(im in stored for im in pairs.images)
+    assert [stored[a] == stored[b] for a, b in zip(pairs.images[0::2], pairs.images[1::2])] == pairs.issame
 
 
 # The main job from the command line (stages, teacher, checkpoint, export): tests/test_faults.py runs it,

@@ -221,21 +221,22 @@ def _bad_folder(root: Path) -> None:
     Image.fromarray(noise_face(7, size=150)[:112]).save(root / "person_02" / "big.png")  # 150 wide, 112 high
 
 
-@pytest.mark.parametrize("name, message", [
-    ("person_00/truncated.png", "truncated or undecodable image"),
-    ("person_01/notes.txt", "truncated or undecodable image"),
-    ("person_01/gray.png", "image mode is L, not RGB"),
-    ("person_02/rgba.png", "image mode is RGBA, not RGB"),
-    ("person_02/big.png", "image is 150x112, not 112x112"),
+@pytest.mark.parametrize("name, align, message", [
+    ("person_00/truncated.png", "auto", "truncated or undecodable image"),
+    ("person_01/notes.txt", "auto", "truncated or undecodable image"),
+    ("person_01/gray.png", "auto", "image mode is L, not RGB"),
+    ("person_02/rgba.png", "auto", "image mode is RGBA, not RGB"),
+    ("person_02/big.png", "none", "image is 150x112, not 112x112"),
+    ("person_02/big.png", "auto", "no face of at least 40 px found"),  # a photo, to align: noise has no face
 ])
-def test_each_bad_image_is_an_error_naming_the_file(tmp_path, name, message):
+def test_each_bad_image_is_an_error_naming_the_file(tmp_path, name, align, message):
     faces = tmp_path / "faces"
     make_folder(faces, identities=3, images=2)
     _bad_folder(tmp_path / "all")
     bad = faces / name
     bad.write_bytes((tmp_path / "all" / name).read_bytes())
     with pytest.raises(CorruptImageError, match=message) as info:
-        ingest(_cfg(tmp_path, "data.source=folder", f"data.path={faces}"))
+        ingest(_cfg(tmp_path, "data.source=folder", f"data.path={faces}", f"data.align={align}"))
     assert str(bad) in str(info.value) and "--skip-corrupt" in str(info.value)
     assert not (tmp_path / "ds" / "manifest.json").exists()
 

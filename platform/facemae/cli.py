@@ -112,7 +112,10 @@ def _ingest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--convert-rgb", action="store_true", help="convert grayscale / RGBA images to RGB")
     p.add_argument("--align", nargs="?", const="mtcnn", choices=ALIGNERS,
                    help="detect the face of each photo that is not 112x112 and align it to InsightFace's "
-                        "112x112 template (data.align; --align alone means mtcnn)")
+                        "112x112 template (data.align; --align alone means mtcnn; default auto: mtcnn for a "
+                        "folder read without --resize)")
+    p.add_argument("--export-recordio", help="also write the dataset as an InsightFace train.rec/.idx")
+    p.add_argument("--export-bin", help="also write eval.pairs pairs over its images as a verification .bin")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset in the output folder")
 
 
@@ -221,7 +224,15 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
 
 
 def _ingest(args: argparse.Namespace) -> dict[str, Any]:
-    return summarize(sdk.ingest(_config(args), overwrite=args.overwrite))
+    config = _config(args)
+    manifest = sdk.ingest(config, overwrite=args.overwrite, export_recordio=args.export_recordio,
+                          export_bin=args.export_bin)
+    out = summarize(manifest)
+    if args.export_recordio:
+        out.update(recordio=args.export_recordio, recordio_records=manifest.num_images())
+    if args.export_bin:
+        out.update(bin=args.export_bin, bin_pairs=config.eval.pairs)
+    return out
 
 
 def _mask(args: argparse.Namespace) -> dict[str, Any]:

@@ -25,7 +25,7 @@ SYNTHETIC_STYLES = ("photo", "cartoon")  # facemae.data.synthetic.STYLES (tests/
 # The standard margin of each head (ArcFace: radians, CosFace: cosine), used when loss.m is unset.
 DEFAULT_MARGIN_M = {"arcface": 0.5, "cosface": 0.4}
 IRM_VIEWS = ("raw", "blur")
-ALIGNERS = ("none", "mtcnn")  # face detection + ArcFace alignment of folder photos at ingest (facemae.data.align)
+ALIGNERS = ("auto", "none", "mtcnn")  # face detection + ArcFace alignment of folder photos at ingest (facemae.data.align)
 MULTIPLE_FACES = ("largest", "center")  # which face of a photo with several is aligned
 
 
@@ -63,10 +63,11 @@ class DataConfig:
             ``ray_threshold`` images), 1 forces a single process.
         ray_threshold: Synthetic datasets with more images than this are generated through Ray.
         align: ``mtcnn`` detects the face of each folder image that is not 112x112 (facenet-pytorch's
-            MTCNN, the ``align`` extra), maps its five landmarks onto InsightFace's ``arcface_dst``
-            template by a similarity and warps it to 112x112 as InsightFace's ``norm_crop`` does;
-            112x112 images are kept as already-aligned crops. ``none`` (the default) reads every image
-            as an aligned crop. Folder sources only.
+            MTCNN), maps its five landmarks onto InsightFace's ``arcface_dst`` template by a similarity
+            and warps it to 112x112 as InsightFace's ``norm_crop`` does; 112x112 images are kept as
+            already-aligned crops. ``none`` reads every image as an aligned crop (one that is not
+            112x112 is refused, or center-cropped with ``resize``). ``auto`` (the default) is ``mtcnn``
+            for a folder read without ``resize`` and ``none`` otherwise (:attr:`aligner`).
         align_min_score: Lowest detection score (MTCNN's last-stage probability) a face is aligned at;
             an image whose faces all score lower is refused as ``face score below``.
         align_min_face: Shortest side, in pixels of the photo, of a face box that is aligned; an image
@@ -90,7 +91,7 @@ class DataConfig:
     skip_corrupt: bool = False
     workers: int = 0
     ray_threshold: int = 20_000
-    align: str = "none"
+    align: str = "auto"
     align_min_score: float = 0.9
     align_min_face: int = 40
     align_multiple: str = "largest"
@@ -129,7 +130,7 @@ class DataConfig:
         if self.align_min_face < 12:
             raise ValueError(f"data.align_min_face={self.align_min_face} must be >= 12 pixels, the smallest face "
                              "MTCNN detects")
-        if self.align == "none":
+        if self.align in ("none", "auto"):
             return
         if self.source != "folder":
             raise ValueError(f"data.align={self.align} reads photos from an image folder, not data.source="
@@ -138,6 +139,14 @@ class DataConfig:
         if self.resize:
             raise ValueError(f"data.resize and data.align={self.align} both handle images that are not "
                              f"{IMAGE_SIZE}x{IMAGE_SIZE}; drop --resize to align faces, or --align to center-crop")
+
+    @property
+    def aligner(self) -> str:
+        """What ``align`` does for this source: ``mtcnn`` or ``none``, ``auto`` resolved (``mtcnn`` for a
+        folder read without ``resize``: photos are aligned, 112x112 crops kept as they are)."""
+        if self.align != "auto":
+            return self.align
+        return "mtcnn" if self.source == "folder" and not self.resize else "none"
 
 
 def _check_location(key: str, location: str) -> None:

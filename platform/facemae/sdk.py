@@ -86,15 +86,32 @@ def _override(config: Config, overrides: Sequence[str]) -> Config:
 
 
 def ingest(config: ConfigSource = None, *, overrides: Sequence[str] = (), address: str | None = None,
-           overwrite: bool = False) -> Manifest:
-    """Turns synthetic faces, an image folder or a RecordIO pack into Parquet shards (``data.output``).
+           overwrite: bool = False, export_recordio: str | None = None, export_bin: str | None = None) -> Manifest:
+    """Turns synthetic faces, an image folder or a RecordIO pack into Parquet shards (``data.output``);
+    a folder's photos are aligned on the way (``data.align``).
+
+    Args:
+        export_recordio: Also write the dataset, every split, as an InsightFace ``.rec`` / ``.idx`` pack
+            labelled by identity: align once, train with other tools.
+        export_bin: Also write ``eval.pairs`` pairs drawn over its images (seed ``eval.pair_seed``) as a
+            verification ``.bin``.
 
     Returns:
         The dataset's manifest (counts per split, identities, checksums, refused images).
     """
     from facemae.data.ingest import ingest as run
+    from facemae.data.shards import SPLITS
+    from facemae.eval.evaluate import export_verification_bin
+    from facemae.generate.export import export_recordio as write_recordio
 
-    return run(resolve_config(config, overrides=overrides, address=address), overwrite=overwrite)
+    resolved = resolve_config(config, overrides=overrides, address=address)
+    manifest = run(resolved, overwrite=overwrite)
+    if export_recordio:
+        write_recordio(resolved.data.output, export_recordio, splits=SPLITS)
+    if export_bin:
+        export_verification_bin(resolved.data.output, export_bin, n_pairs=resolved.eval.pairs,
+                                seed=resolved.eval.pair_seed)
+    return manifest
 
 
 def mask(config: ConfigSource = None, *, overrides: Sequence[str] = (), address: str | None = None,

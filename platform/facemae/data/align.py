@@ -176,7 +176,8 @@ def choose_face(faces: list[Face], *, policy: str, width: int, height: int) -> F
 
 
 class FaceAligner:
-    """MTCNN plus the ArcFace alignment; build one per work unit (loading the detector takes a second).
+    """MTCNN plus the ArcFace alignment; build one per work unit. The detector (a second to load) is loaded
+    at the first photo to detect: a unit of 112x112 crops never loads it.
 
     Args:
         min_score: Lowest detection probability aligned (``data.align_min_score``).
@@ -186,14 +187,15 @@ class FaceAligner:
 
     def __init__(self, *, min_score: float, min_face: int, multiple: str) -> None:
         self.min_score, self.min_face, self.multiple = min_score, min_face, multiple
-        # MTCNN's last stage drops faces under its own threshold (0.7): lower it when ours is lower, so
-        # that a refused face's score is seen and reported.
-        self._mtcnn = load_mtcnn(min_face_size=min_face, thresholds=[0.6, 0.7, min(0.7, min_score)])
+        self._mtcnn: Any = None
 
     def detect(self, photo: np.ndarray) -> list[Face]:
         """Every face MTCNN finds in ``[H, W, 3]`` uint8 ``photo``, in its order."""
         import torch
 
+        if self._mtcnn is None:  # MTCNN's last stage drops faces under 0.7: lowered to ours, a refused
+            # face's score is seen and reported
+            self._mtcnn = load_mtcnn(min_face_size=self.min_face, thresholds=[0.6, 0.7, min(0.7, self.min_score)])
         with torch.inference_mode():
             boxes, probs, points = self._mtcnn.detect(Image.fromarray(photo), landmarks=True)
         if boxes is None:

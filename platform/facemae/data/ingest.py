@@ -4,13 +4,14 @@ Identities are split once, by a seeded permutation, into a training set and a di
 set, and a second permutation carves a validation set out of the training side (the trainer's own
 held-out identities: it validates without opening a deployment original); each split is cut into shards of ``rows_per_shard`` rows built by independent work units, so
 large inputs run as Ray tasks and an interrupted ingest resumes where it stopped. With
-``data.align=mtcnn`` a folder's photos are detected and aligned inside those units (:mod:`facemae.data.align`).
+``data.align=mtcnn`` (``auto``, the default, for a folder read without ``resize``) a folder's photos are
+detected and aligned inside those units (:mod:`facemae.data.align`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -66,7 +67,7 @@ def ingest(config: Config, *, overwrite: bool = False) -> Manifest:
         ValueError: Bad input (an empty folder, a corrupt image without ``skip_corrupt``...),
             naming what and where.
     """
-    data = config.data
+    data = replace(config.data, align=config.data.aligner)  # ``auto`` resolved: the manifest says which
     storage.configure(**asdict(config.storage))
     fingerprint = _fingerprint(data)
     legacy = _check_generator(data, overwrite=overwrite)

@@ -21,11 +21,11 @@ from facemae import storage
 from facemae.allocator import retain_freed_memory
 from facemae.config import Config
 from facemae.data.images import corrupt_records, decode_face, decode_rows
-from facemae.data.shards import MANIFEST, iter_rows, sha256_file, verify_dataset
+from facemae.data.shards import MANIFEST, SPLITS, iter_rows, sha256_file, verify_dataset
 from facemae.data.stream import shard_rows
-from facemae.data.verification_bin import load_verification_bin
+from facemae.data.verification_bin import load_verification_bin, save_verification_bin
 from facemae.measures.privacy import retrieval_leak
-from facemae.eval.verification import (draw_pairs, embed_images, tar_at_far, tar_undefined,
+from facemae.eval.verification import (draw_pairs, embed_images, pairs_to_bin, tar_at_far, tar_undefined,
                                        verification_accuracy)
 
 
@@ -181,6 +181,39 @@ def verify(config: Config, weights: str, *, pairs_from: str | None = None) -> di
         results["heldout_pairs"] = {**_scores(embedded.emb[idx1], embedded.emb[idx2], issame, far=config.eval.far),
                                     **_corrupt_summary(embedded.skipped)}
     return results
+
+
+def export_verification_bin(dataset: str, path: str | os.PathLike, *, n_pairs: int, seed: int,
+                            splits: tuple[str, ...] = SPLITS) -> int:
+    """Writes ``n_pairs`` LFW-style pairs over a dataset's images (:func:`draw_pairs`: half positive, in
+    10 folds) as an InsightFace verification ``.bin``, so that other tools verify on its faces (an aligned
+    ingest of one's own photos, say). The images are the dataset's stored bytes, unchanged.
+
+    Args:
+        dataset: Dataset folder (or object-store prefix), checked against its manifest first.
+        path: The ``.bin`` to write (atomically).
+        n_pairs: Pairs, a multiple of 20.
+        seed: Seed of the draw.
+        splits: Splits whose images the pairs are drawn over, all by default.
+
+    Returns:
+        The number of pairs written.
+
+    Raises:
+        ValueError: Too few identities or images for ``n_pairs`` distinct pairs, saying how many there are.
+    """
+    manifest = verify_dataset(dataset)
+    files = [f for split in splits if split in manifest.splits for f in manifest.files(dataset, split)]
+    identities = np.fromiter((r["identity"] for r in iter_rows(files, columns=["identity"])), dtype=np.int64)
+    idx1, idx2, issame = draw_pairs(identities, n_pairs=n_pairs, seed=seed)
+    wanted = set(idx1.tolist()) | set(idx2.tolist())
+    images = {i: r["image"] for i, r in enumerate(iter_rows(files, columns=["image"])) if i in wanted}
+    order = sorted(images)  # the .bin holds only the images its pairs use
+    at = {i: k for k, i in enumerate(order)}
+    pairs = pairs_to_bin([images[i] for i in order], np.array([at[i] for i in idx1.tolist()]),
+                         np.array([at[i] for i in idx2.tolist()]), issame)
+    save_verification_bin(path, pairs)
+    return len(issame)
 
 
 def _corrupt_summary(skipped: list[dict[str, str]]) -> dict[str, Any]:
