@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
 from facemae.eval.frontier import compare, pareto_frontier, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (leak, accuracy): ties in leak, an exact duplicate, dominated points on both axes.
 POINTS = [(0.10, 0.80), (0.20, 0.85), (0.20, 0.90), (0.30, 0.88), (0.40, 0.95), (0.40, 0.95), (0.50, 0.95),
@@ -194,3 +197,38 @@ def test_the_report_names_how_each_point_was_released():
 
     assert [_release_cell(_plan_point("mae", 0.5, 0.1, 0.9, paste=p)) for p in (True, False)] == ["pasted", "decoder"]
     assert _release_cell(_plan_point("masked", 0.5, 0.1, 0.9)) == "-"
+
+
+def test_the_ledger_gives_back_finished_points_measured_with_the_same_settings_only(tmp_path):
+    from facemae.config import load_config
+    from facemae.frontier import record, recorded, settings_digest
+
+    config = load_config(ROOT / "jobs" / "configs" / "frontier_smoke.yaml", [f"frontier.ledger={tmp_path / 'ledger'}"])
+    trials = [{"method": "facemae", "mask_ratio": 0.5, "lambda_irm": 0.1, "seed": 1, "paste_visible": [True, False]},
+              {"method": "originals", "mask_ratio": 0.0, "lambda_irm": 0.0, "seed": 1, "paste_visible": [True]},
+              {"method": "mae", "mask_ratio": 0.9, "lambda_irm": 0.0, "seed": 1, "paste_visible": [True]}]
+    rows = [{"method": "facemae", "mask_ratio": 0.5, "lambda_irm": 0.1, "options": {"paste_visible": p}, "seed": 1,
+             "dataset": f"/x/{p}", "accuracy": 0.9 + p / 100, "identity_leak@1": 0.5, "image_leak@1": 0.4,
+             "psnr_masked": 20.0, "hf_ratio": 3.0} for p in (True, False)]
+    rows.append({"method": "originals", "mask_ratio": 0.0, "lambda_irm": 0.0, "options": {}, "seed": 1,
+                 "dataset": "/x/o", "accuracy": 0.98, "identity_leak@1": 1.0, "image_leak@1": 1.0,
+                 "psnr_masked": math.nan, "hf_ratio": math.nan})
+    record(config, rows)
+    assert sorted(p.name for p in (tmp_path / "ledger").iterdir()) == [
+        "facemae-l0.1-nopaste-r0.5-s1.json", "facemae-l0.1-r0.5-s1.json", "originals-s1.json"]
+    found, todo = recorded(config, trials)
+    assert todo == trials[2:]  # never measured
+    assert found[:2] == rows[:2] and math.isnan(found[2]["hf_ratio"]) and found[2]["accuracy"] == 0.98
+    # Where it ran and what it is called do not change a point's numbers: still reused.
+    moved = load_config(ROOT / "jobs" / "configs" / "frontier_smoke.yaml", [
+        f"frontier.ledger={tmp_path / 'ledger'}", "name=elsewhere", "data.output=/elsewhere/data", "ray.num_cpus=8",
+        "frontier.seeds=[0, 1, 2]"])
+    assert settings_digest(moved) == settings_digest(config) and recorded(moved, trials)[1] == trials[2:]
+    # Another FR recipe, another judge budget or IRM temperature: measured again.
+    for override in ("experiment.fr_steps=7", "experiment.judge_steps=9", "loss.tau=0.2"):
+        other = load_config(ROOT / "jobs" / "configs" / "frontier_smoke.yaml",
+                            [f"frontier.ledger={tmp_path / 'ledger'}", override])
+        assert recorded(other, trials) == ([], trials), override
+    # A point missing one of its release options is run whole.
+    (tmp_path / "ledger" / "facemae-l0.1-nopaste-r0.5-s1.json").unlink()
+    assert recorded(config, trials)[1] == [trials[0], trials[2]]

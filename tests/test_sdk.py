@@ -242,9 +242,20 @@ def test_smoke_frontier_runs_through_tune_and_a_rerun_restores_it(tmp_path, ray_
     assert body["originals"]["seeds"] == [0]
     for png in ("frontier.png", "reconstructions.png"):
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each point and seed is in the ledger, which alone continues a sweep (a fresh checkout has no runs).
+    ledger = tmp_path / "report" / "points"
+    assert len(list(ledger.glob("*.json"))) == 7
+    assert json.loads((ledger / "mae-r0.9-s0.json").read_text())["row"]["identity_leak@1"] == \
+        mae_09["privacy"]["identity_leak@1"]
     stamps = {p: p.stat().st_mtime_ns for p in scores}
     folders = sorted(p.name for p in runs.iterdir())
     again = facemae.frontier(CONFIGS / "frontier_smoke.yaml", say=said.append, overrides=overrides)
     assert again.points == result.points and {p: p.stat().st_mtime_ns for p in scores} == stamps
     assert sorted(p.name for p in runs.iterdir()) == folders
-    assert any(line.startswith("restoring ") for line in said)
+    assert any("7 rows from the ledger" in line for line in said) and not any(l.startswith("restoring ") for l in said)
+    # Without the ledger, Tune restores the finished phase: nothing is trained again, the ledger is rewritten.
+    for entry in ledger.glob("*.json"):
+        entry.unlink()
+    again = facemae.frontier(CONFIGS / "frontier_smoke.yaml", say=said.append, overrides=overrides)
+    assert again.points == result.points and {p: p.stat().st_mtime_ns for p in scores} == stamps
+    assert any(line.startswith("restoring ") for line in said) and len(list(ledger.glob("*.json"))) == 7

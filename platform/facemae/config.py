@@ -592,6 +592,11 @@ class FrontierConfig:
         max_concurrent: Trials at once (each trains in its own process; 1 on a 2-core machine).
         cpus_per_trial: CPUs each trial reserves and trains with (its training runs in its own process, its
             releases on Ray Data beside it).
+        ledger: Folder of finished points, one small JSON per point and seed (its row of scores and the
+            digest of the settings it was measured with), written by the trial as it ends. A rerun skips
+            every point found there with the same settings, so a sweep continues from this folder alone,
+            in another checkout or on another machine (commit it, or keep it on an object store). Empty:
+            ``<output>/points``.
     """
 
     methods: list[str] = field(default_factory=lambda: list(FRONTIER_METHODS))
@@ -602,6 +607,7 @@ class FrontierConfig:
     output: str = "reports/frontier"
     max_concurrent: int = 1
     cpus_per_trial: float = 2.0
+    ledger: str = ""
 
     def validate(self) -> None:
         unknown = sorted(set(self.methods) - set(FRONTIER_METHODS))
@@ -619,6 +625,8 @@ class FrontierConfig:
         if self.max_concurrent < 1 or self.cpus_per_trial <= 0:
             raise ValueError("frontier.max_concurrent must be >= 1 and frontier.cpus_per_trial > 0")
         _check_location("frontier.output", self.output)
+        if self.ledger:
+            _check_location("frontier.ledger", self.ledger)
 
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")

@@ -12,7 +12,9 @@ other seeds at the points on or next to a method's frontier (its Pareto set and 
 the mask ratio). Before the trials the driver prepares what they share, reusing finished work: the
 dataset, the IRM teacher, the judge, the teacher's embeddings and one masked dataset (and its masked
 release) per ratio. Every stage reuses finished runs, releases and scores by name and settings, and Tune
-restores an interrupted phase, so a stopped sweep continues where it was.
+restores an interrupted phase, so a stopped sweep continues where it was. Each finished point and seed is
+also written to ``frontier.ledger`` (its row of scores and the digest of its settings): a sweep continues
+from the ledger alone, in a fresh checkout or on another machine, measuring only the points missing there.
 
 Writes ``frontier.json`` (the frontier issue's schema), ``frontier.md``, ``frontier.png`` and a
 reconstruction grid across mask ratios to ``frontier.output``.
@@ -32,6 +34,7 @@ from typing import Any, Callable, Sequence
 from facemae import console, storage
 from facemae.config import Config, from_dict
 from facemae.data.ingest import ingest
+from facemae.data.shards import MANIFEST
 from facemae.data.owner import mask_dataset
 from facemae.eval import frontier as frontiers
 from facemae.experiment import SCIENCE_METRICS, _row_metrics, _scores, autoencoder_config, fr_config, shared_models
@@ -39,6 +42,14 @@ from facemae.generate.release import generate_released
 from facemae.train.trainer import train
 
 ORIGINALS = "originals"  # the ceiling: FR on the deployment originals, one per seed
+# Settings that do not change a point's numbers (names, folders, where and how widely it runs): left out of
+# the digest a ledger row is reused by. Everything else, the FR recipe and the judge's included, must match.
+UNSCORED = {"": ("name", "frontier", "tune", "ray", "tracking", "storage"),
+            "data": ("output", "workers", "ray_threshold"), "mask": ("output",),
+            "generate": ("weights", "masked", "output", "actors", "cpus_per_actor", "use_gpu"),
+            "train": ("storage_path", "metrics_port", "metrics_host", "log_sample_ids", "log_upload_every_s",
+                      "debug_state_dir"),
+            "experiment": ("output", "seeds")}
 
 
 @dataclass
@@ -134,7 +145,8 @@ def evaluate_generator(config: Config, shared: dict[str, str], trial: dict[str, 
 
 
 def _trial(params: dict[str, Any], *, base: dict[str, Any], shared: dict[str, str]) -> None:
-    """A Tune trial: :func:`evaluate_generator` in the trial's process, its rows reported as JSON."""
+    """A Tune trial: :func:`evaluate_generator` in the trial's process, its rows written to the ledger and
+    reported as JSON."""
     import ray.tune
     import torch
 
@@ -143,7 +155,61 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], shared: dict[str, st
     # in this process uses the CPUs the trial reserved.
     torch.set_num_threads(max(1, round(config.frontier.cpus_per_trial)))
     rows = evaluate_generator(config, shared, params["trial"])
+    record(config, rows)
     ray.tune.report({"rows_json": json.dumps(rows, default=float), "points": len(rows)})
+
+
+def ledger_folder(config: Config) -> str:
+    """``frontier.ledger``, or ``<frontier.output>/points``."""
+    return config.frontier.ledger or storage.join(config.frontier.output, "points")
+
+
+def settings_digest(config: Config) -> str:
+    """The digest of the settings a point's numbers depend on (:data:`UNSCORED` left out; ``data.align``
+    as it resolves): equal digests, equal measurements."""
+    settings = config.to_dict()
+    settings["data"]["align"] = config.data.aligner
+    for section, keys in UNSCORED.items():
+        for key in keys:
+            (settings[section] if section else settings).pop(key, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def row_name(row: dict[str, Any], paste: bool) -> str:
+    """A point and seed's file in the ledger: ``facemae-l0.1-r0.75-s1.json``, ``originals-s0.json``."""
+    ratio = "" if row["method"] == ORIGINALS else f"-r{row['mask_ratio']:g}"
+    return f"{_tag(row, paste)}{ratio}-s{row['seed']}.json"
+
+
+def record(config: Config, rows: Sequence[dict[str, Any]], *, source: str = "") -> None:
+    """Writes each row to the ledger (atomically), under the digest of the settings it was measured with."""
+    folder, digest = ledger_folder(config), settings_digest(config)
+    storage.make_dirs(folder)
+    for row in rows:
+        entry = {"settings": digest, "row": {k: _json_float(v) if isinstance(v, float) else v for k, v in row.items()},
+                 **({"source": source} if source else {})}
+        storage.write_text(storage.join(folder, row_name(row, row["options"].get("paste_visible", True))),
+                           json.dumps(entry, indent=1, sort_keys=True) + "\n")
+
+
+def recorded(config: Config, trials: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(rows, trials)``: the ledger's rows of the trials found there whole (every release option) with
+    these settings, and the trials still to run. A row measured with other settings is not reused."""
+    folder, digest = ledger_folder(config), settings_digest(config)
+    rows, todo = [], []
+    for trial in trials:
+        found = []
+        for paste in trial["paste_visible"]:
+            path = storage.join(folder, row_name(trial, paste))
+            entry = json.loads(storage.read_text(path)) if storage.is_file(path) else {}
+            if entry.get("settings") == digest:
+                found.append({k: math.nan if v is None and k in SCIENCE_METRICS else v
+                              for k, v in entry["row"].items()})
+        if len(found) == len(trial["paste_visible"]):
+            rows += found
+        else:
+            todo.append(trial)
+    return rows, todo
 
 
 def collect(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,20 +296,27 @@ def _absolute_config(config: Config) -> Config:
     """The config with its local folders absolute, for trials that run elsewhere."""
     data = dataclasses.replace(config.data, output=_absolute(config.data.output))
     train_ = dataclasses.replace(config.train, storage_path=_absolute(config.train.storage_root()))
-    return dataclasses.replace(config, data=data, train=train_)
+    frontier = dataclasses.replace(config.frontier, ledger=_absolute(ledger_folder(config)))
+    return dataclasses.replace(config, data=data, train=train_, frontier=frontier)
 
 
 def _phase(config: Config, shared: dict[str, str], trials: list[dict[str, Any]], *, label: str,
            restore: bool, say: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Runs (or restores) one phase's trials through Ray Tune; returns their rows and their errors.
 
-    A phase is named after its trial list, so a rerun of the same list restores it (finished trials
-    kept, unfinished ones rerun, their finished stages reused) and a different list starts a new one."""
+    Trials the ledger holds are not run. The rest are named after their list, so a rerun of the same list
+    restores it (finished trials kept, unfinished ones rerun, their finished stages reused) and a different
+    list starts a new one."""
     import ray.tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from facemae.tune.callbacks import TrialBar
 
+    rows, trials = recorded(config, trials)
+    if rows:
+        say(f"{label:8s} {len(rows)} rows from the ledger {ledger_folder(config)}")
+    if not trials:
+        return rows, {}
     digest = hashlib.sha256(json.dumps(trials, sort_keys=True).encode()).hexdigest()[:8]
     path = storage.join(config.train.storage_root(), f"{config.name}-frontier-{label}-{digest}")
     (tune_path,), filesystem = storage.for_arrow([path])
@@ -262,12 +335,14 @@ def _phase(config: Config, shared: dict[str, str], trials: list[dict[str, Any]],
                                           storage_filesystem=filesystem, verbose=0,
                                           callbacks=[TrialBar(len(trials))]))
     say(f"{label:8s} {path}: {len(trials)} trials")
-    rows, errors = [], {}
+    errors = {}
     for result in tuner.fit():
         if result.error or not (result.metrics or {}).get("rows_json"):
             errors[Path(result.path).name] = str(result.error or "no rows reported").splitlines()[0][:300]
             continue
-        rows += json.loads(result.metrics["rows_json"])
+        done = json.loads(result.metrics["rows_json"])
+        record(config, done)  # again: a trial restored from Tune's state was recorded in another place, or not
+        rows += done
     return rows, errors
 
 
@@ -336,10 +411,14 @@ def _json_float(value: Any) -> Any:
 
 
 def _grid_sets(config: Config, rows: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """The first seed's FaceMAE releases (first lambda, pasted) across mask ratios, with the originals."""
-    seed, lam = config.frontier.seeds[0], (config.frontier.lambdas or [0.0])[0]
+    """FaceMAE's releases (first lambda, pasted) across mask ratios, each of the lowest seed whose release
+    is on disk (a ledger row from elsewhere names a folder that may not be), with the originals."""
+    lam = (config.frontier.lambdas or [0.0])[0]
     method = "facemae" if any(r["method"] == "facemae" for r in rows) else "mae"
-    picked = {f"r{r['mask_ratio']:g}": r["dataset"] for r in sorted(rows, key=lambda r: r["mask_ratio"])
-              if r["method"] == method and r["seed"] == seed and r["options"].get("paste_visible", True)
-              and (method == "mae" or r["lambda_irm"] == lam)}
+    picked: dict[str, str] = {}
+    for r in sorted(rows, key=lambda r: (r["mask_ratio"], r["seed"])):
+        if (r["method"] == method and r["options"].get("paste_visible", True)
+                and (method == "mae" or r["lambda_irm"] == lam)
+                and r.get("dataset") and storage.exists(storage.join(r["dataset"], MANIFEST))):
+            picked.setdefault(f"r{r['mask_ratio']:g}", r["dataset"])
     return {**picked, "originals": config.data.output} if picked else {}
