@@ -307,3 +307,73 @@ def test_centres_do_not_depend_on_the_sharding():
     parts = [init_centres(*class_range(9000, 3, r), 4, seed=2) for r in range(3)]
     assert torch.equal(torch.cat(parts), full)
     assert full.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+def _deepspeed_pair(rank: int, world: int, out: str) -> None:
+    """The platform's FR task in real DeepSpeed engines, sharded head vs full head, the same data and start."""
+    import os
+
+    from facemae.config import load_config
+    from facemae.train import engine as ds
+    from facemae.train.tasks import build_task
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
+    common = ["train.task=fr", "model.fr=fr_tiny", "model.embedding_size=64", "train.micro_batch=4",
+              "train.zero_stage=0", "train.grad_clip=0", "train.base_lr=0.05", "train.warmup_steps=1",
+              "train.max_steps=6"]
+    tasks, engines = {}, {}
+    for head in ("full", "partial_fc"):
+        config = load_config(None, [*common, f"model.head={head}"])
+        torch.manual_seed(0)  # the same backbone in both
+        tasks[head] = build_task(config, num_classes=C, device=torch.device("cpu"))
+        engines[head] = ds.build_engine(tasks[head], config.train, world_size=world)
+    shard = tasks["partial_fc"].head
+    with torch.no_grad():  # the same class centres
+        shard.weight.copy_(tasks["full"].head.weight[shard.start:shard.stop])
+    losses: dict[str, list[float]] = {"full": [], "partial_fc": []}
+    grads: dict[str, list[torch.Tensor]] = {}
+    for step in range(6):
+        g = torch.Generator().manual_seed(step * 10 + rank)
+        batch = {"image": torch.randn(4, 3, 112, 112, generator=g), "identity": torch.randint(0, C, (4,), generator=g)}
+        for head, engine in engines.items():
+            tasks[head].step = step
+            result = engine(batch)
+            lr, scale = engine.get_lr()[0], ds.loss_scale(engine)
+            engine.backward(result["loss"])  # ZeRO 0: the gradients are averaged over the workers here
+            if step == 0:
+                grads[head] = [p.grad.detach().clone() for p in tasks[head].backbone.parameters() if p.ndim > 1]
+            engine.step()
+            tasks[head].step_head(lr=lr, loss_scale=scale, applied=engine.was_step_applied())
+            loss = result["loss"].detach().clone()
+            if head == "full":  # each worker's own batch: the global batch's mean is their average
+                dist.all_reduce(loss)
+                loss /= world
+            losses[head].append(float(loss))
+    probe = torch.randn(8, 3, 112, 112, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():  # train mode: batch statistics, where a bias just before a BatchNorm cancels
+        embedded = {head: task.backbone.train()(probe) for head, task in tasks.items()}
+    torch.save({"losses": losses, "range": (shard.start, shard.stop), "embedded": embedded, "grads": grads,
+                "full_head": tasks["full"].head.weight.detach().clone(), "shard": shard.weight.detach().clone(),
+                "full_backbone": [p.detach().clone() for p in tasks["full"].backbone.parameters() if p.ndim > 1],
+                "backbone": [p.detach().clone() for p in tasks["partial_fc"].backbone.parameters() if p.ndim > 1]},
+               Path(out) / f"ds{rank}.pt")
+
+
+@pytest.mark.slow
+def test_in_deepspeed_engines_the_sharded_head_trains_as_the_full_head(tmp_path):
+    # ZeRO 0 on two workers: DeepSpeed averages the backbone's gradients and steps the full head inside the engine;
+    # the shards step outside it. Six steps from the same start on the same batches end at the same weights.
+    mp.spawn(_entry, args=(2, str(tmp_path / "init"), _deepspeed_pair, (str(tmp_path),)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"ds{rank}.pt", weights_only=False)
+        assert got["losses"]["partial_fc"] == pytest.approx(got["losses"]["full"], rel=1e-4)
+        start, stop = got["range"]
+        torch.testing.assert_close(got["shard"], got["full_head"][start:stop], rtol=1e-4, atol=1e-5)
+        for ours, theirs in zip(got["grads"]["partial_fc"], got["grads"]["full"]):  # the first step's, averaged
+            torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
+        # Convolution and FC weights, and what the backbone computes. (A bias just before a BatchNorm has no
+        # gradient but rounding noise, which Adam turns into steps of about lr: those differ, and cancel.)
+        for ours, theirs in zip(got["backbone"], got["full_backbone"]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(got["embedded"]["partial_fc"], got["embedded"]["full"], rtol=1e-3, atol=1e-3)

@@ -154,7 +154,7 @@ class PartialFC(nn.Module):
         self.margin, self.s, self.m, self.sample_rate, self.seed = margin, s, m, sample_rate, seed
         self._target = _MARGINS[margin]
         self.weight = nn.Parameter(init_centres(self.start, self.stop, embedding_size, seed=seed))
-        self.sampled: torch.Tensor | None = None  # rows (local) any forward since the last optimizer step scored
+        self.sampled: torch.Tensor | None = None  # local rows a backward reached since the last optimizer step
 
     @property
     def num_local(self) -> int:
@@ -195,8 +195,8 @@ class PartialFC(nn.Module):
                              f"{int(labels.max())}; the head was built for fewer identities than the data holds")
         index = self.sample(labels, step=step)
         centres = self.weight if index is None else self.weight[index]  # (k, D); index_select's grad scatters
-        if torch.is_grad_enabled():
-            self._mark_sampled(index)
+        if index is not None and centres.requires_grad:  # marked when a backward reaches them, not before
+            centres.register_hook(lambda grad, index=index: self._mark_sampled(index))
         cos = F.linear(F.normalize(emb, dim=1), F.normalize(centres, dim=1)).clamp(-1.0, 1.0)  # (N, k)
         rows, cols = self._targets(labels, index)
         target = self._target(cos[rows, cols], m=self.m)
@@ -235,16 +235,19 @@ class PartialFC(nn.Module):
         dist.all_reduce(target, op=dist.ReduceOp.SUM, group=self.group)
         return (target >= best).float().mean()
 
-    def _mark_sampled(self, index: torch.Tensor | None) -> None:
+    def _mark_sampled(self, index: torch.Tensor) -> None:
         if self.sampled is None:
             self.sampled = torch.zeros(self.num_local, dtype=torch.bool, device=self.weight.device)
-        self.sampled[slice(None) if index is None else index] = True
+        self.sampled[index] = True
 
     def take_sampled(self) -> torch.Tensor | None:
-        """The local rows scored since the last call (None: all of them), for the optimizer step; resets."""
-        sampled, self.sampled = self.sampled, None
-        if sampled is None or bool(sampled.all()):
+        """The local rows a backward reached since the last call (None: all of them, rate 1.0), for the
+        optimizer step; resets."""
+        if self.sample_rate >= 1.0:
             return None
+        sampled, self.sampled = self.sampled, None
+        if sampled is None:
+            return torch.zeros(0, dtype=torch.int64, device=self.weight.device)
         return sampled.nonzero().view(-1)
 
 
@@ -307,8 +310,8 @@ class RowAdamW:
         rows = head.take_sampled()
         grad = head.weight.grad
         head.weight.grad = None
-        if grad is None:
-            grad = torch.zeros_like(head.weight)
+        if grad is None:  # no backward since the last step (as torch's optimizers, which skip such parameters)
+            skip, grad = True, torch.zeros_like(head.weight)
         g = (grad if rows is None else grad[rows]).float() / grad_scale
         squared = (g * g).sum()
         dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=head.group)
@@ -334,6 +337,11 @@ class RowAdamW:
         else:
             weight[rows], self.exp_avg[rows], self.exp_avg_sq[rows], self.steps[rows] = p, m, v, steps
         return HeadStep(grad_norm=norm, rows=moved, skipped=False)
+
+    def to(self, device: torch.device) -> "RowAdamW":
+        self.exp_avg, self.exp_avg_sq = self.exp_avg.to(device), self.exp_avg_sq.to(device)
+        self.steps = self.steps.to(device)
+        return self
 
     def zero_grad(self) -> None:
         self.head.weight.grad = None
