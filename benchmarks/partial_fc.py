@@ -18,14 +18,17 @@ baseline RSS; the head's peak is ``ru_maxrss`` at the end less that baseline: we
 gradient, logits and every step temporary (normalised centre copies, backward and AdamW intermediates,
 allocator slack), as the operating system saw them. ``baseline_slack_mib`` is how far ``ru_maxrss`` already
 stood above the baseline (import-time transients): a head peak below that would be overstated by up to it.
-Beside it, the analytic figure: fp32 weight, gradient and two Adam moments of the rows a worker holds
-(Partial FC's gradient is dense over the shard, and RowAdamW keeps moments and an int64 step count for every
-row), plus one fp32 logits matrix ([local batch, C] for ``full``, [global batch, sampled classes] for
+Beside it, the analytic figure: fp32 weight and two Adam moments of the rows a worker holds, the gradient
+(dense over the full head and over a rate-1.0 shard; only the sampled rows' at rate < 1, which backward leaves
+on a leaf of their own), RowAdamW's int64 step count per row, plus one fp32 logits matrix ([local batch, C] for ``full``, [global batch, sampled classes] for
 Partial FC). Step time: each worker's median over ``--steps`` steps after ``--warmup``, workers aligned by a
 barrier before each step; the row's figure is the slowest worker's.
 
-    python benchmarks/partial_fc.py                              # 10k, 100k and 1M identities (1M: ~8 GiB per worker)
+    python benchmarks/partial_fc.py                              # 10k, 100k and 1M identities
     python benchmarks/partial_fc.py --identities 10000 100000
+
+At 100k the full head peaked near 9.5 weight-sized tensors per worker, so its 1M row needs ~19 GiB per worker
+(~40 GiB for two; rows run one after another): run 1M on a machine with 48 GiB or more.
 
 Writes ``benchmarks/results/partial_fc.{json,md}``. Rows of sizes not run this time are kept from the existing
 JSON (merged by identities, head and sample rate, each row with its own provenance).
@@ -91,13 +94,14 @@ def make_step(head: str, rate: float, classes: int, *, world: int) -> Step:
 
 
 def analytic_mib(head: str, rate: float, classes: int, *, world: int, batch: int) -> float:
-    """Weight + gradient + two Adam moments (fp32) of a worker's rows, and one fp32 logits matrix."""
+    """Weight + two Adam moments (fp32) of a worker's rows, the gradient of the rows a step scores, and one fp32
+    logits matrix."""
     if head == "full":
         rows, cols, n, steps = classes, classes, batch // world, 0
     else:
         rows = -(-classes // world)  # the largest shard
         cols, n, steps = math.ceil(rate * rows), batch, 8 * rows  # RowAdamW: an int64 step count per row
-    return (4 * rows * EMBEDDING * 4 + n * cols * 4 + steps) / 2**20
+    return ((3 * rows + cols) * EMBEDDING * 4 + n * cols * 4 + steps) / 2**20
 
 
 def _worker(rank: int, world: int, init: str, spec: dict[str, Any], out: str) -> None:
@@ -197,7 +201,7 @@ def markdown(result: dict) -> str:
              f"Embedding {EMBEDDING}, global batch {rows[0]['batch']} over {rows[0]['workers']} CPU gloo workers "
              "(one thread each), head only (random embeddings). Memory: peak RSS increase of a fresh worker over "
              "its baseline (after imports, the process group and a 256-class warm-up); analytic: fp32 weight + "
-             "gradient + Adam moments of the worker's rows + one logits matrix. Step: forward + backward "
+             "Adam moments of the worker's rows + the gradient of the rows a step scores + one logits matrix. Step: forward + backward "
              "(+ the full head's gradient all-reduce) + optimizer step, median, slowest worker. Slack: how far the "
              "peak RSS already stood above the baseline (a head peak below it is overstated by up to it); load: the "
              "machine's 1-minute load average as the row started.", "",
@@ -207,7 +211,13 @@ def markdown(result: dict) -> str:
     lines += [f"| {r['identities']:,} | {r['head']} | {r['sample_rate']} | {r['head_peak_mib_per_worker']:.1f} | "
               f"{r['analytic_mib_per_worker']:.1f} | {r['step_s']:.4f} | {r['grad_allreduce_s']:.4f} | "
               f"{r['baseline_slack_mib']:.1f} | {r['load_average_1m']:.1f} |" for r in rows]
-    lines += ["", "Ratios and goals:", "", *summary(rows)]
+    lines += ["", "Reading it: per worker, Partial FC's logits are [global batch, C / workers], the full head's "
+              "[local batch, C]: the same bytes, so the logits and their step temporaries do not shrink with "
+              "sharding; only the weight-sized tensors do. Whatever the sample rate, a shard keeps its fp32 "
+              "weight, a gradient dense over the shard and both Adam moments: 4 x C / workers x D x 4 bytes, "
+              "the floor of the rate-0.1 row. Below ~32 MiB a tensor comes from glibc's heap, which keeps freed "
+              "pages, so the small rows' peaks carry allocator slack and vary by ~10% between runs.",
+              "", "Ratios and goals:", "", *summary(rows)]
     older = {json.dumps(r["provenance"], sort_keys=True) for r in rows} - {json.dumps(
         {k: result[k] for k in ("date", "machine", "commit", "command")}, sort_keys=True)}
     for run in sorted(older):

@@ -67,6 +67,14 @@ def _exact(rank: int, world: int, margin: str, labels: list[int]) -> dict[str, A
             "emb_grad": local.grad, "ref_emb_grad": ref_emb.grad[mine]}
 
 
+def _dense(head: PartialFC) -> torch.Tensor:
+    """The shard's gradient as a dense ``[rows, D]`` (taken: the head's pending gradient is cleared)."""
+    rows, grad = head.take_gradient()
+    dense = torch.zeros(head.num_local, D)
+    dense[rows] = grad
+    return dense
+
+
 def _sampled(rank: int, world: int) -> dict[str, Any]:
     """Rate 0.4: ours against the full head restricted to the columns every shard scored, then one RowAdamW step."""
     head = PartialFC(D, C, sample_rate=0.4, seed=5)
@@ -87,9 +95,10 @@ def _sampled(rank: int, world: int) -> dict[str, Any]:
     ref_grad = torch.zeros(head.num_local, D)
     ref_grad[index] = ref.weight.grad[torch.searchsorted(kept, index + head.start)]
     result = {"index": index, "num_local": head.num_local, "start": head.start, "labels": y,
-              "loss": out["loss"].detach(), "ref_loss": ref_loss.detach(), "weight_grad": head.weight.grad.clone(),
+              "loss": out["loss"].detach(), "ref_loss": ref_loss.detach(), "weight_grad": _dense(head),
               "ref_weight_grad": ref_grad, "emb_grad": local.grad, "ref_emb_grad": ref_emb.grad[mine],
               "before": head.weight.detach().clone()}
+    head(emb[mine], y[mine], step=7)["loss"].backward()  # the same step again, for the optimizer
     optimizer = RowAdamW(head, weight_decay=0.1)
     optimizer.step(lr=0.1)
     return {**result, "after": head.weight.detach().clone(), "exp_avg": optimizer.exp_avg.clone(),

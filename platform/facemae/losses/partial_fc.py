@@ -154,7 +154,8 @@ class PartialFC(nn.Module):
         self.margin, self.s, self.m, self.sample_rate, self.seed = margin, s, m, sample_rate, seed
         self._target = _MARGINS[margin]
         self.weight = nn.Parameter(init_centres(self.start, self.stop, embedding_size, seed=seed))
-        self.sampled: torch.Tensor | None = None  # local rows a backward reached since the last optimizer step
+        # (local rows, their sampled centres as a leaf) of each forward since the last optimizer step (rate < 1)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def num_local(self) -> int:
@@ -194,9 +195,14 @@ class PartialFC(nn.Module):
             raise ValueError(f"labels must be in [0, {self.num_classes}), got {int(labels.min())}.."
                              f"{int(labels.max())}; the head was built for fewer identities than the data holds")
         index = self.sample(labels, step=step)
-        centres = self.weight if index is None else self.weight[index]  # (k, D); index_select's grad scatters
-        if index is not None and centres.requires_grad:  # marked when a backward reaches them, not before
-            centres.register_hook(lambda grad, index=index: self._mark_sampled(index))
+        if index is None:
+            centres = self.weight
+        else:
+            # The sampled centres as a leaf of their own: backward leaves a [k, D] gradient there, not a dense
+            # shard-sized one (index_select's backward would allocate the whole shard's and scatter into it).
+            centres = self.weight.detach()[index].requires_grad_(torch.is_grad_enabled() and self.weight.requires_grad)
+            if centres.requires_grad:
+                self._pending.append((index, centres))
         cos = F.linear(F.normalize(emb, dim=1), F.normalize(centres, dim=1)).clamp(-1.0, 1.0)  # (N, k)
         rows, cols = self._targets(labels, index)
         target = self._target(cos[rows, cols], m=self.m)
@@ -235,20 +241,20 @@ class PartialFC(nn.Module):
         dist.all_reduce(target, op=dist.ReduceOp.SUM, group=self.group)
         return (target >= best).float().mean()
 
-    def _mark_sampled(self, index: torch.Tensor) -> None:
-        if self.sampled is None:
-            self.sampled = torch.zeros(self.num_local, dtype=torch.bool, device=self.weight.device)
-        self.sampled[index] = True
-
-    def take_sampled(self) -> torch.Tensor | None:
-        """The local rows a backward reached since the last call (None: all of them, rate 1.0), for the
-        optimizer step; resets."""
+    def take_gradient(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(rows, grad)``: the local rows a backward reached since the last call and their gradient (summed
+        over micro-batches), or ``(None, weight.grad)`` at rate 1.0; ``grad`` None when no backward ran. Resets."""
         if self.sample_rate >= 1.0:
-            return None
-        sampled, self.sampled = self.sampled, None
-        if sampled is None:
-            return torch.zeros(0, dtype=torch.int64, device=self.weight.device)
-        return sampled.nonzero().view(-1)
+            grad, self.weight.grad = self.weight.grad, None
+            return None, grad
+        pending, self._pending = [(i, c.grad) for i, c in self._pending if c.grad is not None], []
+        if not pending:  # no backward reached this shard since the last step: nothing to move
+            return torch.zeros(0, dtype=torch.int64, device=self.weight.device), None
+        rows = torch.unique(torch.cat([index for index, _ in pending]))  # sorted
+        grad = torch.zeros(len(rows), self.embedding_size, device=self.weight.device)
+        for index, part in pending:
+            grad.index_add_(0, torch.searchsorted(rows, index), part.float())
+        return rows, grad
 
 
 def init_centres(start: int, stop: int, embedding_size: int, *, seed: int) -> torch.Tensor:
@@ -284,7 +290,7 @@ class RowAdamW:
     momentum and weight decay move unsampled rows there.)
 
     Args:
-        head: The shard; its ``weight.grad`` is what backward left (scaled by ``grad_scale``).
+        head: The shard; :meth:`PartialFC.take_gradient` hands over what backward left (scaled by ``grad_scale``).
         betas, eps, weight_decay: As ``torch.optim.AdamW`` (the platform's: betas (0.9, 0.95)).
     """
 
@@ -307,12 +313,11 @@ class RowAdamW:
             skip: The engine skipped this step (fp16 overflow): nothing moves, the gradient is dropped.
         """
         head = self.head
-        rows = head.take_sampled()
-        grad = head.weight.grad
-        head.weight.grad = None
+        rows, grad = head.take_gradient()
         if grad is None:  # no backward since the last step (as torch's optimizers, which skip such parameters)
-            skip, grad = True, torch.zeros_like(head.weight)
-        g = (grad if rows is None else grad[rows]).float() / grad_scale
+            skip, grad = True, torch.zeros(head.num_local if rows is None else len(rows), head.embedding_size,
+                                           device=head.weight.device)
+        g = grad.float() / grad_scale
         squared = (g * g).sum()
         dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=head.group)
         norm = float(squared.sqrt())
@@ -344,8 +349,7 @@ class RowAdamW:
         return self
 
     def zero_grad(self) -> None:
-        self.head.weight.grad = None
-        self.head.take_sampled()
+        self.head.take_gradient()
 
 
 def save_shard(head: PartialFC, optimizer: RowAdamW, folder: str | Path) -> Path:
