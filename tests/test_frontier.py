@@ -232,3 +232,22 @@ def test_the_ledger_gives_back_finished_points_measured_with_the_same_settings_o
     # A point missing one of its release options is run whole.
     (tmp_path / "ledger" / "facemae-l0.1-nopaste-r0.5-s1.json").unlink()
     assert recorded(config, trials)[1] == [trials[0], trials[2]]
+
+
+def test_the_committed_ledger_still_serves_frontier_yaml():
+    # A setting added since the rows were measured (model.head, ...) must not orphan them: frontier.yaml as it
+    # stands finds every first-phase row in the committed ledger; a setting that changes the numbers does not.
+    import dataclasses
+
+    from facemae.config import load_config
+    from facemae.frontier import generators, recorded, settings_digest
+
+    config = load_config(ROOT / "jobs" / "configs" / "frontier.yaml")
+    config = dataclasses.replace(config, frontier=dataclasses.replace(
+        config.frontier, ledger=str(ROOT / "benchmarks" / "results" / "frontier-points")))
+    trials = generators(config, [0])
+    rows, todo = recorded(config, trials)
+    assert len(trials) == 21 and len(rows) == 21 and not todo
+    sharded = dataclasses.replace(config, model=dataclasses.replace(config.model, head="partial_fc"))
+    assert settings_digest(sharded) != settings_digest(config)
+    assert recorded(sharded, trials)[1] == trials

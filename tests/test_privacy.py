@@ -116,3 +116,43 @@ def test_input_errors():
         retrieval_leak(gallery, gallery, ks=(11,), **kwargs)
     with pytest.raises(ValueError, match="chunk_size"):
         retrieval_leak(gallery, gallery, chunk_size=0, **kwargs)
+
+
+def test_membership_inference_against_a_hand_computation():
+    from facemae.measures.privacy import membership_inference, roc_curve
+
+    # Members 0.9 0.8 0.7 0.3; non-members 0.85 0.3 and 98 others at 0.1 (100 non-members: 1% FPR is one of them).
+    scores = np.array([0.9, 0.8, 0.7, 0.3, 0.85, 0.3] + [0.1] * 98)
+    member = np.array([True] * 4 + [False] * 100)
+    got = membership_inference(scores, member)
+    # Pairs (member, non-member) a member wins: 0.9 beats all 100, 0.8 and 0.7 all but 0.85 (99 each), 0.3 beats
+    # the 98 at 0.1 and ties one (half): (100 + 99 + 99 + 98.5) / 400.
+    assert got["mia_auc"] == pytest.approx((100 + 99 + 99 + 98.5) / 400)
+    # At t = 0.9 one member, no false positive; t = 0.85 flags one non-member (1%): still one member; t = 0.8 and
+    # 0.7 keep FPR at 1% with 2 then 3 members; t = 0.3 flags 2 non-members (2%): over. TPR at 1% FPR = 3/4.
+    assert got["mia_tpr@1%fpr"] == pytest.approx(0.75)
+    fpr, tpr, thresholds = roc_curve(scores, member)
+    assert thresholds.tolist() == [np.inf, 0.9, 0.85, 0.8, 0.7, 0.3, 0.1]
+    assert tpr.tolist() == [0, 0.25, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert fpr.tolist() == pytest.approx([0, 0, 0.01, 0.01, 0.01, 0.02, 1.0])
+    with pytest.raises(ValueError, match="members and non-members"):
+        membership_inference(scores[:4], member[:4])
+
+
+def test_membership_inference_is_chance_for_an_unrelated_release_and_certain_for_the_members_originals():
+    from facemae.measures.privacy import membership_inference, nearest_release_similarity
+
+    rng = np.random.default_rng(0)
+    members, others = rng.normal(size=(2000, 32)), rng.normal(size=(2000, 32))
+    candidates = np.concatenate([members, others])
+    is_member = np.r_[np.ones(2000, bool), np.zeros(2000, bool)]
+    unrelated = rng.normal(size=(500, 32))  # faces of nobody here
+    chance = membership_inference(nearest_release_similarity(candidates, unrelated, chunk_size=700), is_member)
+    # AUC's standard error here is sqrt((n+m+1) / (12 n m)) = 0.0065: 0.5 within about 4.5 of them.
+    assert abs(chance["mia_auc"] - 0.5) < 0.03 and chance["mia_tpr@1%fpr"] < 0.05
+    leaked = membership_inference(nearest_release_similarity(candidates, members), is_member)
+    assert leaked["mia_auc"] == 1.0 and leaked["mia_tpr@1%fpr"] == 1.0
+    # The score is each candidate's best cosine over the release, checked against the plain matrix.
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(nearest_release_similarity(candidates[:50], unrelated),
+                               (unit(candidates[:50]) @ unit(unrelated).T).max(axis=1), rtol=1e-12)

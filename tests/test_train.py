@@ -480,3 +480,51 @@ def test_a_stream_of_more_reads_than_tasks_reads_every_entry_once_in_shared_task
     assert len(per_task) == 64 and set(per_task.values()) <= {31, 32}  # 2000 reads over 64 tasks
     rows = per_file(entries[:10], _entry_and_task, fn_kwargs={}).take_all()
     assert sorted(r["path"] for r in rows) == sorted(entries[:10]) and len({r["task"] for r in rows}) == 10
+
+
+@pytest.mark.ray
+def test_a_partial_fc_head_trains_on_two_workers_exports_one_head_and_resumes_on_one(tmp_path, dataset, teacher,
+                                                                                     ray_cluster):
+    from safetensors.torch import load_file
+
+    from facemae.losses.partial_fc import class_range, merge_shards
+    from facemae.models.weights import load_fr_backbone
+    from facemae.train.trainer import train
+
+    head = ["train.task=fr", "model.head=partial_fc", "model.partial_fc.sample_rate=0.5", "train.zero_stage=0",
+            "train.base_lr=0.02", "train.log_every=1"]
+    config = _config(tmp_path, dataset, teacher, "name=pfc", "train.num_workers=2", "train.max_steps=12",
+                     "train.checkpoint_every=6", *head)
+    result = train(config)
+    history = _metrics(result.run_dir)
+    assert [m["step"] for m in history] == list(range(1, 13))
+    classes = max(read_manifest(dataset).identities("train")) + 1
+    shard_rows = class_range(classes, 2, 0)[1]  # rank 0's classes, the larger shard
+    # Each step moved every positive of the global batch of 16 and random others: at least half the shard.
+    assert all(-(-shard_rows // 2) <= m["head_rows"] <= shard_rows for m in history), history
+    assert np.mean([m["loss"] for m in history[-3:]]) < 0.9 * np.mean([m["loss"] for m in history[:3]])
+
+    ckpt = Path(result.checkpoint)
+    tag = ckpt / (ckpt / "latest").read_text().strip()
+    shards = [torch.load(tag / f"head_shard_rank{r:03d}.pt", weights_only=True) for r in (0, 1)]
+    assert [(s["start"], s["stop"], s["world_size"]) for s in shards] == [(*class_range(classes, 2, r), 2)
+                                                                         for r in (0, 1)]
+    assert not any(k.startswith("head.") for k in torch.load(tag / "mp_rank_00_model_states.pt",
+                                                               weights_only=False)["module"])  # outside DeepSpeed
+    export = Path(result.weights).parent
+    exported = load_file(str(export / "head.safetensors"))["weight"]
+    assert exported.shape == (classes, 64)
+    torch.testing.assert_close(exported, merge_shards(tag), rtol=0, atol=0)
+    assert load_fr_backbone(result.weights)(torch.zeros(2, 3, 112, 112)).shape == (2, 64)  # an ordinary model
+
+    # The two workers' checkpoint resumes on one (the local mode): both shards cut into one, training goes on.
+    common = [*TINY, f"data.output={dataset}", f"train.teacher={teacher}", f"train.storage_path={tmp_path}",
+              "train.num_workers=0", "train.checkpoint_every=4", *head]
+    again = _train_in_subprocess([*common, "name=pfc-one", "train.max_steps=16", f"train.resume_from={ckpt}"])
+    resumed = _metrics(str(tmp_path / "pfc-one"))
+    assert [m["step"] for m in resumed] == [13, 14, 15, 16]
+    assert abs(resumed[0]["loss"] - np.mean([m["loss"] for m in history[-3:]])) < 0.5 * history[0]["loss"]
+    one = Path(again["checkpoint"])
+    one_tag = one / (one / "latest").read_text().strip()
+    assert [p.name for p in one_tag.glob("head_shard_rank*.pt")] == ["head_shard_rank000.pt"]
+    assert torch.load(one_tag / "head_shard_rank000.pt", weights_only=True)["steps"].max() > 12 * 0.5

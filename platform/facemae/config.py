@@ -209,6 +209,27 @@ class MaskConfig:
 
 
 @dataclass
+class PartialFCConfig:
+    """The sharded margin head (``model.head: partial_fc``, :mod:`facemae.losses.partial_fc`).
+
+    Attributes:
+        sample_rate: Share of each worker's classes a step scores: every identity of the global batch and
+            uniform negatives. 1.0 is the exact softmax over all identities; insightface trains
+            WebFace-scale sets at 0.1-0.3.
+    """
+
+    sample_rate: float = 1.0
+
+    def validate(self) -> None:
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"model.partial_fc.sample_rate={self.sample_rate} must be in (0, 1] "
+                             "(1.0 = every identity each step, 0.1-0.3 at 100k+ identities)")
+
+
+HEADS = ("full", "partial_fc")
+
+
+@dataclass
 class ModelConfig:
     """Which named models a job builds (``facemae.models.registry``).
 
@@ -218,6 +239,11 @@ class ModelConfig:
         judge: FR backbone of the privacy judge, an instance trained apart from the teacher.
         fr: FR backbone trained downstream on released faces.
         embedding_size: Embedding dimension of every FR backbone.
+        head: The margin head of every FR training (teacher, judge, downstream FR): ``full``, the class
+            centres on every worker inside the DeepSpeed engine, or ``partial_fc``, sharded by class range
+            over the workers with sampled negatives (100k to millions of identities; DESIGN.md, "Many
+            identities").
+        partial_fc: Its settings.
     """
 
     mae: str = "facemae_vit_base_p8"
@@ -225,6 +251,8 @@ class ModelConfig:
     judge: str = "fr_r50"
     fr: str = "fr_r50"
     embedding_size: int = 512
+    head: str = "full"
+    partial_fc: PartialFCConfig = field(default_factory=PartialFCConfig)
 
     def validate(self) -> None:
         if self.mae not in MAE_MODELS:
@@ -237,6 +265,9 @@ class ModelConfig:
                                  f"{', '.join(FR_MODELS)}")
         if self.embedding_size < 2:
             raise ValueError(f"model.embedding_size={self.embedding_size} must be >= 2 (512 is the standard)")
+        if self.head not in HEADS:
+            raise ValueError(f"model.head={self.head!r} must be one of {', '.join(HEADS)}")
+        self.partial_fc.validate()
 
 
 @dataclass

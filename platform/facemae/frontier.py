@@ -50,6 +50,9 @@ UNSCORED = {"": ("name", "frontier", "tune", "ray", "tracking", "storage"),
             "train": ("storage_path", "metrics_port", "metrics_host", "log_sample_ids", "log_upload_every_s",
                       "debug_state_dir"),
             "experiment": ("output", "seeds")}
+# Settings added after rows were measured, at the value that behaves as before they existed: left out of the
+# digest at that value, so a new setting does not orphan the ledger; any other value is part of it.
+AS_BEFORE = {"model": {"head": "full", "partial_fc": {"sample_rate": 1.0}}}
 
 
 @dataclass
@@ -165,13 +168,16 @@ def ledger_folder(config: Config) -> str:
 
 
 def settings_digest(config: Config) -> str:
-    """The digest of the settings a point's numbers depend on (:data:`UNSCORED` left out; ``data.align``
-    as it resolves): equal digests, equal measurements."""
+    """The digest of the settings a point's numbers depend on (:data:`UNSCORED` left out, and
+    :data:`AS_BEFORE` at its old behaviour; ``data.align`` as it resolves): equal digests, equal measurements."""
     settings = config.to_dict()
     settings["data"]["align"] = config.data.aligner
     for section, keys in UNSCORED.items():
         for key in keys:
             (settings[section] if section else settings).pop(key, None)
+    if all(settings["model"].get(key) == value for key, value in AS_BEFORE["model"].items()):
+        for key in AS_BEFORE["model"]:
+            settings["model"].pop(key)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

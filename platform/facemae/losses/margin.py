@@ -17,6 +17,22 @@ from torch import nn
 _COS_EPS = 1e-7
 
 
+def arcface_target(cos_target: torch.Tensor, *, m: float, easy_margin: bool = False) -> torch.Tensor:
+    """ArcFace's target cosine ``cos(theta + m)``, ``[N] -> [N]`` (see :class:`ArcFace` for ``easy_margin``)."""
+    cos_t = cos_target.clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS)
+    sin_t = torch.sqrt(1.0 - cos_t * cos_t)
+    cos_t_m = cos_t * math.cos(m) - sin_t * math.sin(m)  # cos(theta + m)
+    if easy_margin:
+        return torch.where(cos_t > 0, cos_t_m, cos_t)
+    # Where theta + m would pass pi (cos(theta) < cos(pi - m)), cos(theta) - m sin(m) keeps falling instead.
+    return torch.where(cos_t > math.cos(math.pi - m), cos_t_m, cos_t - math.sin(math.pi - m) * m)
+
+
+def cosface_target(cos_target: torch.Tensor, *, m: float) -> torch.Tensor:
+    """CosFace's target cosine ``cos(theta) - m``, ``[N] -> [N]``."""
+    return cos_target - m
+
+
 class MarginHead(nn.Module):
     """Holds the ``[num_classes, embedding_size]`` class centres; subclasses add the margin."""
 
@@ -84,16 +100,9 @@ class ArcFace(MarginHead):
             raise ValueError(f"ArcFace margin m={m} must be in [0, pi/2) radians (0.5 is the standard)")
         self.m = m
         self.easy_margin = easy_margin
-        self.threshold = math.cos(math.pi - m)  # cos(theta) below this means theta + m > pi
-        self.sinmm = math.sin(math.pi - m) * m
 
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        cos_t = cos_target.clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS)
-        sin_t = torch.sqrt(1.0 - cos_t * cos_t)
-        cos_t_m = cos_t * math.cos(self.m) - sin_t * math.sin(self.m)  # cos(theta + m)
-        if self.easy_margin:
-            return torch.where(cos_t > 0, cos_t_m, cos_t)
-        return torch.where(cos_t > self.threshold, cos_t_m, cos_t - self.sinmm)
+        return arcface_target(cos_target, m=self.m, easy_margin=self.easy_margin)
 
 
 class CosFace(MarginHead):
@@ -113,7 +122,7 @@ class CosFace(MarginHead):
         self.m = m
 
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        return cos_target - self.m
+        return cosface_target(cos_target, m=self.m)
 
 
 MARGIN_HEADS: dict[str, type[MarginHead]] = {"arcface": ArcFace, "cosface": CosFace}

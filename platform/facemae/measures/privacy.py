@@ -148,3 +148,64 @@ def retrieval_leak(query_emb: np.ndarray, gallery_emb: np.ndarray, *, query_sour
         out[f"identity_leak@{k}"] = float(identity_hits[i] / n_query)
     out.update(chance_levels(qid, gid, ks=ks))
     return {**out, "n_queries": float(n_query), "n_gallery": float(n_gallery)}
+
+
+def nearest_release_similarity(candidate_emb: np.ndarray, released_emb: np.ndarray, *,
+                               chunk_size: int | None = None) -> np.ndarray:
+    """Each candidate face's highest cosine similarity to any released face: the membership attacker's score.
+
+    Args:
+        candidate_emb: ``[M, D]`` embeddings of the original faces whose membership is asked.
+        released_emb: ``[R, D]`` embeddings of the release, by the same model.
+
+    Returns:
+        ``[M]`` float64 scores in ``[-1, 1]``.
+    """
+    c, r = _unit_rows(candidate_emb, name="candidate_emb"), _unit_rows(released_emb, name="released_emb")
+    if c.shape[1] != r.shape[1]:
+        raise ValueError(f"candidate_emb has dimension {c.shape[1]} but released_emb {r.shape[1]}; embed both "
+                         "with the same model")
+    chunk = min(1024, max(1, _CHUNK_ELEMENTS // len(r))) if chunk_size is None else chunk_size
+    return np.concatenate([(c[lo:lo + chunk] @ r.T).max(axis=1) for lo in range(0, len(c), chunk)]).astype(np.float64)
+
+
+def roc_curve(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC of "member when score >= t" over every threshold t of ``scores`` (and +inf).
+
+    Returns:
+        ``(fpr, tpr, thresholds)``, from ``(0, 0)`` at +inf to ``(1, 1)`` at the lowest score; tied scores are
+        one point.
+    """
+    scores, member = np.asarray(scores, dtype=np.float64), np.asarray(is_member, dtype=bool)
+    if scores.shape != member.shape or scores.ndim != 1:
+        raise ValueError(f"scores and is_member need one entry per candidate, got shapes {scores.shape} and "
+                         f"{member.shape}")
+    positives, negatives = int(member.sum()), int((~member).sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError(f"membership inference needs members and non-members, got {positives} and {negatives}")
+    order = np.argsort(-scores, kind="stable")
+    s, m = scores[order], member[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last candidate of each run of equal scores
+    tp, fp = np.cumsum(m)[last], np.cumsum(~m)[last]
+    return (np.r_[0.0, fp / negatives], np.r_[0.0, tp / positives], np.r_[np.inf, s[last]])
+
+
+def membership_inference(scores: np.ndarray, is_member: np.ndarray, *, fpr: float = 0.01) -> dict[str, float]:
+    """How well ``scores`` tell members (identities in the release) from non-members (never released).
+
+    - ``mia_auc``: the ROC's area, the chance that a random member scores above a random non-member (ties
+      count half; Mann-Whitney). 0.5 is guessing, 1.0 is certain membership.
+    - ``mia_tpr@1%fpr``: the share of members found at the threshold that wrongly flags at most ``fpr`` of the
+      non-members (no interpolation between thresholds): what an attacker who must rarely be wrong achieves.
+
+    Args:
+        scores: ``[M]`` the attacker's score per candidate, higher = more likely a member
+            (:func:`nearest_release_similarity`).
+        is_member: ``[M]`` bool.
+        fpr: The false-positive rate the TPR is read at.
+    """
+    fprs, tprs, _ = roc_curve(scores, is_member)
+    auc = float(np.sum(np.diff(fprs) * (tprs[1:] + tprs[:-1]) / 2))  # trapezoids: a tied run is a diagonal
+    name = f"mia_tpr@{fpr * 100:g}%fpr"
+    return {"mia_auc": auc, name: float(tprs[fprs <= fpr + 1e-12].max()),
+            "n_members": float(np.sum(is_member)), "n_nonmembers": float(np.sum(~np.asarray(is_member, bool)))}

@@ -29,6 +29,7 @@ from facemae.models.registry import build_fr, build_mae
 
 WEIGHTS = "weights.safetensors"
 WEIGHTS_INFO = "weights.json"
+HEAD = "head.safetensors"  # an FR run's class centres (the margin head), beside its backbone
 
 
 def save_weights(module: nn.Module, directory: str | Path, info: dict[str, Any]) -> Path:
@@ -41,6 +42,17 @@ def save_weights(module: nn.Module, directory: str | Path, info: dict[str, Any])
     save_file(state, str(directory / WEIGHTS), metadata={"facemae": json.dumps(info)})
     (directory / WEIGHTS_INFO).write_text(json.dumps(info, indent=1) + "\n")
     return directory / WEIGHTS
+
+
+def save_head(weight: torch.Tensor, info: dict[str, Any], directory: str | Path) -> Path:
+    """Writes an FR run's class centres, ``[C, D]`` fp32 as ``weight``, and what they are, as :data:`HEAD`."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": weight.detach().float().contiguous().cpu()}, str(directory / HEAD),
+              metadata={"facemae": json.dumps(info)})
+    return directory / HEAD
 
 
 class WeightsError(ValueError):

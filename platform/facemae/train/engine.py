@@ -173,6 +173,13 @@ def engine_dtype(engine: "DeepSpeedEngine") -> torch.dtype:
     return torch.float32
 
 
+def loss_scale(engine: "DeepSpeedEngine") -> float:
+    """The factor the engine's backward multiplies the loss by: fp16's dynamic loss scale, else 1."""
+    if not engine.fp16_enabled():
+        return 1.0
+    return float(getattr(engine.optimizer, "loss_scale", None) or engine.optimizer.cur_scale)
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (python, numpy, torch CPU and CUDA), as ints, lists and tensors only:
     ``torch.load(weights_only=True)`` reads them back without allowing any other type."""

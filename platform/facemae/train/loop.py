@@ -75,9 +75,11 @@ def _train(config: Config, ctx: WorkerContext, engine: Any, module: torch.nn.Mod
             if not guard.admit(loss, _parts(out), step=progress.step):
                 continue  # skipped before backward: no gradient of it reaches the weights
             boundary = engine.is_gradient_accumulation_boundary()  # asked before step(), which moves it on
+            lr, scale = engine.get_lr()[0], ds.loss_scale(engine)  # what this step runs with: step() moves both
             engine.backward(out["loss"])
             engine.step()
             applied = boundary and engine.was_step_applied()
+            head = module.step_head(lr=lr, loss_scale=scale, applied=applied) if boundary else {}
             if boundary and not applied:
                 guard.overflowed(step=progress.step)  # DeepSpeed skipped it: the step counter stays
             elif applied:
@@ -86,7 +88,7 @@ def _train(config: Config, ctx: WorkerContext, engine: Any, module: torch.nn.Mod
             ctx.observe(batch, out, step=progress.step, step_s=time.perf_counter() - started, wait_s=wait_s)
             if not applied:
                 continue
-            last = {**_log_metrics(out, engine, progress), **guard.counters()}
+            last = {**_log_metrics(out, engine, progress), **head, **guard.counters()}
             validated = validator is not None and validator.due(progress.step)
             if validated:
                 last.update(validator(engine.module.mae, dtype=dtype))
@@ -133,6 +135,7 @@ def _checkpoint(engine: Any, ctx: WorkerContext, progress: Progress, metrics: di
     with ctx.checkpoint_dir(progress.step) as directory:
         ds.save(engine, directory, tag=tag, rank=ctx.rank,
                 client_state={"progress": asdict(progress), "guard": guard.state_dict()})
+        engine.module.save_head(Path(directory) / tag)  # a Partial FC shard, beside DeepSpeed's files
         ctx.saved(engine, directory, progress.step)
         ctx.write_preview(engine, Path(directory))
         if ctx.rank == 0:
@@ -146,6 +149,7 @@ def _restore(engine: Any, ctx: WorkerContext, guard: StepGuard) -> Progress:
         if directory is None:
             return Progress()
         client_state = ds.load(engine, directory, rank=ctx.rank)
+        engine.module.load_head(ds.check_checkpoint(directory))  # resliced when the worker count changed
         progress = Progress(**client_state["progress"])
         if "guard" in client_state:  # checkpoints written before the guard existed have none
             guard.load_state_dict(client_state["guard"])

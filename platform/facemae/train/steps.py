@@ -22,6 +22,7 @@ from torch import nn
 from facemae.config import Config
 from facemae.losses.irm import irm_loss, irm_view
 from facemae.losses.margin import MarginHead
+from facemae.losses.partial_fc import PartialFC, data_parallel_embeddings
 from facemae.models.mae import FaceMAE
 
 
@@ -113,3 +114,18 @@ def fr_step(backbone: nn.Module, head: MarginHead, batch: dict[str, torch.Tensor
         # Through head.forward, not head.cosine: ZeRO-3 gathers the class centres only in forward hooks.
         accuracy = (head(emb).argmax(dim=1) == labels).float().mean()
     return {"loss": loss, "accuracy": accuracy}
+
+
+def partial_fc_step(backbone: nn.Module, head: PartialFC, batch: dict[str, torch.Tensor], *,
+                    step: int) -> dict[str, torch.Tensor]:
+    """Face-recognition loss with a Partial FC shard: the global batch's margin cross-entropy, the same on
+    every worker (collective: every worker calls it at the same steps).
+
+    The backbone is data-parallel (the engine averages its gradients over the workers), so its embeddings'
+    gradient is scaled up by the world size (:func:`~facemae.losses.partial_fc.data_parallel_embeddings`).
+
+    Returns:
+        ``loss`` (with grad) and ``accuracy``: the global batch's top-1 over the classes this step scored.
+    """
+    emb = data_parallel_embeddings(backbone(batch["image"]), head.world_size)  # (n, D)
+    return head(emb, batch["identity"], step=step)

@@ -20,7 +20,8 @@ from facemae import console, storage
 from facemae.config import Config, TrainConfig, from_dict
 from facemae.data.shards import verify_dataset
 from facemae.losses.irm import view_name
-from facemae.models.weights import WEIGHTS, WEIGHTS_INFO, save_weights
+from facemae.losses.partial_fc import merge_shards
+from facemae.models.weights import WEIGHTS, WEIGHTS_INFO, save_head, save_weights
 from facemae.tracking import TrackedRun, log_weights, tracked_run
 from facemae.train.context import METRICS_LOG, LocalContext, RayContext, batches_per_epoch, latest_checkpoint
 from facemae.train.engine import check_checkpoint, import_deepspeed, read_checkpoint_file, weights_only_loads
@@ -266,13 +267,17 @@ def _last_metrics(run_dir: str) -> dict[str, Any]:
 
 def export_weights(checkpoint: str, config: Config, out_dir: str) -> str:
     """Writes inference weights (fp32 safetensors) from a DeepSpeed checkpoint of any ZeRO stage; both
-    may be local folders or object-store locations.
+    may be local folders or object-store locations. An FR run's class centres go beside them as one ordinary
+    ``[C, D]`` head (``head.safetensors``), a Partial FC run's shards merged.
 
     Returns:
         The ``weights.safetensors`` location.
     """
     with storage.local_folder(checkpoint) as local:  # DeepSpeed's merger reads files by name
         state = consolidated_state(local)
+        if config.train.task == "fr":
+            head = state.get("head.weight")  # the full head, or the Partial FC shards merged into one
+            state["head.weight"] = merge_shards(check_checkpoint(local)) if head is None else head
     prefix = "mae." if config.train.task == "mae" else "backbone."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     name = config.model.mae if config.train.task == "mae" else (config.train.fr_backbone or config.model.fr)
@@ -283,9 +288,18 @@ def export_weights(checkpoint: str, config: Config, out_dir: str) -> str:
     module.load_state_dict(weights)
     info = {"task": config.train.task, "model": name, "embedding_size": config.model.embedding_size,
             "norm_pix_loss": config.loss.norm_pix_loss, "run": config.name, "checkpoint": str(checkpoint)}
+    head = None
+    if config.train.task == "fr":
+        loss = config.loss
+        head = (state["head.weight"], {**info, "margin": loss.margin, "s": loss.s, "m": loss.margin_m,
+                                       "num_classes": len(state["head.weight"]), "trained_with": config.model.head})
     if not storage.is_remote(out_dir):
+        if head is not None:
+            save_head(*head, out_dir)
         return str(save_weights(module, out_dir, info))
     with storage.scratch_folder("export") as tmp:
+        if head is not None:
+            save_head(*head, tmp)
         save_weights(module, tmp, info)
         storage.upload_folder(tmp, out_dir, last=[WEIGHTS_INFO])  # weights.json last: finished_run() reads it
     return storage.join(out_dir, WEIGHTS)
