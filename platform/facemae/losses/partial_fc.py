@@ -291,7 +291,9 @@ class RowAdamW:
 
     Args:
         head: The shard; :meth:`PartialFC.take_gradient` hands over what backward left (scaled by ``grad_scale``).
-        betas, eps, weight_decay: As ``torch.optim.AdamW`` (the platform's: betas (0.9, 0.95)).
+        betas: As ``torch.optim.AdamW`` (the platform's: (0.9, 0.95)).
+        eps: As ``torch.optim.AdamW``.
+        weight_decay: Decoupled, as ``torch.optim.AdamW``.
     """
 
     def __init__(self, head: PartialFC, *, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
