@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable  # noqa: F401
+from typing import Any, Callable
 
 import pytest
 import torch

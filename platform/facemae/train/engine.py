@@ -295,10 +295,21 @@ def check_checkpoint(directory: str | os.PathLike) -> Path:
         ValueError: ``directory`` has no ``latest`` tag file, or no folder of that tag.
     """
     root = Path(directory).resolve()
-    tag_dir = _inside(root / _read_tag(root), root)
+    tag_dir = tag_folder(root)
     for path in sorted(tag_dir.rglob("*.pt")):
         _check_file(_inside(path, root))
     return tag_dir
+
+
+def tag_folder(directory: str | os.PathLike) -> Path:
+    """The tag folder ``latest`` names in a checkpoint folder :func:`check_checkpoint` (or :func:`load`) has
+    checked already; its files are not read again.
+
+    Raises:
+        UntrustedCheckpointError, ValueError: As :func:`check_checkpoint`, for the tag.
+    """
+    root = Path(directory).resolve()
+    return _inside(root / _read_tag(root), root)
 
 
 def _inside(path: Path, root: Path) -> Path:

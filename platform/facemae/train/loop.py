@@ -149,7 +149,7 @@ def _restore(engine: Any, ctx: WorkerContext, guard: StepGuard) -> Progress:
         if directory is None:
             return Progress()
         client_state = ds.load(engine, directory, rank=ctx.rank)
-        engine.module.load_head(ds.check_checkpoint(directory))  # resliced when the worker count changed
+        engine.module.load_head(ds.tag_folder(directory))  # resliced when the worker count changed
         progress = Progress(**client_state["progress"])
         if "guard" in client_state:  # checkpoints written before the guard existed have none
             guard.load_state_dict(client_state["guard"])

@@ -24,7 +24,8 @@ from facemae.losses.partial_fc import merge_shards
 from facemae.models.weights import WEIGHTS, WEIGHTS_INFO, save_head, save_weights
 from facemae.tracking import TrackedRun, log_weights, tracked_run
 from facemae.train.context import METRICS_LOG, LocalContext, RayContext, batches_per_epoch, latest_checkpoint
-from facemae.train.engine import check_checkpoint, import_deepspeed, read_checkpoint_file, weights_only_loads
+from facemae.train.engine import (check_checkpoint, import_deepspeed, read_checkpoint_file, tag_folder,
+                                  weights_only_loads)
 from facemae.train.loop import PROGRESS, run
 
 EXPORT_DIR = "export"
@@ -277,7 +278,7 @@ def export_weights(checkpoint: str, config: Config, out_dir: str) -> str:
         state = consolidated_state(local)
         if config.train.task == "fr":
             head = state.get("head.weight")  # the full head, or the Partial FC shards merged into one
-            state["head.weight"] = merge_shards(check_checkpoint(local)) if head is None else head
+            state["head.weight"] = merge_shards(tag_folder(local)) if head is None else head
     prefix = "mae." if config.train.task == "mae" else "backbone."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     name = config.model.mae if config.train.task == "mae" else (config.train.fr_backbone or config.model.fr)
@@ -288,19 +289,18 @@ def export_weights(checkpoint: str, config: Config, out_dir: str) -> str:
     module.load_state_dict(weights)
     info = {"task": config.train.task, "model": name, "embedding_size": config.model.embedding_size,
             "norm_pix_loss": config.loss.norm_pix_loss, "run": config.name, "checkpoint": str(checkpoint)}
-    head = None
-    if config.train.task == "fr":
-        loss = config.loss
-        head = (state["head.weight"], {**info, "margin": loss.margin, "s": loss.s, "m": loss.margin_m,
-                                       "num_classes": len(state["head.weight"]), "trained_with": config.model.head})
+    loss = config.loss
+    head_info = {**info, "margin": loss.margin, "s": loss.s, "m": loss.margin_m, "trained_with": config.model.head}
+
+    def write(folder: str) -> Path:
+        if config.train.task == "fr":
+            save_head(state["head.weight"], {**head_info, "num_classes": len(state["head.weight"])}, folder)
+        return save_weights(module, folder, info)
+
     if not storage.is_remote(out_dir):
-        if head is not None:
-            save_head(*head, out_dir)
-        return str(save_weights(module, out_dir, info))
+        return str(write(out_dir))
     with storage.scratch_folder("export") as tmp:
-        if head is not None:
-            save_head(*head, tmp)
-        save_weights(module, tmp, info)
+        write(tmp)
         storage.upload_folder(tmp, out_dir, last=[WEIGHTS_INFO])  # weights.json last: finished_run() reads it
     return storage.join(out_dir, WEIGHTS)
 
