@@ -363,7 +363,7 @@ def test_a_trial_tune_stopped_has_its_run_ended_by_the_sweeps_callback(tmp_path,
     """ASHA ends a trial's process before its training can end its run: Tune's logger callback does."""
     from types import SimpleNamespace
 
-    from facemae.tracking import open_run
+    from facemae.tracking import end_run, open_run
     from facemae.tune.callbacks import EndTrialRuns, tracking_callbacks
 
     base = load_config(None, [f"train.storage_path={tmp_path / 'runs'}", f"tracking.mlflow_uri={mlflow_server}",
@@ -380,4 +380,6 @@ def test_a_trial_tune_stopped_has_its_run_ended_by_the_sweeps_callback(tmp_path,
 
     ended = client.get_run(stopped.run_id)
     assert ended.info.status == "FINISHED" and ended.data.tags["facemae.tune_status"] == "STOPPED"
+    end_run(stopped, status="FAILED")  # the stopped trial's training unwinding after the callback ended its run
+    assert client.get_run(stopped.run_id).info.status == "FINISHED"
     assert "facemae.tune_status" not in client.get_run(finished.run_id).data.tags

@@ -223,9 +223,15 @@ def _log_params(client: Any, run_id: str, params: dict[str, str], *, logged: dic
 
 
 def end_run(run: TrackedRun | None, *, status: str = "FINISHED") -> None:
-    """Ends ``run`` with ``status`` (FINISHED, FAILED or KILLED); a failure to reach the server is warned."""
+    """Ends ``run`` with ``status`` (FINISHED, FAILED or KILLED) if it is still RUNNING; a failure to reach
+    the server is warned.
+
+    A run something else ended keeps its status: a sweep's callback ends the run of a trial ASHA stops
+    (FINISHED, ``facemae.tune_status=STOPPED``) before Tune stops the trial's process, whose training then
+    unwinds with an error and would otherwise mark its run FAILED.
+    """
     if run is not None:
-        _best_effort(f"ending run {run.run_id}", lambda: _client(run.uri).set_terminated(run.run_id, status=status))
+        _best_effort(f"ending run {run.run_id}", lambda: _end_if_running(_client(run.uri), run.run_id, status))
 
 
 @contextlib.contextmanager
@@ -312,14 +318,16 @@ def end_if_running(folder: str | os.PathLike, *, uri: str, status: str, tags: di
     if run.uri != uri:
         return
 
-    def end_it() -> None:
-        client = _client(uri)
-        if client.get_run(run.run_id).info.status == "RUNNING":
-            for key, value in tags.items():
-                client.set_tag(run.run_id, key, value)
-            client.set_terminated(run.run_id, status=status)
+    _best_effort(f"ending run {run.run_id}", lambda: _end_if_running(_client(uri), run.run_id, status, tags))
 
-    _best_effort(f"ending run {run.run_id}", end_it)
+
+def _end_if_running(client: Any, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    """Tags and ends run ``run_id`` with ``status`` if the server still has it RUNNING."""
+    if client.get_run(run_id).info.status != "RUNNING":
+        return
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status=status)
 
 
 def _best_effort(what: str, call: Any) -> None:
