@@ -77,8 +77,8 @@ FLOORS = {
     "console.py": 0, "storage.py": 0, "allocator.py": 0, "metrics.py": 0, "losses": 0, "measures": 0,
     "models": 1, "config.py": 2, "cluster.py": 3, "data": 4,
     "tracking.py": 4,
-    "train": 5, "generate": 5, "eval": 5, "report.py": 5, "tune": 6, "pipeline.py": 6, "experiment.py": 6,
-    "frontier.py": 7, "sdk.py": 8, "cli.py": 9, "__init__.py": 10,
+    "train": 5, "generate": 5, "eval": 5, "report.py": 5, "tune": 6, "pipeline.py": 6, "attacks.py": 6,
+    "experiment.py": 7, "frontier.py": 8, "sdk.py": 9, "cli.py": 10, "__init__.py": 11,
 }
 
 

@@ -383,6 +383,12 @@ class TrainConfig:
         log_every: Optimizer steps between metric reports.
         max_failures: Worker-group restarts from the last checkpoint before the run fails.
         resume_from: A checkpoint folder to start from when the run has none of its own.
+        init_weights: An export's ``weights.safetensors`` (or its folder) whose weights start the model at
+            step 0: a fine-tune. Of the same model as the run trains (an FR backbone for ``task: fr``, a
+            FaceMAE for ``mae``); a run that restores a checkpoint of its own or ``resume_from`` ignores it.
+        init_head: With ``init_weights`` and ``task: fr``, also start the class centres from the
+            ``head.safetensors`` beside the weights (its class count must be the run's); ``false`` starts
+            them fresh, for a fine-tune on other identities.
         storage_path: Folder of all runs; a run lives in ``<storage_path>/<name>``. A local path or
             ``s3://bucket/prefix`` / ``gs://bucket/prefix`` (checkpoints, metrics, exported weights).
         prefetch_batches: Batches Ray Data prepares ahead of each worker.
@@ -434,6 +440,8 @@ class TrainConfig:
     log_every: int = 10
     max_failures: int = 0
     resume_from: str = ""
+    init_weights: str = ""
+    init_head: bool = True
     storage_path: str = "~/facemae-runs"
     prefetch_batches: int = 2
     shuffle_buffer: int = 256
@@ -468,7 +476,7 @@ class TrainConfig:
         return storage.join(self.storage_root(), name)
 
     def validate(self) -> None:
-        for key in ("storage_path", "teacher", "judge", "resume_from"):
+        for key in ("storage_path", "teacher", "judge", "resume_from", "init_weights"):
             _check_location(f"train.{key}", getattr(self, key))
         if self.task not in ("mae", "fr"):
             raise ValueError(f"train.task={self.task!r} must be 'mae' (FaceMAE) or 'fr' (face recognition)")
@@ -584,6 +592,12 @@ class ExperimentConfig:
         seeds: One full repetition per seed: FaceMAE, MAE and every row's FR model are trained with
             ``train.seed`` = that seed (the teacher and the judge once, with ``train.seed``); the
             report gives means, 95% intervals and paired differences over them.
+        attacks: Also the stronger attackers of :mod:`facemae.attacks` on every row and seed: the adaptive
+            attacker's leaks (``adaptive_identity_leak@1``...) and membership inference by the judge and by
+            the adaptive attacker (``mia_auc``, ``mia_tpr@1%fpr``, ``adaptive_mia_*``).
+        adaptive_steps: Steps of the adaptive attacker's fine-tune of the judge (the judge's recipe).
+        nonmembers: An ingested dataset of people never released, for membership inference; empty with
+            synthetic faces draws one (``data.seed + 1``, as many identities as are deployed).
     """
 
     output: str = "reports/experiment"
@@ -591,10 +605,14 @@ class ExperimentConfig:
     fr_steps: int = 200
     fr_base_lr: float = 0.02
     seeds: list[int] = field(default_factory=lambda: [0])
+    attacks: bool = False
+    adaptive_steps: int = 200
+    nonmembers: str = ""
 
     def validate(self) -> None:
-        if self.judge_steps < 1 or self.fr_steps < 1:
-            raise ValueError("experiment.judge_steps and experiment.fr_steps must be >= 1")
+        if self.judge_steps < 1 or self.fr_steps < 1 or self.adaptive_steps < 1:
+            raise ValueError("experiment.judge_steps, experiment.fr_steps and experiment.adaptive_steps must be >= 1")
+        _check_location("experiment.nonmembers", self.nonmembers)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"experiment.seeds={self.seeds} must be a non-empty list of distinct seeds, e.g. [0, 1, 2]")
         _check_location("experiment.output", self.output)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from facemae import console, storage
+from facemae.attacks import attack_scores
 from facemae.config import Config
 from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
@@ -40,6 +41,9 @@ ROWS = ("originals", "masked", "mae", "facemae")
 METRICS = ("accuracy", "tar", "identity_leak@1", "identity_leak@5", "image_leak@1", "image_leak@5",
            "psnr_masked", "hf_ratio")
 SCIENCE_METRICS = ("accuracy", "identity_leak@1", "image_leak@1", "psnr_masked", "hf_ratio")
+# With experiment.attacks: the stronger attackers' numbers per row and seed (attacks.json's schema).
+ATTACK_METRICS = ("identity_leak@1", "adaptive_identity_leak@1", "adaptive_image_leak@1", "mia_auc", "mia_tpr@1%fpr",
+                  "adaptive_mia_auc", "adaptive_mia_tpr@1%fpr")
 # Paired differences the report gives: (method, baseline).
 PAIRS = (("facemae", "mae"), ("facemae", "masked"))
 
@@ -128,23 +132,49 @@ def _row_metrics(detail: dict[str, Any]) -> dict[str, float]:
     out = {"accuracy": main["accuracy"], "tar": main["tar"]}
     out.update({k: detail["privacy"][k] for k in METRICS if k in detail["privacy"]})
     out.update(detail.get("fidelity") or {})
-    return {k: float(out[k]) for k in METRICS if k in out}
+    out.update({k: v for k, v in (detail.get("attacks") or {}).items() if k in ATTACK_METRICS})
+    return {k: float(out[k]) for k in dict.fromkeys((*METRICS, *ATTACK_METRICS)) if k in out}
 
 
 def _run_seed(config: Config, seed: int, shared: dict[str, str],
               say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Every row of the table for one seed: its autoencoders, releases, FR models and scores."""
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
-    sets = _released_sets(config, seed, _autoencoders(config, seed, shared, say))
+    models = _autoencoders(config, seed, shared, say)
+    sets = _released_sets(config, seed, models)
     table: dict[str, dict[str, Any]] = {}
     for row in ROWS:
         fr = train(fr_config(config, seed, row), dataset=sets[row], split="deploy")
         table[row] = {**_scores(config, row, fr.weights, dataset=sets[row], judge=shared["judge"], cache=fr.run_dir),
                       "fr_weights": fr.weights, "dataset": sets[row]}
+        if config.experiment.attacks:
+            table[row]["attacks"] = row_attacks(config, row, seed, judge=shared["judge"], weights=models.get(row, ""),
+                                                released=sets[row], cache=fr.run_dir)
         m = _row_metrics(table[row])
         say(f"seed {seed}: {row:9s} accuracy {m['accuracy']:.4f} identity_leak@1 {m['identity_leak@1']:.3f}"
-            + (f" psnr_masked {m['psnr_masked']:.2f} dB hf_ratio {m['hf_ratio']:.2f}" if row != "originals" else ""))
+            + (f" psnr_masked {m['psnr_masked']:.2f} dB hf_ratio {m['hf_ratio']:.2f}" if row != "originals" else "")
+            + (f" adaptive_identity_leak@1 {m['adaptive_identity_leak@1']:.3f} mia_auc {m['mia_auc']:.3f} "
+               f"adaptive_mia_auc {m['adaptive_mia_auc']:.3f}" if "mia_auc" in m else ""))
     return table
+
+
+def row_attacks(config: Config, row: str, seed: int, *, judge: str, weights: str, released: str, cache: str,
+                name: str = "") -> dict[str, Any]:
+    """:func:`facemae.attacks.attack_scores` of one row and seed, kept in ``<cache>/attack_scores.json`` under a
+    fingerprint of what they depend on (judge, generator, release, originals, the attacker's budget, ``eval``).
+    ``name`` names the attacker's runs (default ``<row>-s<seed>``)."""
+    inputs = {"judge": sha256_file(judge), "generator": sha256_file(weights) if weights else "",
+              "steps": config.experiment.adaptive_steps, "nonmembers": config.experiment.nonmembers,
+              "eval": dataclasses.asdict(config.eval),
+              **{k: sha256_file(storage.join(d, MANIFEST)) for k, d in (("released", released),
+                                                                   ("originals", config.data.output))}}
+    path = storage.join(cache, "attack_scores.json")
+    if storage.is_file(path) and (kept := json.loads(storage.read_text(path))).get("inputs") == inputs:
+        return kept["scores"]
+    scores = attack_scores(config, row=row, seed=seed, judge=judge, weights=weights, released=released,
+                           gallery_cache=_gallery_cache(config), name=name or f"{row}-s{seed}")
+    atomic_write_text(path, json.dumps({"inputs": inputs, "scores": scores}, default=float) + "\n")
+    return scores
 
 
 def _scores(config: Config, row: str, weights: str, *, dataset: str, judge: str, cache: str) -> dict[str, Any]:
@@ -246,6 +276,17 @@ def science_json(config: Config, result: ExperimentResult) -> dict[str, Any]:
             "rows": {row: {k: v for k, v in m.items() if k in SCIENCE_METRICS} for row, m in result.rows.items()}}
 
 
+def attacked(result: ExperimentResult) -> bool:
+    """Whether the rows carry the stronger attackers' numbers (``experiment.attacks``)."""
+    return "mia_auc" in result.rows["facemae"]
+
+
+def attacks_json(config: Config, result: ExperimentResult) -> dict[str, Any]:
+    """The per-seed attack numbers in the schema of ``benchmarks/results/attacks.json``."""
+    return {"config": config.name, "seeds": result.seeds, "adaptive_steps": config.experiment.adaptive_steps,
+            "rows": {row: {k: m[k] for k in ATTACK_METRICS if k in m} for row, m in result.rows.items()}}
+
+
 def write_report(config: Config, result: ExperimentResult) -> str:
     """``report.md`` (means, CIs, paired differences, targets), ``report.json`` (every number, per seed),
     ``science.json`` (per-seed values), and three PNGs (the first seed's releases and ROC), into
@@ -254,7 +295,7 @@ def write_report(config: Config, result: ExperimentResult) -> str:
     Returns:
         The location of ``report.md``.
     """
-    from facemae.report import plot_privacy_utility, plot_roc, reconstruction_grid
+    from facemae.report import plot_membership_roc, plot_privacy_utility, plot_roc, reconstruction_grid
 
     stats = summarise(result.rows)
     checks = target_checks(result.rows)
@@ -263,6 +304,9 @@ def write_report(config: Config, result: ExperimentResult) -> str:
     with storage.output_folder(config.experiment.output) as out:
         (out / "report.json").write_text(json.dumps(everything, indent=1, default=float) + "\n")
         (out / "science.json").write_text(json.dumps(science_json(config, result), indent=1) + "\n")
+        if attacked(result):
+            (out / "attacks.json").write_text(json.dumps(attacks_json(config, result), indent=1) + "\n")
+            plot_membership_roc(result.table, out / "membership_roc.png")
         first = result.table
         reconstruction_grid({row: r["dataset"] for row, r in first.items()}, out / "reconstructions.png")
         plot_roc(first, out / "roc.png")
@@ -297,6 +341,15 @@ def report_lines(config: Config, result: ExperimentResult, stats: dict[str, Any]
               "| difference | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, diffs in stats["paired"].items():
         lines.append(f"| {name} | " + " | ".join(_cell(diffs.get(k)) for k in metrics) + " |")
+    if attacked(result):
+        lines += ["", f"Stronger attackers (DESIGN.md \"Who sees what\"): the adaptive attacker fine-tunes the judge for "
+                  f"{config.experiment.adaptive_steps} steps on the public faces released by the row's own method; "
+                  "membership inference tells released identities from never-released ones by each face's nearest "
+                  "released face (AUC 0.5 is guessing; TPR at 1% FPR: members found while flagging 1% of outsiders).",
+                  "", "| training data | " + " | ".join(ATTACK_METRICS) + " |", "|---" * (len(ATTACK_METRICS) + 1) + "|"]
+        lines += [f"| {row} | " + " | ".join(_cell(stats["summary"][row].get(k)) for k in ATTACK_METRICS) + " |"
+                  for row in ROWS]
+        lines += ["", "![membership inference ROC](membership_roc.png)"]
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {c['target']} | {c['value']} | {c['goal']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
     privacy_row = result.table["originals"]["privacy"]

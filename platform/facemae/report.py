@@ -53,6 +53,33 @@ def plot_roc(table: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_membership_roc(table: dict[str, dict[str, Any]], path: Path) -> None:
+    """Membership inference ROC of each row (``attacks``: ``mia_roc`` by the fixed judge, solid;
+    ``adaptive_mia_roc`` by the adaptive attacker, dashed), log-scaled false positives to show 1%."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for i, (row, r) in enumerate(table.items()):
+        attacks = r.get("attacks") or {}
+        for prefix, style in (("", "-"), ("adaptive_", "--")):
+            roc = attacks.get(f"{prefix}mia_roc")
+            if roc:
+                who = "adaptive" if prefix else "judge"
+                ax.plot(np.maximum(roc["fpr"], 1e-4), roc["tpr"], style, color=f"C{i}",
+                        label=f"{row}, {who} (AUC {attacks[f'{prefix}mia_auc']:.2f})")
+    ax.plot([1e-4, 1], [1e-4, 1], ":", color="grey")
+    ax.axvline(0.01, color="grey", lw=0.5)
+    ax.set(xscale="log", xlim=(1e-3, 1), ylim=(0, 1.01), xlabel="false positive rate (non-members flagged)",
+           ylabel="true positive rate (members found)", title="membership inference")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_privacy_utility(summary: dict[str, dict[str, dict[str, float]]], path: Path, *, chance: float) -> None:
     """Each row at its seed means, identity_leak@1 (privacy, lower is better) against verification accuracy,
     with crosses of the 95% t intervals over the seeds (none for a single seed).

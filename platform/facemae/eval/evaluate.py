@@ -24,7 +24,7 @@ from facemae.data.images import corrupt_records, decode_face, decode_rows
 from facemae.data.shards import MANIFEST, SPLITS, iter_rows, sha256_file, verify_dataset
 from facemae.data.stream import shard_rows
 from facemae.data.verification_bin import load_verification_bin, save_verification_bin
-from facemae.measures.privacy import retrieval_leak
+from facemae.measures.privacy import membership_inference, nearest_release_similarity, retrieval_leak, roc_curve
 from facemae.eval.verification import (draw_pairs, embed_images, pairs_to_bin, tar_at_far, tar_undefined,
                                        verification_accuracy)
 
@@ -278,6 +278,53 @@ def privacy(config: Config, judge: str, *, released: str, originals: str, split:
     if not scored.all():
         leak["queries_left_out"] = int((~scored).sum())
     return leak
+
+
+def membership(config: Config, weights: str, *, released: str, members: tuple[str, str],
+               nonmembers: list[tuple[str, str]], released_split: str = "deploy") -> dict[str, Any]:
+    """Membership inference against a release: each original face of the members (``(root, split)``: the
+    released identities) and of the non-members (identities never released) scores its highest cosine
+    similarity to any released face, embedded by ``weights`` (DESIGN.md "Who sees what").
+
+    Returns:
+        ``mia_auc``, ``mia_tpr@1%fpr``, ``n_members``, ``n_nonmembers`` and ``mia_roc`` (``fpr`` and ``tpr``
+        lists, thinned to at most 200 points, for a plot).
+
+    Raises:
+        ValueError: A non-member shares an identity name with a member (they would not be non-members).
+    """
+    from facemae.models.weights import check_weights
+
+    storage.configure(**asdict(config.storage))
+    check_weights(weights, task="fr")
+    _check_disjoint(members, nonmembers)
+    release, inside, *outside = embed_splits(config, weights, [(released, released_split), members, *nonmembers])
+    candidates = np.concatenate([inside.emb, *(o.emb for o in outside)])
+    is_member = np.r_[np.ones(len(inside.emb), bool), np.zeros(sum(len(o.emb) for o in outside), bool)]
+    scores = nearest_release_similarity(candidates, release.emb)
+    out: dict[str, Any] = membership_inference(scores, is_member)
+    fpr, tpr, _ = roc_curve(scores, is_member)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).round().astype(int))
+    out["mia_roc"] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
+    return out
+
+
+def _check_disjoint(members: tuple[str, str], nonmembers: list[tuple[str, str]]) -> None:
+    """Non-members must be other people: not the members' dataset, nor one of its identity names."""
+    root, split = members
+    manifest = verify_dataset(root)
+    names = {manifest.identity_names.get(str(i)) for i in manifest.identities(split)} - {None} \
+        if manifest.identity_names else set()
+    for other, other_split in nonmembers:
+        theirs = verify_dataset(other)
+        if theirs.source == manifest.source:
+            raise ValueError(f"{other} holds the same faces as {root}: membership inference needs non-members who "
+                             "were never released; pass a dataset of other people")
+        shared = names & {theirs.identity_names.get(str(i)) for i in theirs.identities(other_split)} \
+            if theirs.identity_names else set()
+        if shared:
+            raise ValueError(f"{other} holds identities of the members ({sorted(shared)[:3]}): membership inference "
+                             "needs non-members who were never released; pass a dataset of other people")
 
 
 def _gallery_path(folder: str, *, judge: str, originals: str, split: str, skip_corrupt: bool) -> Path:

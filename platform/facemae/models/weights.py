@@ -212,6 +212,57 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return load_file(str(header.path)), header.info
 
 
+def read_head(path: str | Path) -> torch.Tensor:
+    """The class centres an FR run exported beside its backbone (:data:`HEAD`), ``[C, D]`` fp32.
+
+    Args:
+        path: The backbone's ``weights.safetensors`` or the export folder holding it.
+
+    Raises:
+        WeightsError: The weights are missing, or there is no readable head beside them.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    location = weights_location(path)
+    head = storage.join(location.rsplit("/", 1)[0], HEAD) if storage.is_remote(location) \
+        else str(Path(location).with_name(HEAD))
+    if not storage.is_file(head):
+        raise WeightsError(f"{location} has no {HEAD} beside it (FR runs export their class centres there); "
+                           "set train.init_head=false to start the class centres fresh")
+    try:
+        return load_file(storage.cached_file(head))["weight"]
+    except (SafetensorError, KeyError) as exc:
+        raise WeightsError(f"{head} is not a readable head ({exc}); export the run's weights again") from None
+
+
+def check_init_weights(path: str | Path, *, task: str, model: str, embedding_size: int,
+                       num_classes: int | None) -> WeightsHeader:
+    """Checks that ``path`` can start a run that trains ``model`` (``train.init_weights``) on the driver:
+    weights of the task and model, and with ``num_classes`` (an FR run that starts its head from them) a
+    ``[num_classes, embedding_size]`` head beside them.
+
+    Raises:
+        WeightsError: What does not fit and what to change.
+    """
+    header = check_weights(path, task=task)
+    held = header.info.get("model")
+    if held != model:
+        raise WeightsError(f"{header.location} holds {header.describe()}, but this run trains {model}: pass weights "
+                           f"of {model}, or set the run's model to {held}")
+    if task == "fr" and header.info.get("embedding_size") != embedding_size:
+        raise WeightsError(f"{header.location} embeds in {header.info.get('embedding_size')} dimensions, this run "
+                           f"in {embedding_size}: set model.embedding_size={header.info.get('embedding_size')}")
+    if num_classes is not None:
+        centres = read_head(path)
+        if tuple(centres.shape) != (num_classes, embedding_size):
+            raise WeightsError(f"{header.location}'s head holds {len(centres)} classes of {centres.shape[1]} "
+                               f"dimensions, this run's data {num_classes} of {embedding_size}: its identities are "
+                               "not the ones the head was trained on; set train.init_head=false to start the "
+                               "class centres fresh")
+    return header
+
+
 def load_fr_backbone(path: str | Path) -> nn.Module:
     """Builds the FR backbone a weights file describes and loads it.
 

@@ -18,7 +18,7 @@ from facemae.losses.margin import build_head
 from facemae.losses.partial_fc import PartialFC, RowAdamW, load_shard, save_shard
 from facemae.models.fr import IResNet, fold_batchnorm
 from facemae.models.registry import build_fr, build_mae
-from facemae.models.weights import load_fr_backbone
+from facemae.models.weights import load_fr_backbone, read_head, read_weights
 from facemae.train.steps import fr_step, freeze_teacher, mae_irm_step, partial_fc_step
 
 
@@ -112,6 +112,12 @@ class FRTask(nn.Module):
         if self.head_optimizer is not None:
             load_shard(self.head, self.head_optimizer, tag_dir)
 
+    def init_head(self, centres: torch.Tensor) -> None:
+        """Starts the class centres from an exported ``[C, D]`` head: all of them, or this worker's range."""
+        rows = centres if self.head_optimizer is None else centres[self.head.start:self.head.stop]
+        with torch.no_grad():
+            self.head.weight.copy_(rows)
+
 
 def build_task(config: Config, *, num_classes: int, device: torch.device) -> nn.Module:
     """The module the engine wraps, for ``config.train.task``.
@@ -121,6 +127,7 @@ def build_task(config: Config, *, num_classes: int, device: torch.device) -> nn.
     """
     if config.train.task == "fr":
         task = FRTask(config, backbone=config.train.fr_backbone or config.model.fr, num_classes=num_classes)
+        _initialise(task, config)
         if task.head_optimizer is not None:  # outside the module's parameters: the engine does not move it
             task.head.to(device)
             task.head_optimizer.to(device)
@@ -132,4 +139,18 @@ def build_task(config: Config, *, num_classes: int, device: torch.device) -> nn.
             raise ValueError("FaceMAE with loss.lambda_irm > 0 needs a frozen teacher: set train.teacher to the "
                              "weights.safetensors of an FR run (train.task=fr), or loss.lambda_irm=0 for plain MAE")
         teacher = FP32Teacher(load_fr_backbone(config.train.teacher)).to(device)
-    return MAETask(config, teacher)
+    task = MAETask(config, teacher)
+    _initialise(task, config)
+    return task
+
+
+def _initialise(task: nn.Module, config: Config) -> None:
+    """Loads ``train.init_weights`` (and, for FR with ``train.init_head``, the head beside them) into a new
+    task, before the engine copies its parameters; a checkpoint the run restores overwrites them."""
+    train = config.train
+    if not train.init_weights:
+        return
+    state, _ = read_weights(train.init_weights)
+    task.weights().load_state_dict(state)
+    if train.task == "fr" and train.init_head:
+        task.init_head(read_head(train.init_weights))

@@ -67,6 +67,7 @@ def train(config: Config, *, dataset: str | None = None, split: str = "train",
     if (done := finished_run(config)) is not None:
         return done
     _check_frozen_nets(config)
+    _check_init_weights(config, num_classes)
     # One MLflow run per run folder (tracking.mlflow_uri): opened here, logged to by rank 0, ended here.
     with tracked_run(config, folder=config.run_dir(), name=config.name, kind="train") as tracked:
         if config.train.num_workers == 0:
@@ -113,6 +114,26 @@ def _check_frozen_nets(config: Config) -> None:
             check_weights(path, task="fr")
         except WeightsError as exc:
             raise WeightsError(f"{key}={path}: {exc}") from None
+
+
+def _check_init_weights(config: Config, num_classes: int) -> None:
+    """``train.init_weights`` (and the head beside it) checked on the driver before any Ray work.
+
+    Raises:
+        WeightsError: ``train.init_weights=<path>: ...`` and what to change.
+    """
+    from facemae.models.weights import WeightsError, check_init_weights
+
+    train = config.train
+    if not train.init_weights:
+        return
+    model = config.model.mae if train.task == "mae" else (train.fr_backbone or config.model.fr)
+    try:
+        check_init_weights(train.init_weights, task=train.task, model=model,
+                           embedding_size=config.model.embedding_size,
+                           num_classes=num_classes if train.task == "fr" and train.init_head else None)
+    except WeightsError as exc:
+        raise WeightsError(f"train.init_weights={train.init_weights}: {exc}") from None
 
 
 def finished_run(config: Config) -> TrainResult | None:
