@@ -21,7 +21,7 @@ from facemae.config import Config, TrainConfig, from_dict
 from facemae.data.shards import verify_dataset
 from facemae.losses.irm import view_name
 from facemae.losses.partial_fc import merge_shards
-from facemae.models.weights import WEIGHTS, WEIGHTS_INFO, save_head, save_weights
+from facemae.models.weights import HEAD, WEIGHTS, WEIGHTS_INFO, save_head, save_weights
 from facemae.tracking import TrackedRun, log_weights, tracked_run
 from facemae.train.context import METRICS_LOG, LocalContext, RayContext, batches_per_epoch, latest_checkpoint
 from facemae.train.engine import (check_checkpoint, import_deepspeed, read_checkpoint_file, tag_folder,
@@ -150,6 +150,8 @@ def finished_run(config: Config) -> TrainResult | None:
     step = json.loads(storage.read_text(storage.join(checkpoint, PROGRESS))).get("step", 0)
     if step < config.train.max_steps or json.loads(storage.read_text(info)).get("checkpoint") != checkpoint:
         return None
+    if config.train.task == "fr" and not storage.is_file(storage.join(run_dir, EXPORT_DIR, HEAD)):
+        return None  # exported before FR runs kept their head: restoring exports it (and the same weights) again
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint,
                        weights=storage.join(run_dir, EXPORT_DIR, "weights.safetensors"), metrics=_last_metrics(run_dir))
 
