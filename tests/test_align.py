@@ -302,7 +302,7 @@ def test_an_unaligned_dataset_is_not_reused_and_an_aligned_ingest_resumes_with_i
     unaligned = ingest(_cfg(tmp_path, "data.workers=1", "data.skip_corrupt=true", "data.align=none"))
     assert unaligned.num_images() == 3 and "align" not in unaligned.report  # the photos refused for their size
     cfg = _cfg(tmp_path, "data.workers=1", "data.skip_corrupt=true")
-    with pytest.raises(DatasetError, match=r"built with other settings \(differs in data\)"):
+    with pytest.raises(DatasetError, match=r"other settings \(differs in data\.align: built with None, now 'mtcnn'"):
         ingest(cfg)
     real_build, built = ingest_mod.build_unit, []
 

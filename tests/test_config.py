@@ -72,3 +72,20 @@ def test_every_job_config_and_its_smoke_twin_load():
     assert configs, "no job configs"
     for path in configs:
         assert isinstance(load_config(path), Config), path
+
+
+def test_experiment_deploy_is_data_but_for_what_it_sets_and_needs_its_own_folder(tmp_path):
+    config = load_config(Path(__file__).parents[1] / "jobs/configs/experiment_smoke.yaml", [
+        "experiment.deploy.output=data/shifted", "experiment.deploy.domain=shifted", "experiment.deploy.seed=7"])
+    deploy, data = config.experiment.deploy, config.data
+    assert (deploy.output, deploy.domain, deploy.seed) == ("data/shifted", "shifted", 7)
+    assert (deploy.num_identities, deploy.images_per_identity, deploy.rows_per_shard) == (16, 6, 24)  # data's
+    assert (data.domain, data.seed, data.output) == ("base", 0, "data/experiment-smoke")
+    assert load_config(None).experiment.deploy is None
+    smoke = Path(__file__).parents[1] / "jobs/configs/experiment_smoke.yaml"
+    with pytest.raises(ValueError, match="experiment.deploy.output=data/experiment-smoke is data.output: .*folder"):
+        load_config(smoke, ["experiment.deploy.output=data/experiment-smoke", "experiment.deploy.domain=shifted"])
+    with pytest.raises(ValueError, match="experiment.deploy.output is not set: .*experiment.deploy.output=data/"):
+        load_config(smoke, ["experiment.deploy.domain=shifted"])
+    with pytest.raises(ValueError, match="data.domain='moon' is not one of"):
+        load_config(None, ["experiment.deploy.output=x", "experiment.deploy.domain=moon"])

@@ -116,6 +116,23 @@ def test_rerun_reuses_and_other_settings_are_refused(tmp_path):
                   overwrite=True).num_images() == 8
 
 
+def test_the_manifest_names_the_domain_and_a_dataset_of_another_is_refused(tmp_path):
+    args = ["data.num_identities=3", "data.images_per_identity=2"]
+    base = ingest(_cfg(tmp_path, *args))
+    # The base domain is what every dataset before domains drew: its settings leave the key out, so they stay
+    # reusable; the manifest's source names it.
+    assert base.source["domain"] == "base" and "domain" not in base.settings["data"]
+    with pytest.raises(DatasetError, match="differs in data.domain: built with None, now 'shifted'.*pass --overwrite"):
+        ingest(_cfg(tmp_path, *args, "data.domain=shifted"))
+    shifted = ingest(_cfg(tmp_path, *args, "data.domain=shifted"), overwrite=True)
+    assert shifted.source["domain"] == "shifted" and shifted.settings["data"]["domain"] == "shifted"
+    for image_id, row in _rows(tmp_path / "ds").items():
+        identity, index = (int(x) for x in image_id.split("-")[1:])
+        np.testing.assert_array_equal(decode_rgb(row["image"]),
+                                      synthetic.generate_image(identity, index, seed=0, domain="shifted"))
+    assert ingest(_cfg(tmp_path, *args, "data.domain=shifted")).settings == shifted.settings  # reused
+
+
 def test_the_manifest_records_the_generator_and_another_version_is_refused_in_one_line(tmp_path):
     args = ["data.num_identities=3", "data.images_per_identity=2"]
     cartoon = ingest(_cfg(tmp_path, *args, "data.style=cartoon"))

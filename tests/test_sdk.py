@@ -19,7 +19,7 @@ import pytest
 
 import facemae
 from facemae.config import load_config
-from facemae.data.shards import verify_dataset
+from facemae.data.shards import read_manifest, verify_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "jobs" / "configs"
@@ -211,6 +211,50 @@ def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cl
         f"experiment.output={tmp_path / 'report'}", "experiment.seeds=[0, 1]"])
     assert again.rows == result.rows and {p: p.stat().st_mtime_ns for p in scores} == stamps
     assert any(line.startswith("report ") for line in said)
+
+
+@pytest.mark.ray
+def test_smoke_cross_dataset_experiment_releases_another_domain_with_generators_trained_on_the_first(
+        tmp_path, ray_cluster):
+    said: list[str] = []
+    # Dataset B is the smoke config's data (16 identities x 6 images...) but for its output and domain.
+    deploy = [f"experiment.deploy.output={tmp_path / 'shifted'}", "experiment.deploy.domain=shifted"]
+    result = facemae.experiment(CONFIGS / "experiment_smoke.yaml", say=said.append, overrides=[
+        f"data.output={tmp_path / 'base'}", f"train.storage_path={tmp_path / 'runs'}",
+        f"experiment.output={tmp_path / 'report'}", *deploy])
+    rows = ["originals", "masked", "mae", "facemae", "mae-cross", "facemae-cross"]
+    assert list(result.table) == rows and result.seeds == [0]
+    assert read_manifest(str(tmp_path / "shifted")).source["domain"] == "shifted"
+    assert read_manifest(str(tmp_path / "base")).source["domain"] == "base"
+    # B's own rows train on B (its teacher and judge); the -cross rows' generators are A's, with A's teacher.
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    name, on_b = "facemae-experiment-smoke", "facemae-experiment-smoke-on-shifted"
+    assert [r for r in runs if r.endswith(("-teacher", "-judge"))] == [f"{on_b}-judge", f"{on_b}-teacher",
+                                                                        f"{name}-teacher"]
+    assert {f"{name}-facemae-s0", f"{name}-mae-s0", f"{on_b}-facemae-s0", f"{on_b}-mae-s0",
+            f"{on_b}-fr-facemae-cross-s0", f"{on_b}-fr-mae-cross-s0"} <= set(runs)
+    for row in rows:  # every row released and scored on B's deployment identities, by B's judge and pairs
+        released = result.table[row]["dataset"]
+        assert released == str(tmp_path / "shifted") or released.startswith(str(tmp_path / "shifted-masked"))
+        assert result.table[row]["verification"]["heldout_pairs"]["n_pairs"] == 80
+    made = {row: read_manifest(result.table[row]["dataset"]).settings for row in ("facemae", "facemae-cross")}
+    assert made["facemae"] != made["facemae-cross"]  # other generators: other releases
+    for row in ("mae-cross", "facemae-cross"):
+        assert result.table[row]["dataset"].endswith(f"-{row}-s0")
+    out = tmp_path / "report"
+    general = json.loads((out / "generalization.json").read_text())
+    assert general["seeds"] == [0]
+    assert (general["datasets"]["train"]["domain"], general["datasets"]["deploy"]["domain"]) == ("base", "shifted")
+    assert set(general["rows"]) == {"in_domain", "cross_domain"}
+    for scope in ("in_domain", "cross_domain"):
+        assert set(general["rows"][scope]) == {"masked", "mae", "facemae"}
+        for values in general["rows"][scope].values():
+            assert len(values["accuracy"]) == 1 and all(math.isfinite(v[0]) for v in values.values())
+    assert general["rows"]["cross_domain"]["facemae"]["accuracy"] == result.rows["facemae-cross"]["accuracy"]
+    assert general["rows"]["in_domain"]["facemae"]["accuracy"] == result.rows["facemae"]["accuracy"]
+    assert general["rows"]["cross_domain"]["masked"] == general["rows"]["in_domain"]["masked"]  # no generator
+    text = (out / "report.md").read_text()
+    assert "| facemae-cross |" in text and "| facemae-cross - facemae |" in text and "Cross-dataset" in text
 
 
 @pytest.mark.ray

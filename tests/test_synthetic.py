@@ -7,8 +7,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from facemae.config import SYNTHETIC_STYLES
+from facemae.config import SYNTHETIC_DOMAINS, SYNTHETIC_STYLES, load_config
 from facemae.data.synthetic import (
+    DOMAINS,
     GENERATOR_VERSIONS,
     HAIR_STYLES,
     STYLES,
@@ -125,6 +126,54 @@ def test_styles_differ_and_the_config_knows_every_style() -> None:
     assert set(GENERATOR_VERSIONS) == set(STYLES) and len(set(GENERATOR_VERSIONS.values())) == len(STYLES)
     assert not np.array_equal(generate_image(1, 1, seed=0, style="photo"), generate_image(1, 1, seed=0, style="cartoon"))
     np.testing.assert_array_equal(generate_image(1, 1, seed=0), generate_image(1, 1, seed=0, style="photo"))
+
+
+# ... and of photo faces before domains existed (commit f2552a2): the base domain draws them pixel for pixel.
+BASE_PHOTO_IMAGES = {(0, 0, 0): "59b00ab7fb845262", (3, 5, 0): "1fb525e9f765df7d",
+                     (42, 7, 1): "5d8406741abf124f", (199, 19, 0): "387080f4dc67285f"}
+
+
+def test_the_base_domain_draws_the_photo_faces_made_before_domains() -> None:
+    for (identity, index, seed), digest in BASE_PHOTO_IMAGES.items():
+        pixels = generate_image(identity, index, seed=seed, domain="base")
+        assert hashlib.sha256(pixels.tobytes()).hexdigest()[:16] == digest, (identity, index, seed)
+        np.testing.assert_array_equal(pixels, generate_image(identity, index, seed=seed))
+
+
+def test_the_shifted_domain_is_deterministic_and_draws_other_people() -> None:
+    image = generate_image(5, 3, seed=2, domain="shifted")
+    np.testing.assert_array_equal(image, generate_image(5, 3, seed=2, domain="shifted"))
+    np.testing.assert_array_equal(image, generate_identity(5, images=6, seed=2, domain="shifted")[3])
+    assert not np.array_equal(image, generate_image(5, 3, seed=3, domain="shifted"))
+    assert not np.array_equal(image, generate_image(5, 3, seed=2))
+    # Other people at the same seed, not the base domain's people restyled: the traits that both domains draw
+    # from the same ranges (hair style: 1 in 7 by chance) agree about as often as two strangers'.
+    same = np.mean([identity_traits(i, seed=0).hair_style == identity_traits(i, seed=0, domain="shifted").hair_style
+                    for i in range(200)])
+    assert same < 0.3, same
+    assert SYNTHETIC_DOMAINS == DOMAINS
+    with pytest.raises(ValueError, match="domain must be one of"):
+        generate_image(0, 0, seed=0, domain="mars")
+    with pytest.raises(ValueError, match=r"data.domain='mars' is not one of \('base', 'shifted'\)"):
+        load_config(None, ["data.domain=mars"])
+
+
+def test_the_shifted_domain_differs_measurably_from_the_base() -> None:
+    # A simple image statistic: the mean grey level of the face's middle (40 x 40 centre), per image.
+    def centre(domain: str) -> np.ndarray:
+        faces = np.stack([generate_image(i, k, seed=0, domain=domain) for i in range(40) for k in range(2)])
+        return faces[:, 36:76, 36:76].astype(np.float64).mean(axis=(1, 2, 3))
+
+    base, shifted = centre("base"), centre("shifted")
+    welch = (base.mean() - shifted.mean()) / np.sqrt(base.var(ddof=1) / len(base) + shifted.var(ddof=1) / len(shifted))
+    print(f"centre grey level: base {base.mean():.1f} +- {base.std():.1f}, shifted {shifted.mean():.1f} +- "
+          f"{shifted.std():.1f}, Welch t {welch:.1f}")
+    assert base.mean() - shifted.mean() > 20 and welch > 4
+    # ... and the population: glasses, face width (their ranges are the domains' definitions).
+    for domain, glasses, width in (("base", 0.25, 0.40), ("shifted", 0.6, 0.46)):
+        traits = [identity_traits(i, seed=1, domain=domain) for i in range(400)]
+        assert np.mean([t.glasses is not None for t in traits]) == pytest.approx(glasses, abs=0.07), domain
+        assert np.mean([t.face_width for t in traits]) == pytest.approx(width, abs=0.01), domain
 
 
 def test_photo_faces_have_the_statistics_of_real_aligned_crops_and_cartoons_do_not() -> None:

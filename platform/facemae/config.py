@@ -22,6 +22,7 @@ from facemae.models.registry import FR_MODELS, MAE_MODELS, mae_patch_size
 IMAGE_SIZE = 112
 SOURCES = ("synthetic", "folder", "recordio")
 SYNTHETIC_STYLES = ("photo", "cartoon")  # facemae.data.synthetic.STYLES (tests/test_synthetic.py checks they agree)
+SYNTHETIC_DOMAINS = ("base", "shifted")  # facemae.data.synthetic.DOMAINS (likewise)
 # The standard margin of each head (ArcFace: radians, CosFace: cosine), used when loss.m is unset.
 DEFAULT_MARGIN_M = {"arcface": 0.5, "cosface": 0.4}
 IRM_VIEWS = ("raw", "blur")
@@ -44,7 +45,11 @@ class DataConfig:
         seed: Seed of the synthetic generator and of the identity split.
         style: Rendering of the synthetic faces: ``photo`` (the image statistics of aligned face
             photos: shading, texture, lens blur, sensor noise, JPEG) or ``cartoon`` (flat shapes under
-            pixel noise, the generator before styles existed: a second domain). Synthetic only.
+            pixel noise, the generator before styles existed). Synthetic only.
+        domain: Who the synthetic faces are and how they were photographed: ``base`` or ``shifted`` (another
+            population: darker skin, rounder faces, more glasses and beards, harsh light, low exposure and
+            JPEG quality, more head roll; different people from ``base`` at the same seed). A second
+            dataset for cross-dataset releases (``experiment.deploy``). Synthetic only; in the manifest.
         deploy_fraction: Fraction of identities held out as the disjoint deployment set.
         val_fraction: Fraction of all identities carved out of the training side as the validation
             split (``val/``): held-out identities the trainer may read, for in-training validation
@@ -83,6 +88,7 @@ class DataConfig:
     images_per_identity: int = 20
     seed: int = 0
     style: str = "photo"
+    domain: str = "base"
     deploy_fraction: float = 0.2
     val_fraction: float = 0.1
     rows_per_shard: int = 1000
@@ -103,6 +109,8 @@ class DataConfig:
             raise ValueError(f"data.source={self.source!r} needs data.path (the input folder or .rec file)")
         if self.style not in SYNTHETIC_STYLES:
             raise ValueError(f"data.style={self.style!r} is not one of {SYNTHETIC_STYLES}")
+        if self.domain not in SYNTHETIC_DOMAINS:
+            raise ValueError(f"data.domain={self.domain!r} is not one of {SYNTHETIC_DOMAINS}")
         if self.source == "synthetic" and (self.num_identities < 2 or self.images_per_identity < 1):
             raise ValueError("synthetic data needs data.num_identities >= 2 and data.images_per_identity >= 1")
         if not 0.0 <= self.deploy_fraction < 1.0:
@@ -598,6 +606,11 @@ class ExperimentConfig:
         adaptive_steps: Steps of the adaptive attacker's fine-tune of the judge (the judge's recipe).
         nonmembers: An ingested dataset of people never released, for membership inference; empty with
             synthetic faces draws one (``data.seed + 1``, as many identities as are deployed).
+        deploy: Another dataset (B, a ``data`` section of its own: a synthetic domain, a folder, a RecordIO
+            file; the keys it leaves out but ``output`` are ``data``'s) whose deployment identities the
+            experiment releases and scores: in-domain rows from
+            generators trained on B's own training identities, ``-cross`` rows from FaceMAE and MAE trained on
+            ``data`` with no retraining (``generalization.json``). Empty: ``data``'s own identities.
     """
 
     output: str = "reports/experiment"
@@ -608,8 +621,11 @@ class ExperimentConfig:
     attacks: bool = False
     adaptive_steps: int = 200
     nonmembers: str = ""
+    deploy: DataConfig | None = None
 
     def validate(self) -> None:
+        if self.deploy is not None:
+            self.deploy.validate()
         if self.judge_steps < 1 or self.fr_steps < 1 or self.adaptive_steps < 1:
             raise ValueError("experiment.judge_steps, experiment.fr_steps and experiment.adaptive_steps must be >= 1")
         _check_location("experiment.nonmembers", self.nonmembers)
@@ -875,6 +891,10 @@ class Config:
                 value.validate()
         for key in self.tune.space:
             _check_dotted_key(key, where="tune.space")
+        deploy = self.experiment.deploy
+        if deploy is not None and deploy.output.rstrip("/") == self.data.output.rstrip("/"):
+            raise ValueError(f"experiment.deploy.output={deploy.output} is data.output: the deployed dataset needs a "
+                             "folder of its own, e.g. experiment.deploy.output=data/shifted")
         return self
 
     def check_mae_patch_size(self) -> None:
@@ -924,7 +944,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raw = _read_yaml(Path(path))
     for item in overrides:
         _apply_override(raw, item)
+    _inherit_deploy(raw)
     return from_dict(Config, raw).validate()
+
+
+def _inherit_deploy(raw: dict[str, Any]) -> None:
+    """``experiment.deploy`` takes every ``data`` key it does not set but ``output``: dataset B is A but for
+    what the user says (``domain: shifted``, another ``source`` and ``path``...)."""
+    experiment = raw.get("experiment")
+    deploy = experiment.get("deploy") if isinstance(experiment, dict) else None
+    if isinstance(deploy, dict) and "output" not in deploy:
+        raise ValueError("experiment.deploy.output is not set: the deployed dataset needs a folder of its own, "
+                         "e.g. experiment.deploy.output=data/shifted")
+    if isinstance(deploy, dict) and isinstance(raw.get("data", {}), dict):
+        experiment["deploy"] = {**{k: v for k, v in raw.get("data", {}).items() if k != "output"}, **deploy}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -8,6 +8,12 @@ reconstruction grid, ROC curves and the privacy-utility plane. ``experiment.seed
 the teacher and the judge per seed; the report gives means with 95% t intervals and the paired
 differences FaceMAE - MAE and FaceMAE - masked. Every stage reuses finished work (runs by name,
 datasets by their settings), so a rerun resumes and a run of more seeds trains only the new ones.
+
+With ``experiment.deploy`` (another dataset B: a synthetic domain, a folder, a RecordIO file) the table is
+B's: the experiment above runs on B (its generators trained on B's own training identities: in-domain),
+and beside it FaceMAE and MAE trained on ``data`` (dataset A) release B's deployment identities with no
+retraining (cross-domain rows ``mae-cross`` and ``facemae-cross``), scored by the same judge, pairs and
+FR recipe as B's own rows. ``generalization.json`` holds both, per seed.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 
 from facemae import console, storage
 from facemae.attacks import attack_scores
-from facemae.config import Config
+from facemae.config import Config, DataConfig
 from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
 from facemae.data.shards import MANIFEST, atomic_write_text, sha256_file
@@ -44,8 +50,11 @@ SCIENCE_METRICS = ("accuracy", "identity_leak@1", "image_leak@1", "psnr_masked",
 # With experiment.attacks: the stronger attackers' numbers per row and seed (attacks.json's schema).
 ATTACK_METRICS = ("identity_leak@1", "adaptive_identity_leak@1", "adaptive_image_leak@1", "mia_auc", "mia_tpr@1%fpr",
                   "adaptive_mia_auc", "adaptive_mia_tpr@1%fpr")
+# With experiment.deploy: the releases of generators trained on the other dataset (data), in-domain row beside.
+CROSS_ROWS = {"mae-cross": "mae", "facemae-cross": "facemae"}
 # Paired differences the report gives: (method, baseline).
-PAIRS = (("facemae", "mae"), ("facemae", "masked"))
+PAIRS = (("facemae", "mae"), ("facemae", "masked"), ("facemae-cross", "facemae"), ("mae-cross", "mae"),
+         ("facemae-cross", "mae-cross"))
 
 
 @dataclass
@@ -77,12 +86,27 @@ def _with(config: Config, *, name: str, **train: Any) -> Config:
 def shared_models(config: Config, say: Callable[[str], None]) -> dict[str, str]:
     """The IRM teacher, the judge and the teacher-embedded dataset: trained once, shared by every seed
     (the judge is part of the evaluation, which must be identical across seeds and rows)."""
-    teacher = train(teacher_config(config)).weights
     judge = train(judge_config(config)).weights
-    say(f"teacher {teacher}\njudge   {judge}")
+    return {**_teacher(config, say), "judge": judge}
+
+
+def _teacher(config: Config, say: Callable[[str], None]) -> dict[str, str]:
+    """The IRM teacher of ``config.data`` and that dataset embedded by it (FaceMAE's training input)."""
+    teacher = train(teacher_config(config)).weights
+    say(f"teacher {teacher}")
     embedded = embedded_output(config.data.output, teacher, config.loss)
     embed_dataset(config, source=config.data.output, weights=teacher, output=embedded)
-    return {"teacher": teacher, "judge": judge, "embedded": embedded}
+    return {"teacher": teacher, "embedded": embedded}
+
+
+def deploy_config(config: Config) -> Config:
+    """The experiment on ``experiment.deploy`` (dataset B): B's data and masks, runs named apart from ``data``'s."""
+    deploy = config.experiment.deploy
+    assert deploy is not None
+    tag = deploy.output.rstrip("/").rsplit("/", 1)[-1]
+    return dataclasses.replace(config, name=f"{config.name}-on-{tag}", data=deploy,
+                               mask=dataclasses.replace(config.mask, output=""),
+                               experiment=dataclasses.replace(config.experiment, deploy=None))
 
 
 def autoencoder_config(config: Config, seed: int, row: str, *, teacher: str = "") -> Config:
@@ -110,8 +134,9 @@ def _autoencoders(config: Config, seed: int, shared: dict[str, str], say: Callab
 
 
 def release(config: Config, seed: int, row: str, weights: str = "") -> str:
-    """Releases the deployment faces for one row (``masked``: no model; ``mae`` / ``facemae``: the
-    seed's weights) and returns the dataset folder; the masked view does not depend on the seed."""
+    """Releases the deployment faces for one row (``masked``: no model; ``mae`` / ``facemae`` and their
+    ``-cross`` twins: the seed's weights) and returns the dataset folder; the masked view does not depend on
+    the seed."""
     method = "masked" if row == "masked" else "reconstruct"
     row_config = dataclasses.replace(config, generate=dataclasses.replace(config.generate, method=method,
                                                                           weights=weights, output=""))
@@ -142,20 +167,36 @@ def _run_seed(config: Config, seed: int, shared: dict[str, str],
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
     models = _autoencoders(config, seed, shared, say)
     sets = _released_sets(config, seed, models)
-    table: dict[str, dict[str, Any]] = {}
-    for row in ROWS:
-        fr = train(fr_config(config, seed, row), dataset=sets[row], split="deploy")
-        table[row] = {**_scores(config, row, fr.weights, dataset=sets[row], judge=shared["judge"], cache=fr.run_dir),
-                      "fr_weights": fr.weights, "dataset": sets[row]}
-        if config.experiment.attacks:
-            table[row]["attacks"] = row_attacks(config, row, seed, judge=shared["judge"], weights=models.get(row, ""),
-                                                released=sets[row], cache=fr.run_dir)
-        m = _row_metrics(table[row])
-        say(f"seed {seed}: {row:9s} accuracy {m['accuracy']:.4f} identity_leak@1 {m['identity_leak@1']:.3f}"
-            + (f" psnr_masked {m['psnr_masked']:.2f} dB hf_ratio {m['hf_ratio']:.2f}" if row != "originals" else "")
-            + (f" adaptive_identity_leak@1 {m['adaptive_identity_leak@1']:.3f} mia_auc {m['mia_auc']:.3f} "
-               f"adaptive_mia_auc {m['adaptive_mia_auc']:.3f}" if "mia_auc" in m else ""))
-    return table
+    return {row: _row(config, seed, row, released=sets[row], weights=models.get(row, ""), judge=shared["judge"],
+                      say=say) for row in ROWS}
+
+
+def _row(config: Config, seed: int, row: str, *, released: str, weights: str, judge: str,
+         say: Callable[[str], None]) -> dict[str, Any]:
+    """One row of one seed: the FR model trained on its release, its scores (and attacks), said on the console."""
+    fr = train(fr_config(config, seed, row), dataset=released, split="deploy")
+    out = {**_scores(config, row, fr.weights, dataset=released, judge=judge, cache=fr.run_dir),
+           "fr_weights": fr.weights, "dataset": released}
+    if config.experiment.attacks:
+        out["attacks"] = row_attacks(config, row, seed, judge=judge, weights=weights, released=released,
+                                     cache=fr.run_dir)
+    m = _row_metrics(out)
+    say(f"seed {seed}: {row:13s} accuracy {m['accuracy']:.4f} identity_leak@1 {m['identity_leak@1']:.3f}"
+        + (f" psnr_masked {m['psnr_masked']:.2f} dB hf_ratio {m['hf_ratio']:.2f}" if row != "originals" else "")
+        + (f" adaptive_identity_leak@1 {m['adaptive_identity_leak@1']:.3f} mia_auc {m['mia_auc']:.3f} "
+           f"adaptive_mia_auc {m['adaptive_mia_auc']:.3f}" if "mia_auc" in m else ""))
+    return out
+
+
+def _cross_rows(config: Config, target: Config, seed: int, source: dict[str, str], judge: str,
+                say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """The ``-cross`` rows of one seed: ``config.data``'s FaceMAE and MAE (``source``: its teacher) release
+    ``target``'s deployment faces, scored as ``target``'s own rows are."""
+    models = _autoencoders(dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed)), seed,
+                           source, say)
+    target = dataclasses.replace(target, train=dataclasses.replace(target.train, seed=seed))
+    return {row: _row(target, seed, row, released=release(target, seed, row, models[base]), weights=models[base],
+                      judge=judge, say=say) for row, base in CROSS_ROWS.items()}
 
 
 def row_attacks(config: Config, row: str, seed: int, *, judge: str, weights: str, released: str, cache: str,
@@ -220,20 +261,29 @@ def run_experiment(config: Config, *, say: Callable[[str], None] = console.say) 
 
 
 def _experiment(config: Config, say: Callable[[str], None]) -> ExperimentResult:
-    """The comparison proper: the shared models, every seed's rows, the report."""
+    """The comparison proper: the shared models, every seed's rows, the report. With ``experiment.deploy``,
+    on that dataset, with the cross-domain rows of generators trained on ``data`` beside."""
+    source = config if config.experiment.deploy is not None else None
+    if source is not None:
+        ingest(source)
+        config = deploy_config(source)
+        say(f"cross-dataset: generators trained on {source.data.output} release {config.data.output}")
     ingest(config)
     shared = shared_models(config, say)
+    source_models = _teacher(source, say) if source is not None else {}
     mask_dataset(dataclasses.replace(config, mask=dataclasses.replace(config.mask, splits=["deploy"])))
     runs: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in config.experiment.seeds:
         started = time.monotonic()
         runs[seed] = _run_seed(config, seed, shared, say)
+        if source is not None:
+            runs[seed].update(_cross_rows(source, config, seed, source_models, shared["judge"], say))
         say(f"seed {seed} done in {time.monotonic() - started:.0f} s")
     seeds = list(config.experiment.seeds)
     rows = {row: {k: [_row_metrics(runs[s][row])[k] for s in seeds] for k in _row_metrics(runs[seeds[0]][row])}
-            for row in ROWS}
+            for row in runs[seeds[0]]}
     result = ExperimentResult(report="", seeds=seeds, rows=rows, runs=runs)
-    result.report = str(write_report(config, result))
+    result.report = str(write_report(config, result, source=source))
     say(f"report  {result.report}")
     return result
 
@@ -281,16 +331,43 @@ def attacked(result: ExperimentResult) -> bool:
     return "mia_auc" in result.rows["facemae"]
 
 
+def crossed(result: ExperimentResult) -> bool:
+    """Whether the rows carry the cross-domain releases (``experiment.deploy``)."""
+    return all(row in result.rows for row in CROSS_ROWS)
+
+
+def generalization_json(config: Config, result: ExperimentResult, source: Config) -> dict[str, Any]:
+    """The per-seed values in the schema of ``benchmarks/results/generalization.json``: ``in_domain`` (generators
+    trained on the deployed dataset's own training identities) and ``cross_domain`` (trained on ``source``'s);
+    the masked release has no generator, so its row is the same in both."""
+    keep = ("accuracy", "identity_leak@1", "image_leak@1", "psnr_masked", "hf_ratio")
+    rows = {scope: {row: {k: result.rows[name][k] for k in keep if k in result.rows[name]}
+                    for row, name in names.items()}
+            for scope, names in (("in_domain", {"masked": "masked", "mae": "mae", "facemae": "facemae"}),
+                                 ("cross_domain", {"masked": "masked", **{b: c for c, b in CROSS_ROWS.items()}}))}
+    return {"config": config.name, "seeds": result.seeds,
+            "datasets": {"train": _describe(source.data), "deploy": _describe(config.data)}, "rows": rows}
+
+
+def _describe(data: DataConfig) -> dict[str, Any]:
+    """What a dataset of the generalization table is, in the words of its config."""
+    if data.source == "synthetic":
+        return {"source": "synthetic", "output": data.output, "domain": data.domain, "style": data.style,
+                "seed": data.seed, "identities": data.num_identities}
+    return {"source": data.source, "output": data.output, "path": data.path}
+
+
 def attacks_json(config: Config, result: ExperimentResult) -> dict[str, Any]:
     """The per-seed attack numbers in the schema of ``benchmarks/results/attacks.json``."""
     return {"config": config.name, "seeds": result.seeds, "adaptive_steps": config.experiment.adaptive_steps,
             "rows": {row: {k: m[k] for k in ATTACK_METRICS if k in m} for row, m in result.rows.items()}}
 
 
-def write_report(config: Config, result: ExperimentResult) -> str:
+def write_report(config: Config, result: ExperimentResult, *, source: Config | None = None) -> str:
     """``report.md`` (means, CIs, paired differences, targets), ``report.json`` (every number, per seed),
     ``science.json`` (per-seed values), and three PNGs (the first seed's releases and ROC), into
-    ``experiment.output`` (a local folder or an object-store location).
+    ``experiment.output`` (a local folder or an object-store location); with ``source`` (the dataset the
+    ``-cross`` rows' generators trained on), ``generalization.json`` too.
 
     Returns:
         The location of ``report.md``.
@@ -307,17 +384,21 @@ def write_report(config: Config, result: ExperimentResult) -> str:
         if attacked(result):
             (out / "attacks.json").write_text(json.dumps(attacks_json(config, result), indent=1) + "\n")
             plot_membership_roc(result.table, out / "membership_roc.png")
+        if source is not None and crossed(result):
+            (out / "generalization.json").write_text(
+                json.dumps(generalization_json(config, result, source), indent=1) + "\n")
         first = result.table
-        reconstruction_grid({row: r["dataset"] for row, r in first.items()}, out / "reconstructions.png")
+        reconstruction_grid({row: r["dataset"] for row, r in first.items()}, out / "reconstructions.png",
+                            order=("masked", "mae", "facemae", *CROSS_ROWS, "originals"))
         plot_roc(first, out / "roc.png")
         plot_privacy_utility(stats["summary"], out / "privacy_utility.png",
                              chance=first["originals"]["privacy"]["identity_chance@1"])
-        (out / "report.md").write_text("\n".join(report_lines(config, result, stats, checks)))
+        (out / "report.md").write_text("\n".join(report_lines(config, result, stats, checks, source=source)))
     return storage.join(config.experiment.output, "report.md")
 
 
 def report_lines(config: Config, result: ExperimentResult, stats: dict[str, Any],
-                 checks: list[dict[str, Any]]) -> list[str]:
+                 checks: list[dict[str, Any]], *, source: Config | None = None) -> list[str]:
     """The Markdown of ``report.md``."""
     seeds = result.seeds
     metrics = [k for k in METRICS if k in result.rows["facemae"]]
@@ -329,12 +410,17 @@ def report_lines(config: Config, result: ExperimentResult, stats: dict[str, Any]
              + f", IRM on from {loss.irm_start:.0%} of the steps, at full weight from "
              f"{loss.irm_start + loss.irm_ramp:.0%}; FR {config.model.fr}, "
              f"{config.experiment.fr_steps} steps per row.", "",
-             f"Seeds {seeds}: each seed trains its own FaceMAE, MAE and the four FR models; the IRM teacher and "
+             f"Seeds {seeds}: each seed trains its own FaceMAE, MAE and every row's FR model; the IRM teacher and "
              f"the privacy judge are trained once (seed {config.train.seed}) and shared by every seed and row, so "
              "the evaluation (judge, pairs, FR recipe) is identical across the table. Cells: mean ± half-width "
              f"of the 95% t interval over {len(seeds)} seed(s).", "",
              "| training data | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for row in ROWS:
+    if source is not None:
+        lines[4:4] = [f"Cross-dataset: the `-cross` rows release these deployment identities with FaceMAE and MAE "
+                      f"trained on {source.data.output} ({_said(source.data)}), with no retraining; `mae` and "
+                      f"`facemae` are trained on {config.data.output}'s own training identities "
+                      f"({_said(config.data)}). Same judge, pairs and FR recipe for every row.", ""]
+    for row in result.rows:
         cells = [_cell(stats["summary"][row].get(k)) for k in metrics]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences (same seed), mean ± 95% CI:", "",
@@ -348,7 +434,7 @@ def report_lines(config: Config, result: ExperimentResult, stats: dict[str, Any]
                   "released face (AUC 0.5 is guessing; TPR at 1% FPR: members found while flagging 1% of outsiders).",
                   "", "| training data | " + " | ".join(ATTACK_METRICS) + " |", "|---" * (len(ATTACK_METRICS) + 1) + "|"]
         lines += [f"| {row} | " + " | ".join(_cell(stats["summary"][row].get(k)) for k in ATTACK_METRICS) + " |"
-                  for row in ROWS]
+                  for row in result.rows]
         lines += ["", "![membership inference ROC](membership_roc.png)"]
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {c['target']} | {c['value']} | {c['goal']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
@@ -360,6 +446,11 @@ def report_lines(config: Config, result: ExperimentResult, stats: dict[str, Any]
               f"![reconstructions](reconstructions.png) ![ROC, seed {seeds[0]}](roc.png) "
               "![privacy-utility](privacy_utility.png)", ""]
     return lines
+
+
+def _said(data: DataConfig) -> str:
+    described = _describe(data)
+    return ", ".join(f"{k} {v}" for k, v in described.items() if k != "output")
 
 
 def _cell(interval: dict[str, float] | None) -> str:

@@ -117,6 +117,8 @@ def _fingerprint(data: DataConfig) -> dict[str, Any]:
     if data.align == "none":  # as datasets made before alignment, which stay reusable; on, they all count
         for key in ALIGN_KEYS:
             settings.pop(key)
+    if data.source != "synthetic" or data.domain == "base":
+        settings.pop("domain")  # as datasets made before domains (all base), which stay reusable
     if data.source != "synthetic":
         settings.pop("style")  # only the generator draws in a style: a folder's dataset stays reusable
         return {"stage": "ingest", "data": settings}
@@ -190,7 +192,7 @@ def resolve_source(data: DataConfig) -> Source:
         items = {i: [(i, k) for k in range(data.images_per_identity)] for i in range(data.num_identities)}
         return Source("synthetic", items, {"type": "synthetic", "num_identities": data.num_identities,
                                            "images_per_identity": data.images_per_identity,
-                                           "seed": data.seed, "style": data.style,
+                                           "seed": data.seed, "style": data.style, "domain": data.domain,
                                            "generator_version": synthetic.GENERATOR_VERSIONS[data.style]})
     if data.source == "folder":
         return _folder_source(Path(data.path))
@@ -343,10 +345,11 @@ def _skipped(exc: Exception, *, where: str) -> dict[str, Any]:
 def _records(p: dict[str, Any]) -> Iterator[tuple[str, int, str, Callable[[], bytes]]]:
     """Yields ``(image_id, identity, where, load)`` for a unit's items; ``load`` does the I/O."""
     if p["source"] == "synthetic":
-        seed, style = p["description"]["seed"], p["description"]["style"]
+        seed, style, domain = (p["description"][k] for k in ("seed", "style", "domain"))
         for identity, index in p["items"]:
             yield (synthetic.image_id(identity, index), identity, f"synthetic {identity}/{index}",
-                   lambda i=identity, k=index: encode_png(synthetic.generate_image(i, k, seed=seed, style=style)))
+                   lambda i=identity, k=index: encode_png(synthetic.generate_image(i, k, seed=seed, style=style,
+                                                                                   domain=domain)))
     elif p["source"] == "folder":
         for path, identity, image_id in p["items"]:
             yield image_id, identity, path, lambda path=path: Path(path).read_bytes()

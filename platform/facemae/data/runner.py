@@ -80,10 +80,19 @@ def reusable(root: str | os.PathLike, fingerprint: dict[str, Any], *, overwrite:
     settings, fingerprint = (_without(json.loads(json.dumps(d)), ignore)
                              for d in (read_manifest(root).settings, fingerprint))
     if settings != fingerprint:
-        changed = sorted(k for k in set(settings) | set(fingerprint) if settings.get(k) != fingerprint.get(k))
-        raise DatasetError(f"{root} holds a dataset built with other settings (differs in {', '.join(changed)}); "
+        changed = ", ".join(f"{k}: built with {was!r}, now {now!r}"
+                            for k, was, now in _differences(settings, fingerprint))
+        raise DatasetError(f"{root} holds a dataset built with other settings (differs in {changed}); "
                            "pass --overwrite to rebuild it or choose another output folder")
     return verify_dataset(root)
+
+
+def _differences(built: Any, wanted: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, built value, wanted value)`` of every leaf setting that differs (``None``: absent)."""
+    if not (isinstance(built, dict) and isinstance(wanted, dict)):
+        return [] if built == wanted else [(prefix.rstrip("."), built, wanted)]
+    return [d for k in sorted(set(built) | set(wanted))
+            for d in _differences(built.get(k), wanted.get(k), f"{prefix}{k}.")]
 
 
 def _without(settings: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 Every identity has stable traits (face shape, skin tone, eyes, brows, nose, mouth, hair, facial
 hair, glasses) sampled from its own RNG; every image redraws pose, lighting, expression,
 background, clothing and pixel noise from a per-image RNG. Both RNGs are seeded from SeedSequence
-entropy lists (``[seed, identity]`` and ``[seed, identity, index, 1]``), so an image depends only on
-``(identity, index, seed)``: never on generation order, the process that made it, or global state.
+entropy lists (``[seed, identity]`` and ``[seed, identity, index, 1]``, a domain's own entropy appended),
+so an image depends only on ``(identity, index, seed, style, domain)``: never on generation order, the
+process that made it, or global state.
 
 The per-image variation is tuned so identity is learnable but not a raw-pixel lookup: images of
 one identity are closer in pixel space on average than images of different identities, yet
@@ -21,8 +22,14 @@ image statistics of real aligned 112x112 crops (``facemae.measures.image_stats``
 as an ellipsoid under directional light, natural-image (1/f^3) texture on skin and backdrop, lens
 blur, sensor noise at real levels and JPEG compression. ``cartoon`` is the generator before styles
 existed (flat colours under strong pixel noise, about seven times a photo's high-frequency energy),
-kept pixel for pixel as a second domain. ``benchmarks/synthetic_stats.py`` measures both against
+kept pixel for pixel as a second rendering. ``benchmarks/synthetic_stats.py`` measures both against
 the real reference.
+
+Two domains (:data:`DOMAINS`) draw different people under different conditions, for releases of
+identities from another dataset: ``base``, the default (every dataset made before domains existed), and
+``shifted``: a darker-skinned population with wider, rounder faces, wider-set eyes, longer noses, more
+glasses and facial hair, photographed under harsher side light, underexposed, at lower JPEG quality
+and with more head roll. A domain changes only the ranges values are drawn from, never the draw order.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ FACIAL_HAIR: tuple[str, ...] = ("none", "moustache", "beard")
 MOUTH_SHAPES: tuple[str, ...] = ("neutral", "smile", "open")
 STYLES: tuple[str, ...] = ("photo", "cartoon")
 DEFAULT_STYLE = "photo"
+DOMAINS: tuple[str, ...] = ("base", "shifted")
+DEFAULT_DOMAIN = "base"
 # The pixel definition each style draws, numbered over the generator's history; a manifest records it
 # and ingest refuses a dataset made by another. Version 1 is every dataset made before styles existed,
 # which ``cartoon`` still draws pixel for pixel. Bump a style's number whenever its pixels change.
@@ -60,6 +69,10 @@ PHOTO: dict[str, tuple[float, float]] = {
     "noise": (1.0, 2.6),  # sensor noise, grey levels (std)
     "jpeg_quality": (70, 96),
 }
+# The shifted domain's capture: harsh side light on rounder heads, underexposed, noisier, more compressed.
+_SHIFTED_PHOTO: dict[str, tuple[float, float]] = {
+    **PHOTO, "roundness": (0.3, 0.5), "light": (0.35, 0.7), "brightness": (-35.0, 10.0), "noise": (2.0, 4.0),
+    "jpeg_quality": (40, 75)}
 
 _SUPERSAMPLE = 2
 _MAX_IDENTITY = 999_999  # image_id pads to 6 digits, so ids sort in identity order
@@ -137,6 +150,48 @@ class IdentityTraits:
 
 
 @dataclass(frozen=True)
+class Domain:
+    """The ranges one synthetic domain draws its people and their photos from (uniform draws ``(low, high)``).
+
+    Attributes:
+        skin: Position along the skin-tone anchors, 0 (lightest) to 5 (darkest).
+        face_width: Half-width of the face ellipse, face units.
+        face_height: Half-height of the face ellipse.
+        chin_taper: How much the lower half narrows towards the chin.
+        eye_spacing: Distance from the centre line to each eye.
+        nose_length: Distance from the eye line to the nose tip.
+        glasses: Share of identities wearing glasses.
+        facial_hair: Probabilities of :data:`FACIAL_HAIR`.
+        rotation: Largest head roll, degrees either way.
+        photo: The ``photo`` style's per-image ranges (:data:`PHOTO` for ``base``).
+        entropy: Appended to every seed of the domain's generators, so that its people are not the other
+            domain's at the same seed and index (``()`` for ``base``: datasets made before domains).
+    """
+
+    skin: tuple[float, float]
+    face_width: tuple[float, float]
+    face_height: tuple[float, float]
+    chin_taper: tuple[float, float]
+    eye_spacing: tuple[float, float]
+    nose_length: tuple[float, float]
+    glasses: float
+    facial_hair: tuple[float, float, float]
+    rotation: float
+    photo: dict[str, tuple[float, float]]
+    entropy: tuple[int, ...] = ()
+
+
+DOMAIN_RANGES: dict[str, Domain] = {
+    "base": Domain(skin=(0.0, 5.0), face_width=(0.34, 0.46), face_height=(0.46, 0.58), chin_taper=(0.0, 0.35),
+                   eye_spacing=(0.13, 0.2), nose_length=(0.12, 0.22), glasses=0.25, facial_hair=(0.7, 0.15, 0.15),
+                   rotation=12.0, photo=PHOTO),
+    "shifted": Domain(skin=(2.5, 5.0), face_width=(0.42, 0.5), face_height=(0.44, 0.52), chin_taper=(0.0, 0.12),
+                      eye_spacing=(0.17, 0.22), nose_length=(0.18, 0.26), glasses=0.6, facial_hair=(0.35, 0.3, 0.35),
+                      rotation=20.0, photo=_SHIFTED_PHOTO, entropy=(0xD0B,)),
+}
+
+
+@dataclass(frozen=True)
 class _Variation:
     """Per-image nuisance factors drawn by ``_sample_variation``."""
 
@@ -163,14 +218,21 @@ def _check_style(style: str) -> None:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
 
 
+def _check_domain(domain: str) -> None:
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+
+
 def _check_size(size: int) -> None:
     if size < _MIN_SIZE:
         raise ValueError(f"size must be at least {_MIN_SIZE} pixels, got {size}")
 
 
-def _palette(rng: np.random.Generator, anchors: np.ndarray, *, jitter: float) -> Colour:
-    """Interpolates between two neighbouring anchor colours and adds per-channel jitter."""
-    position = rng.uniform(0, len(anchors) - 1)
+def _palette(rng: np.random.Generator, anchors: np.ndarray, *, jitter: float,
+             span: tuple[float, float] | None = None) -> Colour:
+    """Interpolates between two neighbouring anchor colours (a position drawn from ``span``, default all of
+    them) and adds per-channel jitter."""
+    position = rng.uniform(*(span or (0, len(anchors) - 1)))
     low = int(position)
     high = min(low + 1, len(anchors) - 1)
     colour = anchors[low] + (anchors[high] - anchors[low]) * (position - low)
@@ -187,36 +249,39 @@ def _shade(colour: Colour, factor: float) -> Colour:
     return _as_colour(np.asarray(colour, dtype=np.float64) * factor)
 
 
-def identity_traits(identity: int, *, seed: int) -> IdentityTraits:
+def identity_traits(identity: int, *, seed: int, domain: str = DEFAULT_DOMAIN) -> IdentityTraits:
     """Samples the stable features of one identity.
 
     Args:
         identity: Identity number, >= 0.
-        seed: Dataset seed; the same (identity, seed) always gives the same traits.
+        seed: Dataset seed; the same (identity, seed, domain) always gives the same traits.
+        domain: One of :data:`DOMAINS`: the population drawn from.
 
     Returns:
         The identity's traits.
     """
     _check_non_negative(identity=identity, seed=seed)
-    rng = np.random.default_rng([seed, identity])
-    skin = _palette(rng, _SKIN_TONES, jitter=6.0)
+    _check_domain(domain)
+    ranges = DOMAIN_RANGES[domain]
+    rng = np.random.default_rng([seed, identity, *ranges.entropy])
+    skin = _palette(rng, _SKIN_TONES, jitter=6.0, span=ranges.skin)
     hair_style = HAIR_STYLES[int(rng.integers(len(HAIR_STYLES)))]
     hair = _palette(rng, _HAIR_COLOURS, jitter=8.0)
-    facial_hair = FACIAL_HAIR[int(rng.choice(len(FACIAL_HAIR), p=[0.7, 0.15, 0.15]))]
-    has_glasses = rng.random() < 0.25
+    facial_hair = FACIAL_HAIR[int(rng.choice(len(FACIAL_HAIR), p=list(ranges.facial_hair)))]
+    has_glasses = rng.random() < ranges.glasses
     frame = _as_colour(rng.choice([[20, 20, 20], [90, 60, 30], [150, 150, 160], [120, 20, 30]]))
     return IdentityTraits(
-        face_width=float(rng.uniform(0.34, 0.46)),
-        face_height=float(rng.uniform(0.46, 0.58)),
-        chin_taper=float(rng.uniform(0.0, 0.35)),
+        face_width=float(rng.uniform(*ranges.face_width)),
+        face_height=float(rng.uniform(*ranges.face_height)),
+        chin_taper=float(rng.uniform(*ranges.chin_taper)),
         skin=skin,
-        eye_spacing=float(rng.uniform(0.13, 0.2)),
+        eye_spacing=float(rng.uniform(*ranges.eye_spacing)),
         eye_size=float(rng.uniform(0.055, 0.085)),
         eye_height=float(rng.uniform(-0.1, 0.0)),
         iris=_palette(rng, _IRIS_COLOURS, jitter=10.0),
         brow_thickness=float(rng.uniform(0.014, 0.04)),
         brow_angle=float(rng.uniform(-14.0, 14.0)),
-        nose_length=float(rng.uniform(0.12, 0.22)),
+        nose_length=float(rng.uniform(*ranges.nose_length)),
         nose_width=float(rng.uniform(0.035, 0.07)),
         mouth_width=float(rng.uniform(0.09, 0.17)),
         lip_thickness=float(rng.uniform(0.012, 0.03)),
@@ -228,11 +293,11 @@ def identity_traits(identity: int, *, seed: int) -> IdentityTraits:
     )
 
 
-def _sample_variation(rng: np.random.Generator) -> _Variation:
+def _sample_variation(rng: np.random.Generator, ranges: Domain) -> _Variation:
     """Draws one image's pose and expression; the draw order is part of the dataset definition."""
     mouth = MOUTH_SHAPES[int(rng.choice(len(MOUTH_SHAPES), p=[0.4, 0.4, 0.2]))]
     return _Variation(
-        rotation=float(rng.uniform(-12.0, 12.0)),
+        rotation=float(rng.uniform(-ranges.rotation, ranges.rotation)),
         scale=float(rng.uniform(0.9, 1.1)),
         shift=(float(rng.uniform(-0.06, 0.06)), float(rng.uniform(-0.06, 0.06))),
         yaw=float(rng.uniform(-0.05, 0.05)),
@@ -555,37 +620,39 @@ def _lens_blur(image: np.ndarray, tap: float) -> np.ndarray:
     return out
 
 
-def _photograph(image: np.ndarray, cover: np.ndarray, relief: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _photograph(image: np.ndarray, cover: np.ndarray, relief: np.ndarray, rng: np.random.Generator,
+                photo: dict[str, tuple[float, float]] = PHOTO) -> np.ndarray:
     """Turns a flat drawing into the statistics of an aligned face photo: the head shaded as a rounded
     solid, directional light, texture, white balance and exposure, lens blur, sensor noise and JPEG.
 
     The result's median Laplacian variance, spectrum slope and contrast fall inside the interquartile
     ranges of real aligned crops (``benchmarks/results/synthetic_stats.md``); :data:`PHOTO` holds the
-    ranges that put them there.
+    ranges that put them there (the ``base`` domain's; ``photo`` is the domain's own).
 
     Args:
         image: ``[S, S, 3]`` uint8, the drawing.
         cover: ``[S, S]`` uint8, where the head covers the backdrop (255 = head).
         relief: ``[S, S]`` from :func:`_relief`.
         rng: The image's generator.
+        photo: The per-image ranges, keyed as :data:`PHOTO`.
 
     Returns:
         ``[S, S, 3]`` uint8.
     """
     size = image.shape[0]
     head = cover.astype(np.float32) / 255  # (S, S)
-    roundness = rng.uniform(*PHOTO["roundness"])
+    roundness = rng.uniform(*photo["roundness"])
     angle = rng.uniform(0, 2 * np.pi)
-    strength = rng.uniform(*PHOTO["light"])
+    strength = rng.uniform(*photo["light"])
     axis = _axis(size)
     light = (1 - roundness * head * relief) * (1 + strength * (math.cos(angle) * axis[None, :]
                                                                + math.sin(angle) * axis[:, None]))  # (S, S)
     gains = rng.uniform(0.9, 1.1, 3)  # white balance
-    contrast = rng.uniform(*PHOTO["contrast"])
-    brightness = rng.uniform(*PHOTO["brightness"])
-    amplitude = rng.uniform(*PHOTO["skin_texture"]) * head + rng.uniform(*PHOTO["backdrop_texture"]) * (1 - head)
+    contrast = rng.uniform(*photo["contrast"])
+    brightness = rng.uniform(*photo["brightness"])
+    amplitude = rng.uniform(*photo["skin_texture"]) * head + rng.uniform(*photo["backdrop_texture"]) * (1 - head)
     texture = _texture(rng, size) * amplitude  # (S, S) grey levels
-    tap = rng.uniform(*PHOTO["blur_tap"])
+    tap = rng.uniform(*photo["blur_tap"])
     # Exposure is linear, so the blur's normalisation (1 + 2 tap)^-2 rides along in the channel gains and
     # the offset is added after the blur, with the noise.
     exposure = gains * contrast / (1 + 2 * tap) ** 2
@@ -593,17 +660,17 @@ def _photograph(image: np.ndarray, cover: np.ndarray, relief: np.ndarray, rng: n
                      tap)
     noise = rng.random((size, size), dtype=np.float32)  # luminance noise; JPEG's 4:2:0 drops most chroma noise
     noise -= 0.5
-    noise *= rng.uniform(*PHOTO["noise"]) * math.sqrt(12)  # uniform of that standard deviation
+    noise *= rng.uniform(*photo["noise"]) * math.sqrt(12)  # uniform of that standard deviation
     noise += 128 * (1 - contrast) + brightness
     out += np.repeat(noise, 3, axis=1)
     exposed = np.clip(out, 0, 255, out=out).astype(np.uint8).reshape(size, size, 3)
     buffer = io.BytesIO()
-    Image.fromarray(exposed).save(buffer, format="JPEG", quality=int(rng.integers(*PHOTO["jpeg_quality"])))
+    Image.fromarray(exposed).save(buffer, format="JPEG", quality=int(rng.integers(*photo["jpeg_quality"])))
     return np.asarray(Image.open(buffer))
 
 
 def render_face(traits: IdentityTraits, *, rng: np.random.Generator, size: int = 112,
-                style: str = DEFAULT_STYLE) -> np.ndarray:
+                style: str = DEFAULT_STYLE, domain: str = DEFAULT_DOMAIN) -> np.ndarray:
     """Draws one image of an identity, with pose, expression, background and lighting from ``rng``.
 
     Args:
@@ -612,13 +679,16 @@ def render_face(traits: IdentityTraits, *, rng: np.random.Generator, size: int =
         size: Output side length in pixels.
         style: One of :data:`STYLES`: ``photo`` (the statistics of aligned photos) or ``cartoon``
             (flat shapes under sensor noise, generator version 1).
+        domain: One of :data:`DOMAINS`: the head roll and, in the ``photo`` style, the capture conditions.
 
     Returns:
         ``[size, size, 3]`` uint8 RGB image.
     """
     _check_size(size)
     _check_style(style)
-    variation = _sample_variation(rng)
+    _check_domain(domain)
+    ranges = DOMAIN_RANGES[domain]
+    variation = _sample_variation(rng, ranges)
     image = _background(rng, size) if style == "cartoon" else _photo_background(rng, size)
     canvas = _Canvas(size, pose=variation)
     _draw_hair_back(canvas, traits)
@@ -633,11 +703,12 @@ def render_face(traits: IdentityTraits, *, rng: np.random.Generator, size: int =
     image.paste(face, (0, 0), face)
     if style == "cartoon":
         return _lighting(np.asarray(image), rng)
-    return _photograph(np.asarray(image), np.asarray(face.getchannel("A")), _relief(canvas, traits, size), rng)
+    return _photograph(np.asarray(image), np.asarray(face.getchannel("A")), _relief(canvas, traits, size), rng,
+                       ranges.photo)
 
 
 def generate_image(identity: int, index: int, *, seed: int, size: int = 112,
-                   style: str = DEFAULT_STYLE) -> np.ndarray:
+                   style: str = DEFAULT_STYLE, domain: str = DEFAULT_DOMAIN) -> np.ndarray:
     """Generates image ``index`` of ``identity``; a pure function of its arguments.
 
     Args:
@@ -646,17 +717,24 @@ def generate_image(identity: int, index: int, *, seed: int, size: int = 112,
         seed: Dataset seed.
         size: Output side length in pixels.
         style: One of :data:`STYLES`.
+        domain: One of :data:`DOMAINS`.
 
     Returns:
         ``[size, size, 3]`` uint8 RGB image.
     """
     _check_non_negative(identity=identity, index=index, seed=seed)
-    traits = identity_traits(identity, seed=seed)
-    return render_face(traits, rng=np.random.default_rng([seed, identity, index, 1]), size=size, style=style)
+    traits = identity_traits(identity, seed=seed, domain=domain)
+    return render_face(traits, rng=_image_rng(identity, index, seed=seed, domain=domain), size=size, style=style,
+                       domain=domain)
+
+
+def _image_rng(identity: int, index: int, *, seed: int, domain: str) -> np.random.Generator:
+    """The generator of one image's variation (pose, expression, backdrop, light, noise)."""
+    return np.random.default_rng([seed, identity, index, 1, *DOMAIN_RANGES[domain].entropy])
 
 
 def generate_identity(identity: int, *, images: int, seed: int, size: int = 112,
-                      style: str = DEFAULT_STYLE) -> np.ndarray:
+                      style: str = DEFAULT_STYLE, domain: str = DEFAULT_DOMAIN) -> np.ndarray:
     """Generates images ``0 .. images-1`` of one identity (equal to calling ``generate_image`` each).
 
     Args:
@@ -665,6 +743,7 @@ def generate_identity(identity: int, *, images: int, seed: int, size: int = 112,
         seed: Dataset seed.
         size: Output side length in pixels.
         style: One of :data:`STYLES`.
+        domain: One of :data:`DOMAINS`.
 
     Returns:
         ``[images, size, size, 3]`` uint8 RGB images.
@@ -672,11 +751,11 @@ def generate_identity(identity: int, *, images: int, seed: int, size: int = 112,
     _check_non_negative(identity=identity, images=images, seed=seed)
     _check_size(size)
     _check_style(style)
-    traits = identity_traits(identity, seed=seed)
+    traits = identity_traits(identity, seed=seed, domain=domain)
     out = np.empty((images, size, size, 3), dtype=np.uint8)
     for index in range(images):
-        out[index] = render_face(traits, rng=np.random.default_rng([seed, identity, index, 1]), size=size,
-                                 style=style)
+        out[index] = render_face(traits, rng=_image_rng(identity, index, seed=seed, domain=domain), size=size,
+                                 style=style, domain=domain)
     return out
 
 
