@@ -373,6 +373,18 @@ def test_local_mode_trains_each_zero_stage_and_exports_weights(tmp_path, dataset
         assert load_fr_backbone(result["weights"])(torch.zeros(2, 3, 112, 112)).shape == (2, 64)
     else:
         assert load_mae(result["weights"])(torch.zeros(1, 3, 112, 112))[1].shape == (1, 196, 192)
+    if (stage, task) == (0, "fr"):
+        # A finished FR run exported before FR runs kept their head: a rerun re-exports from its last checkpoint,
+        # the same weights byte for byte and the head beside them, and trains nothing.
+        export = Path(result["weights"]).parent
+        head, before = (export / "head.safetensors").read_bytes(), Path(result["weights"]).read_bytes()
+        (export / "head.safetensors").unlink()
+        again = _train_in_subprocess([*TINY, f"data.output={dataset}", f"train.storage_path={tmp_path}", "name=local",
+                                      "train.num_workers=0", "train.zero_stage=0", "train.task=fr",
+                                      "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1"])
+        assert again["weights"] == result["weights"] and Path(again["weights"]).read_bytes() == before
+        assert (export / "head.safetensors").read_bytes() == head
+        assert [m["step"] for m in _metrics(str(tmp_path / "local"))] == [1, 2, 3, 4]
 
 
 def _free_port() -> int:
