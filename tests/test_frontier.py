@@ -251,3 +251,7 @@ def test_the_committed_ledger_still_serves_frontier_yaml():
     sharded = dataclasses.replace(config, model=dataclasses.replace(config.model, head="partial_fc"))
     assert settings_digest(sharded) != settings_digest(config)
     assert recorded(sharded, trials)[1] == trials
+    shifted = dataclasses.replace(config, data=dataclasses.replace(config.data, domain="shifted"))
+    assert settings_digest(shifted) != settings_digest(config)
+    attacked = dataclasses.replace(config, experiment=dataclasses.replace(config.experiment, attacks=True))
+    assert settings_digest(attacked) == settings_digest(config)  # attacks add columns, change no point's numbers

@@ -221,7 +221,7 @@ def test_smoke_cross_dataset_experiment_releases_another_domain_with_generators_
     deploy = [f"experiment.deploy.output={tmp_path / 'shifted'}", "experiment.deploy.domain=shifted"]
     result = facemae.experiment(CONFIGS / "experiment_smoke.yaml", say=said.append, overrides=[
         f"data.output={tmp_path / 'base'}", f"train.storage_path={tmp_path / 'runs'}",
-        f"experiment.output={tmp_path / 'report'}", *deploy])
+        f"experiment.output={tmp_path / 'report'}", *deploy, "experiment.attacks=true", "experiment.adaptive_steps=2"])
     rows = ["originals", "masked", "mae", "facemae", "mae-cross", "facemae-cross"]
     assert list(result.table) == rows and result.seeds == [0]
     assert read_manifest(str(tmp_path / "shifted")).source["domain"] == "shifted"
@@ -255,6 +255,17 @@ def test_smoke_cross_dataset_experiment_releases_another_domain_with_generators_
     assert general["rows"]["cross_domain"]["masked"] == general["rows"]["in_domain"]["masked"]  # no generator
     text = (out / "report.md").read_text()
     assert "| facemae-cross |" in text and "| facemae-cross - facemae |" in text and "Cross-dataset" in text
+    from facemae.experiment import ATTACK_METRICS
+
+    # experiment.attacks: every row attacked, its numbers in attacks.json (the schema) and the report,
+    # non-members drawn from B's own domain; releasing B's originals is found by membership inference.
+    attacks = json.loads((out / "attacks.json").read_text())
+    assert attacks["seeds"] == [0] and attacks["adaptive_steps"] == 2 and list(attacks["rows"]) == rows
+    for row, values in attacks["rows"].items():
+        assert set(values) == set(ATTACK_METRICS) and all(math.isfinite(v[0]) for v in values.values()), row
+    assert attacks["rows"]["originals"]["mia_auc"][0] > 0.9
+    assert read_manifest(str(tmp_path / "shifted-nonmembers")).source["domain"] == "shifted"
+    assert "adaptive_identity_leak@1" in text and (out / "membership_roc.png").read_bytes().startswith(PNG_MAGIC)
 
 
 @pytest.mark.ray

@@ -49,10 +49,12 @@ UNSCORED = {"": ("name", "frontier", "tune", "ray", "tracking", "storage"),
             "generate": ("weights", "masked", "output", "actors", "cpus_per_actor", "use_gpu"),
             "train": ("storage_path", "metrics_port", "metrics_host", "log_sample_ids", "log_upload_every_s",
                       "debug_state_dir"),
-            "experiment": ("output", "seeds")}
+            "experiment": ("output", "seeds", "attacks", "adaptive_steps", "nonmembers")}
 # Settings added after rows were measured, at the value that behaves as before they existed: left out of the
 # digest at that value, so a new setting does not orphan the ledger; any other value is part of it.
-AS_BEFORE = {"model": {"head": "full", "partial_fc": {"sample_rate": 1.0}}}
+AS_BEFORE = {"model": {"head": "full", "partial_fc": {"sample_rate": 1.0}},
+             "train": {"init_weights": "", "init_head": True}, "data": {"domain": "base"},
+             "experiment": {"deploy": None}}
 
 
 @dataclass
@@ -175,9 +177,10 @@ def settings_digest(config: Config) -> str:
     for section, keys in UNSCORED.items():
         for key in keys:
             (settings[section] if section else settings).pop(key, None)
-    if all(settings["model"].get(key) == value for key, value in AS_BEFORE["model"].items()):
-        for key in AS_BEFORE["model"]:
-            settings["model"].pop(key)
+    for section, before in AS_BEFORE.items():
+        if all(settings[section].get(key) == value for key, value in before.items()):
+            for key in before:
+                settings[section].pop(key)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
