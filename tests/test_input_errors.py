@@ -105,7 +105,7 @@ def _set_rows(text: str, rows: object) -> str:
 
 
 @pytest.mark.parametrize("damage, says", [
-    (lambda text: text[:len(text) // 2], "not valid JSON (Unterminated string starting at: line"),
+    (lambda text: text[:text.index('"splits"') + 4], "not valid JSON (Unterminated string starting at: line"),
     (lambda text: "[]", "expected a JSON object, found list"),
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "splits"}), "missing key(s) splits"),
     (lambda text: _set_rows(text, "4"), 'splits.train[0]: rows must be an integer, found "4"'),
