@@ -360,8 +360,12 @@ def actors_ready(weights: str, *, actors: int, cpus: float) -> None:
 
 
 def write_results(figures: dict[str, dict[str, Any]], meta: dict[str, Any], *, stem: str = "performance") -> Path:
-    """Writes ``benchmarks/results/<stem>.json`` and ``<stem>.md``; returns the second."""
+    """Writes ``benchmarks/results/<stem>.json`` and ``<stem>.md``; returns the second. Figures another script
+    filed there with their own provenance (``experiment_cost``, by ``science.py --cost``) are kept."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if (RESULTS / f"{stem}.json").exists():
+        filed = json.loads((RESULTS / f"{stem}.json").read_text())["figures"]
+        figures = {**figures, **{k: f for k, f in filed.items() if "date" in f and k not in figures}}
     (RESULTS / f"{stem}.json").write_text(json.dumps({**meta, "figures": figures}, indent=1) + "\n")
     lines = ["# Performance", "", f"{meta['date']}, {meta['machine']}, commit {meta['commit']}: `{meta['command']}`",
              "", "| figure | value | baseline | ratio | goal | met | how |", "|---|---|---|---|---|---|---|"]
