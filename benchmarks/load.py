@@ -1,14 +1,17 @@
 """Load: ingest, mask and release N synthetic faces on the embedded Ray cluster, with bounded memory.
 
-For each size (default 10,000 and 50,000) one fresh process runs the owner's side and the release
+For each size (default 10,000, 50,000 and 100,000) one fresh process runs the owner's side and the release
 end to end: synthetic ingest (all faces), owner-side masking of every split, then generation through
 the Ray Data actor pool with a FaceMAE (``facemae_vit_tiny_p8``, freshly initialised: the load is the
 same as a trained one's). This process samples the memory of that process and of its whole tree (the
-embedded Ray: GCS, raylet, workers, actors) every 0.5 s, as RSS and as PSS. Memory must stay flat in N: the driver
-streams shards and never holds a dataset, so the peak at 50k should match the peak at 10k.
+embedded Ray: GCS, raylet, workers, actors) every 0.5 s, as RSS and as PSS. Memory must stay flat in N: the
+driver streams shards and never holds a dataset, and the embedded cluster's object store is bounded
+(``ray.object_store_mib``), so past the size that first fills the store the peaks must not grow. After each stage
+the child also records what Ray's memory summary says the store holds (``store`` in each run).
 
-    python benchmarks/load.py                       # 10k and 50k, ~15 min on 2 cores
-    python benchmarks/load.py --sizes 2000 10000    # quicker
+    python benchmarks/load.py                                    # 10k, 50k and 100k, ~35 min on 2 cores
+    python benchmarks/load.py --sizes 2000 10000                 # quicker
+    python benchmarks/load.py --set ray.object_store_mib=4096    # any config override, in every run
 
 Writes ``benchmarks/results/load.json`` and ``load.md`` (date, machine, commit, command).
 """
@@ -20,7 +23,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,8 +34,11 @@ PER_IDENTITY = 20
 SAMPLE_S = 0.5
 
 
-def run_one(size: int, root: Path) -> dict[str, float]:
-    """The stages for ``size`` faces in this process; returns seconds per stage."""
+def run_one(size: int, root: Path, overrides: list[str]) -> dict[str, dict]:
+    """The stages for ``size`` faces in this process; returns ``seconds`` per stage and the object ``store``
+    after each (its capacity and Ray's memory summary's plasma line, MiB)."""
+    import ray
+
     from facemae.config import load_config
     from facemae.data.ingest import ingest
     from facemae.data.owner import mask_dataset
@@ -47,15 +52,26 @@ def run_one(size: int, root: Path) -> dict[str, float]:
     config = load_config("jobs/configs/train.yaml", [
         f"data.output={root / 'faces'}", f"data.num_identities={size // PER_IDENTITY}",
         f"data.images_per_identity={PER_IDENTITY}", "data.rows_per_shard=500", "data.workers=2",
-        "mask.splits=[train, val, deploy]", f"generate.weights={weights}", f"generate.output={root / 'released'}"])
-    seconds = {}
+        "mask.splits=[train, val, deploy]", f"generate.weights={weights}", f"generate.output={root / 'released'}",
+        *overrides])
+    seconds, store = {}, {}
     for stage, work in (("ingest", lambda: ingest(config)), ("mask", lambda: mask_dataset(config)),
                         ("release", lambda: generate_released(config))):
         started = time.perf_counter()
         manifest = work()
         seconds[stage] = time.perf_counter() - started
         assert manifest.num_images() == size, (stage, manifest.num_images(), size)
-    return seconds
+        store[stage] = _store_summary(ray)
+    return {"seconds": seconds, "store": store}
+
+
+def _store_summary(ray) -> dict[str, float | str]:
+    """The embedded cluster's object store: capacity (MiB) and the plasma usage line of Ray's memory summary."""
+    from ray._private.internal_api import memory_summary
+
+    lines = memory_summary(stats_only=True).splitlines()
+    return {"capacity_mib": round(ray.cluster_resources().get("object_store_memory", 0) / 2**20),
+            "summary": next((line.strip() for line in lines if "Plasma memory usage" in line), "")}
 
 
 def _tree_memory(proc: psutil.Process) -> dict[str, int]:
@@ -74,12 +90,13 @@ def _tree_memory(proc: psutil.Process) -> dict[str, int]:
     return out
 
 
-def measure(size: int) -> dict[str, float]:
+def measure(size: int, overrides: list[str]) -> dict[str, float]:
     """Runs :func:`run_one` in a child process while sampling its memory."""
     with tempfile.TemporaryDirectory(prefix="facemae-load-") as tmp:
         out = Path(tmp) / "seconds.json"
         started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, __file__, "--one", str(size), "--root", tmp, "--out", str(out)],
+        child = subprocess.Popen([sys.executable, __file__, "--one", str(size), "--root", tmp, "--out", str(out),
+                                  *(f"--set={o}" for o in overrides)],
                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "child.log", "w"))
         proc, peak = psutil.Process(child.pid), {"driver": 0, "tree": 0, "tree_pss": 0}
         while child.poll() is None:
@@ -88,12 +105,20 @@ def measure(size: int) -> dict[str, float]:
         wall = time.perf_counter() - started
         if child.returncode != 0:
             raise RuntimeError(f"load run of {size} faces failed:\n{(Path(tmp) / 'child.log').read_text()[-3000:]}")
-        seconds = json.loads(out.read_text())
+        seconds, store = json.loads(out.read_text()).values()
     return {"faces": size, "wall_s": round(wall, 1), **{f"{k}_s": round(v, 1) for k, v in seconds.items()},
             "release_images_per_s": round(size / seconds["release"], 1),
             "images_per_s": round(size / sum(seconds.values()), 1),
             "peak_driver_rss_mib": round(peak["driver"] / 2**20), "peak_tree_rss_mib": round(peak["tree"] / 2**20),
-            "peak_tree_pss_mib": round(peak["tree_pss"] / 2**20)}
+            "peak_tree_pss_mib": round(peak["tree_pss"] / 2**20), "store": store}
+
+
+def _growth(small: dict, large: dict) -> dict[str, float]:
+    """The larger run's peaks and rate over the smaller's."""
+    ratio = {"driver_rss": "peak_driver_rss_mib", "tree_rss": "peak_tree_rss_mib", "tree_pss": "peak_tree_pss_mib",
+             "images_per_s": "images_per_s"}
+    return {"from": small["faces"], "to": large["faces"],
+            **{k: round(large[v] / small[v], 3) for k, v in ratio.items()}}
 
 
 def _markdown(result: dict) -> str:
@@ -104,9 +129,13 @@ def _markdown(result: dict) -> str:
              "", f"{result['date']} · {result['machine']} · commit {result['commit']} · `{result['command']}`", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    lines += ["", f"Peak memory, largest run over smallest ({rows[-1]['faces'] // rows[0]['faces']}x the faces): "
-              f"driver {result['driver_rss_ratio']:.2f}x, whole process tree {result['tree_rss_ratio']:.2f}x (RSS), "
-              f"{result['tree_pss_ratio']:.2f}x (PSS).",
+    lines += ["", "Growth from each size to the next (goal from 50k to 100k: driver RSS <= 1.10x, tree PSS <= 1.15x, "
+              "end-to-end rate not lower):", "", "| faces | driver RSS | tree RSS | tree PSS | images/s |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {g['from']} -> {g['to']} | {g['driver_rss']:.2f}x | {g['tree_rss']:.2f}x | {g['tree_pss']:.2f}x | "
+              f"{g['images_per_s']:.2f}x |" for g in result["growth"]]
+    capacity = {s["capacity_mib"] for r in rows for s in r["store"].values()}
+    lines += ["", f"Object store of the embedded cluster: {', '.join(map(str, sorted(capacity)))} MiB. "
               "Sampled every 0.5 s; the tree is the job's process and every descendant (embedded Ray). RSS counts a "
               "shared page (the Ray object store's) in every process that maps it; PSS splits it among them."]
     return "\n".join(lines) + "\n"
@@ -114,23 +143,21 @@ def _markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, every run")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        Path(args.out).write_text(json.dumps(run_one(args.one, Path(args.root))))
+        Path(args.out).write_text(json.dumps(run_one(args.one, Path(args.root), args.overrides)))
         return
     meta = provenance()
     runs = []
     for size in sorted(args.sizes):
-        runs.append(measure(size))
+        runs.append(measure(size, args.overrides))
         print(json.dumps(runs[-1]), flush=True)
-    result = {**meta, "runs": runs,
-              "driver_rss_ratio": runs[-1]["peak_driver_rss_mib"] / runs[0]["peak_driver_rss_mib"],
-              "tree_rss_ratio": runs[-1]["peak_tree_rss_mib"] / runs[0]["peak_tree_rss_mib"],
-              "tree_pss_ratio": runs[-1]["peak_tree_pss_mib"] / runs[0]["peak_tree_pss_mib"]}
+    result = {**meta, "runs": runs, "growth": [_growth(a, b) for a, b in zip(runs, runs[1:])]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "load.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "load.md").write_text(_markdown(result))

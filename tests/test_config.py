@@ -65,6 +65,11 @@ def test_impossible_combinations():
         load_config(None, ["mask.patch_size=56", "mask.ratio=0.8"])
     with pytest.raises(ValueError, match="ray.num_cpus applies only to an embedded cluster"):
         load_config(None, ["ray.address=auto", "ray.num_cpus=4"])
+    with pytest.raises(ValueError, match="ray.object_store_mib applies only to an embedded cluster"):
+        load_config(None, ["ray.address=auto", "ray.object_store_mib=2048"])
+    with pytest.raises(ValueError, match="ray.object_store_mib=64 is below Ray's minimum.*at least 80"):
+        load_config(None, ["ray.object_store_mib=64"])
+    assert load_config(None, ["ray.object_store_mib=2048"]).ray.object_store_bytes() == 2048 * 2**20
 
 
 def test_every_job_config_and_its_smoke_twin_load():

@@ -102,7 +102,8 @@ def test_two_workers_zero2_learn_from_one_stream_of_passes_and_checkpoint(tmp_pa
 def test_only_an_embedded_cluster_turns_rays_preemption_watcher_off(monkeypatch, address):
     """An embedded cluster's runs start no PreemptionWatcher (one actor process less per run); a cluster the
     job joins, where an autoscaler may drain spot nodes, keeps Ray's default. Both get the health-check
-    interval."""
+    interval. An embedded cluster's object store is bounded (1 GiB, not Ray's 30% of the machine's memory,
+    every page of which the store keeps once written); a joined cluster keeps its own."""
     import ray
 
     from facemae import cluster
@@ -114,10 +115,11 @@ def test_only_an_embedded_cluster_turns_rays_preemption_watcher_off(monkeypatch,
     monkeypatch.setattr(cluster, "_embedded", False)
     for key in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
         monkeypatch.delenv(key, raising=False)
-    cluster.ensure_ray(RayConfig(address=address, num_cpus=2))
+    cluster.ensure_ray(RayConfig(address=address, num_cpus=2 if address is None else None))
     assert seen["address"] == (address or "local") and cluster._embedded == (address is None)
     assert seen["env"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
     assert seen["env"].get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == ("0" if address is None else None)
+    assert seen.get("object_store_memory") == (1024 * 2**20 if address is None else None)
 
 
 def _assert_same(saved, restored, where: str = "state") -> int:

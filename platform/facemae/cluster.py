@@ -44,7 +44,7 @@ def ensure_ray(config: RayConfig) -> None:
     if joins:
         ray.init(address=config.address or None, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=config.num_cpus)
+        ray.init(address="local", num_cpus=config.num_cpus, object_store_memory=config.object_store_bytes())
         _embedded = True
 
 

@@ -763,6 +763,10 @@ class TuneConfig:
                 raise ValueError(f"tune.space.{key}.loguniform needs low > 0, got {values}")
 
 
+EMBEDDED_OBJECT_STORE_MIB = 1024  # the platform's streams keep a few shards in flight: tens of MiB
+MIN_OBJECT_STORE_MIB = 80  # Ray refuses less than 75 MB
+
+
 @dataclass
 class RayConfig:
     """How a job reaches Ray.
@@ -770,16 +774,30 @@ class RayConfig:
     Attributes:
         address: Cluster address (``auto``, ``ray://...``); ``None`` starts an embedded local cluster.
         num_cpus: Logical CPUs of an embedded cluster; ``None`` lets Ray count them.
+        object_store_mib: Object store of an embedded cluster, MiB; ``None`` means
+            :data:`EMBEDDED_OBJECT_STORE_MIB`. Ray's own default is 30% of the machine's memory, and its
+            store keeps every page it ever wrote mapped, so a job's memory grew with the faces it streamed
+            until the store was full (``benchmarks/results/load.md``); a bounded store bounds it. A cluster
+            the job joins keeps its own setting.
     """
 
     address: str | None = None
     num_cpus: int | None = None
+    object_store_mib: int | None = None
 
     def validate(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError(f"ray.num_cpus={self.num_cpus} must be >= 1")
-        if self.address is not None and self.num_cpus is not None:
-            raise ValueError("ray.num_cpus applies only to an embedded cluster; drop it when ray.address is set")
+        if self.object_store_mib is not None and self.object_store_mib < MIN_OBJECT_STORE_MIB:
+            raise ValueError(f"ray.object_store_mib={self.object_store_mib} is below Ray's minimum object store; "
+                             f"use at least {MIN_OBJECT_STORE_MIB}")
+        for key in ("num_cpus", "object_store_mib"):
+            if self.address is not None and getattr(self, key) is not None:
+                raise ValueError(f"ray.{key} applies only to an embedded cluster; drop it when ray.address is set")
+
+    def object_store_bytes(self) -> int:
+        """The object store an embedded cluster starts with, in bytes."""
+        return (self.object_store_mib or EMBEDDED_OBJECT_STORE_MIB) * 2**20
 
 
 @dataclass

@@ -55,7 +55,8 @@ def resolve_config(config: ConfigSource = None, *, overrides: Sequence[str] = ()
         config: A config object (used as is), a YAML file, or ``None`` for the defaults.
         overrides: Dotted ``section.key=value`` assignments applied on top, in order.
         address: Ray cluster to join (``auto``, ``host:6379``, ``ray://host:10001``); sets
-            ``ray.address`` and drops ``ray.num_cpus``, which only sizes an embedded cluster.
+            ``ray.address`` and drops ``ray.num_cpus`` and ``ray.object_store_mib``, which only size an
+            embedded cluster.
 
     Raises:
         ValueError: A file that is not YAML (naming its line and column), an unknown key, a wrong type
@@ -72,7 +73,7 @@ def resolve_config(config: ConfigSource = None, *, overrides: Sequence[str] = ()
         raise TypeError(f"config must be a facemae Config, a YAML path or None, got {type(config).__name__}")
     if address:
         resolved = dataclasses.replace(resolved, ray=dataclasses.replace(resolved.ray, address=address,
-                                                                          num_cpus=None))
+                                                                          num_cpus=None, object_store_mib=None))
     resolved = resolved.validate()
     storage.configure(**dataclasses.asdict(resolved.storage))  # the endpoint of every s3:// location it names
     return resolved
