@@ -13,7 +13,8 @@ the child also records what Ray's memory summary says the store holds (``store``
     python benchmarks/load.py --sizes 2000 10000                 # quicker
     python benchmarks/load.py --set ray.object_store_mib=4096    # any config override, in every run
 
-Writes ``benchmarks/results/load.json`` and ``load.md`` (date, machine, commit, command).
+Writes ``benchmarks/results/load.json`` and ``load.md`` (date, machine, commit, command), or
+``<name>.{json,md}`` with ``--name`` (a control run beside the figures).
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, every run")
+    parser.add_argument("--name", default="load", help="results file stem under benchmarks/results")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -159,8 +161,8 @@ def main() -> None:
         print(json.dumps(runs[-1]), flush=True)
     result = {**meta, "runs": runs, "growth": [_growth(a, b) for a, b in zip(runs, runs[1:])]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "load.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "load.md").write_text(_markdown(result))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(_markdown(result))
     print(_markdown(result))
 
 
