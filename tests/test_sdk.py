@@ -148,17 +148,25 @@ def _numbers(value: Any) -> list[float]:
     return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
-@pytest.mark.ray
-def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cluster):
-    said: list[str] = []
+@pytest.fixture(scope="module")
+def smoke_experiment(tmp_path_factory, ray_cluster):
+    """The two-seed smoke experiment, its folder (``syn``, ``runs``, ``report``) and its stage lines; the
+    cross-dataset test trains on the same dataset and storage, so it reuses the generators trained here."""
+    root, said = tmp_path_factory.mktemp("experiment"), []
     result = facemae.experiment(CONFIGS / "experiment_smoke.yaml", say=said.append, overrides=[
-        f"data.output={tmp_path / 'syn'}", f"train.storage_path={tmp_path / 'runs'}",
-        f"experiment.output={tmp_path / 'report'}", "experiment.seeds=[0, 1]"])
+        f"data.output={root / 'syn'}", f"train.storage_path={root / 'runs'}",
+        f"experiment.output={root / 'report'}", "experiment.seeds=[0, 1]"])
+    return root, result, said
+
+
+@pytest.mark.ray
+def test_smoke_experiment_writes_a_finite_report_with_every_row(smoke_experiment):
+    tmp_path, result, said = smoke_experiment
     out = tmp_path / "report"
     assert result.report == str(out / "report.md")
     assert result.seeds == [0, 1] and list(result.table) == ["originals", "masked", "mae", "facemae"]
     # The seeds loop: each seed trains its own FaceMAE, MAE and FR models; teacher and judge are shared.
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if "-on-" not in p.name)  # not the cross test's
     assert [r for r in runs if r.endswith(("-teacher", "-judge"))] == [
         "facemae-experiment-smoke-judge", "facemae-experiment-smoke-teacher"]
     for seed in (0, 1):
@@ -203,7 +211,7 @@ def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cl
     assert result.table["originals"]["privacy"]["image_leak@1"] == pytest.approx(1.0, abs=0.05)
     # A rerun reuses every finished run and every row's scores (kept beside each FR run under a
     # fingerprint of their inputs): the same numbers, nothing retrained.
-    scores = sorted((tmp_path / "runs").glob("*-fr-*-s*/experiment_scores.json"))
+    scores = sorted((tmp_path / "runs").glob("facemae-experiment-smoke-fr-*-s*/experiment_scores.json"))
     assert len(scores) == 8
     stamps = {p: p.stat().st_mtime_ns for p in scores}
     again = facemae.experiment(CONFIGS / "experiment_smoke.yaml", say=said.append, overrides=[
@@ -215,24 +223,31 @@ def test_smoke_experiment_writes_a_finite_report_with_every_row(tmp_path, ray_cl
 
 @pytest.mark.ray
 def test_smoke_cross_dataset_experiment_releases_another_domain_with_generators_trained_on_the_first(
-        tmp_path, ray_cluster):
+        smoke_experiment, tmp_path):
     said: list[str] = []
+    # Dataset A is the smoke experiment's, with its storage: its seed-0 generators are reused, not retrained.
     # Dataset B is the smoke config's data (16 identities x 6 images...) but for its output and domain.
+    a, _, _ = smoke_experiment
+    name, on_b = "facemae-experiment-smoke", "facemae-experiment-smoke-on-shifted"
+    exports = sorted((a / "runs").glob(f"{name}-*-s0/export/*"))
+    assert exports
+    stamps = {p: p.stat().st_mtime_ns for p in exports}
+    before = {p.name for p in (a / "runs").iterdir()}
     deploy = [f"experiment.deploy.output={tmp_path / 'shifted'}", "experiment.deploy.domain=shifted"]
     result = facemae.experiment(CONFIGS / "experiment_smoke.yaml", say=said.append, overrides=[
-        f"data.output={tmp_path / 'base'}", f"train.storage_path={tmp_path / 'runs'}",
+        f"data.output={a / 'syn'}", f"train.storage_path={a / 'runs'}",
         f"experiment.output={tmp_path / 'report'}", *deploy, "experiment.attacks=true", "experiment.adaptive_steps=2"])
     rows = ["originals", "masked", "mae", "facemae", "mae-cross", "facemae-cross"]
     assert list(result.table) == rows and result.seeds == [0]
     assert read_manifest(str(tmp_path / "shifted")).source["domain"] == "shifted"
-    assert read_manifest(str(tmp_path / "base")).source["domain"] == "base"
-    # B's own rows train on B (its teacher and judge); the -cross rows' generators are A's, with A's teacher.
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    name, on_b = "facemae-experiment-smoke", "facemae-experiment-smoke-on-shifted"
-    assert [r for r in runs if r.endswith(("-teacher", "-judge"))] == [f"{on_b}-judge", f"{on_b}-teacher",
-                                                                        f"{name}-teacher"]
-    assert {f"{name}-facemae-s0", f"{name}-mae-s0", f"{on_b}-facemae-s0", f"{on_b}-mae-s0",
-            f"{on_b}-fr-facemae-cross-s0", f"{on_b}-fr-mae-cross-s0"} <= set(runs)
+    assert read_manifest(str(a / "syn")).source["domain"] == "base"
+    # B's own rows train on B (its teacher and judge); the -cross rows' generators are A's, with A's teacher:
+    # every run the experiment added is B's, and A's runs are untouched.
+    runs = {p.name for p in (a / "runs").iterdir()}
+    assert all(r.startswith(on_b) for r in runs - before), sorted(runs - before)
+    assert {f"{on_b}-judge", f"{on_b}-teacher", f"{on_b}-facemae-s0", f"{on_b}-mae-s0",
+            f"{on_b}-fr-facemae-cross-s0", f"{on_b}-fr-mae-cross-s0"} <= runs - before
+    assert {p: p.stat().st_mtime_ns for p in exports} == stamps
     for row in rows:  # every row released and scored on B's deployment identities, by B's judge and pairs
         released = result.table[row]["dataset"]
         assert released == str(tmp_path / "shifted") or released.startswith(str(tmp_path / "shifted-masked"))
