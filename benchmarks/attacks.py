@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from facemae import console
+from facemae.cli import job_console
 from facemae.config import load_config
 from facemae.eval.stats import mean_ci, paired_difference
 from facemae.experiment import ATTACK_METRICS, autoencoder_config, row_attacks, shared_models
@@ -110,20 +111,22 @@ def main() -> None:
     parser.add_argument("--lam", type=float, default=0.3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 0])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("-v", "--verbose", action="store_true", help="Ray, DeepSpeed and torch output here, not in the log")
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
     meta = provenance()
-    shared = shared_models(config, console.say)
     frontier = json.loads((RESULTS / "frontier.json").read_text())
     runs: dict[int, dict[str, dict[str, Any]]] = {}
-    for seed in args.seeds:
-        runs[seed] = seed_rows(config, shared, ratio=args.ratio, lam=args.lam, seed=seed)
-        done = list(runs)
-        # The fixed judge's identity_leak@1 of the same releases, from the frontier's own scores.
-        judge_leak = {row: [_frontier_leak(frontier, row, args.ratio, args.lam, s) for s in done] for row in ROWS}
-        write(meta, done, runs, ratio=args.ratio, lam=args.lam, steps=config.experiment.adaptive_steps,
-              judge_leak=judge_leak)
-        console.say(f"wrote {RESULTS / 'attacks.md'} (seeds {done})")
+    with job_console("attacks", verbose=args.verbose):
+        shared = shared_models(config, console.say)
+        for seed in args.seeds:
+            runs[seed] = seed_rows(config, shared, ratio=args.ratio, lam=args.lam, seed=seed)
+            done = list(runs)
+            # The fixed judge's identity_leak@1 of the same releases, from the frontier's own scores.
+            judge_leak = {row: [_frontier_leak(frontier, row, args.ratio, args.lam, s) for s in done] for row in ROWS}
+            write(meta, done, runs, ratio=args.ratio, lam=args.lam, steps=config.experiment.adaptive_steps,
+                  judge_leak=judge_leak)
+            console.say(f"wrote {RESULTS / 'attacks.md'} (seeds {done})")
 
 
 def _frontier_leak(frontier: dict[str, Any], row: str, ratio: float, lam: float, seed: int) -> float:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from facemae import console
+from facemae.cli import job_console
 from facemae.config import load_config
 from facemae.eval.stats import mean_ci, paired_difference
 from facemae.experiment import run_experiment
@@ -85,12 +87,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="jobs/configs/experiment.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("-v", "--verbose", action="store_true", help="Ray, DeepSpeed and torch output here, not in the log")
     args = parser.parse_args()
     overrides = [o for o in DEPLOY if o.split("=")[0] not in {s.split("=")[0] for s in args.overrides}]
     config = load_config(args.config, overrides + args.overrides)
     meta = provenance()
     started = time.monotonic()
-    result = run_experiment(config, say=lambda s: print(s, flush=True))
+    with job_console("generalization", verbose=args.verbose):
+        result = run_experiment(config, say=console.say)
     meta["wall_minutes"] = round((time.monotonic() - started) / 60, 1)
     report = Path(result.report).parent
     body = {**meta, **json.loads((report / "generalization.json").read_text()), "config": args.config}

@@ -22,7 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
-from facemae import storage
+from facemae import console, storage
+from facemae.cli import job_console
 from facemae.config import Config, load_config
 from facemae.experiment import run_experiment
 from provenance import RESULTS, provenance
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS / "science"))
     parser.add_argument("--cost", action="store_true",
                         help="file the wall time as experiment_cost (a run from nothing)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Ray, DeepSpeed and torch output here, not in the log")
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
     if args.cost and (reused := _reusable(config)):
@@ -44,7 +46,8 @@ def main() -> None:
                      "point train.storage_path and data.output at new folders")
     meta = provenance()
     started = time.monotonic()
-    result = run_experiment(config, say=lambda s: print(s, flush=True))
+    with job_console("science", verbose=args.verbose):
+        result = run_experiment(config, say=console.say)
     meta["wall_minutes"] = round((time.monotonic() - started) / 60, 1)
     report = Path(result.report)
     science = json.loads((report.parent / "science.json").read_text())
