@@ -439,6 +439,39 @@ def test_metrics_endpoint_is_scraped_over_http_while_training(tmp_path, dataset)
     assert re.search(r'^facemae_train_loss\{component="loss",run="metrics"\} \d', text, re.M)
 
 
+def test_runs_trained_one_after_another_in_one_process_each_serve_their_own_metrics_on_the_port():
+    """A run's context frees the metrics port when it closes: the next run in the same process (an experiment's
+    in-process stages) serves its own numbers there, not the first run's, and a closed endpoint answers nothing."""
+    import urllib.error
+    import urllib.request
+
+    from facemae.metrics import TrainMetrics
+    from facemae.train.context import WorkerContext
+
+    port = _free_port()
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    for run, steps in (("first", 3), ("second", 7)):
+        config = load_config(None, [f"name={run}", f"train.metrics_port={port}"]).validate()
+        ctx = WorkerContext(config, rank=0, world_size=1, device=torch.device("cpu"), num_classes=2,
+                            run_dir=".", in_ray=False)
+        assert ctx.metrics.port == port
+        ctx.metrics.observe(images=4, step=steps, step_s=0.1, wait_s=0.0, losses={"total": 1.0})
+        body = scrape()
+        assert f'facemae_train_step{{run="{run}"}} {float(steps)}' in body, body
+        assert "first" not in body or run == "first"
+        ctx.close()
+        with pytest.raises(urllib.error.URLError):
+            scrape()
+    # The metrics object alone closes too, and twice is harmless.
+    metrics = TrainMetrics(run="alone", rank=0, world_size=1, port=port)
+    assert metrics.port == port
+    metrics.close()
+    metrics.close()
+
+
 @pytest.mark.ray
 def test_a_lost_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, dataset, teacher, ray_cluster):
     import threading

@@ -13,6 +13,7 @@ import resource
 import sys
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class TrainMetrics:
         self._recent: deque[tuple[int, float, float]] = deque(maxlen=20)
         self._totals = [0.0, 0.0]  # seconds of compute and of data wait since this process started
         self._last_step = 0
+        self._server: Any = None
         self.port = self._serve(port, host) if port is not None else None
         self._ray = _RayMetrics(run=run, rank=rank) if in_ray else None
 
@@ -85,7 +87,17 @@ class TrainMetrics:
             log.warning("Prometheus endpoint not started on %s:%s (%s); set train.metrics_port to a free port",
                         host, port, exc)
             return None
+        self._server = server
         return server.server_port
+
+    def close(self) -> None:
+        """Stops this run's endpoint and frees its port: several runs trained one after another in one process
+        (``train.num_workers: 0``, an experiment's stages) each serve their own numbers on the same port, where
+        the first run's server would otherwise keep the port and its stale numbers for the process's life."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
 
     def observe(self, *, images: int, step: int, step_s: float, wait_s: float, losses: dict[str, float]) -> None:
         """Records one micro-batch."""

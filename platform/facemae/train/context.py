@@ -126,13 +126,15 @@ class WorkerContext:
                 log.flush(force=True)
 
     def close(self) -> None:
-        """Puts the last lines of the run's logs in place (an object store's copies are uploaded)."""
+        """Puts the last lines of the run's logs in place (an object store's copies are uploaded) and stops the
+        metrics endpoint."""
         for log in (self._metrics_log, self._ids_file):
             if log is not None:
                 log.close()
         self._metrics_log = self._ids_file = None
         if self._tracker is not None:
             self._tracker.close()
+        self.metrics.close()
 
     def track(self, metrics: dict[str, Any], directory: str | None) -> None:
         """Rank 0, with tracking on: the report's metrics at its step, and the preview of the checkpoint
