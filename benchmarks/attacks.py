@@ -24,6 +24,8 @@ from typing import Any
 from facemae import console
 from facemae.cli import job_console
 from facemae.config import load_config
+from facemae.data.ingest import ingest
+from facemae.data.owner import mask_dataset
 from facemae.eval.stats import mean_ci, paired_difference
 from facemae.experiment import ATTACK_METRICS, autoencoder_config, row_attacks, shared_models
 from facemae.frontier import _ratio_config, _release
@@ -38,6 +40,7 @@ PAIRS = (("facemae", "mae"), ("facemae", "masked"), ("mae", "masked"))
 def seed_rows(config: Any, shared: dict[str, str], *, ratio: float, lam: float, seed: int) -> dict[str, dict[str, Any]]:
     """Every row's attack numbers at one seed (the frontier's generators and releases, reused)."""
     rc = _ratio_config(config, ratio, seed)
+    mask_dataset(rc)  # the ratio's masked faces: the frontier's prepare() makes them, reused here when finished
     out: dict[str, dict[str, Any]] = {}
     for row in ROWS:
         weights, tag = "", row
@@ -118,6 +121,7 @@ def main() -> None:
     frontier = json.loads((RESULTS / "frontier.json").read_text())
     runs: dict[int, dict[str, dict[str, Any]]] = {}
     with job_console("attacks", verbose=args.verbose):
+        ingest(config)  # the frontier's dataset, reused when finished (a fresh checkout has none)
         shared = shared_models(config, console.say)
         for seed in args.seeds:
             runs[seed] = seed_rows(config, shared, ratio=args.ratio, lam=args.lam, seed=seed)
