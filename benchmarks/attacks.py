@@ -14,7 +14,6 @@ rerun continues (every run, release and score is reused).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from facemae import console
-from facemae.cli import job_console
+from facemae.cli import job_console, job_parser
 from facemae.config import load_config
 from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
@@ -108,13 +107,10 @@ def write(meta: dict[str, Any], seeds: list[int], runs: dict[int, dict[str, dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="jobs/configs/frontier.yaml")
+    parser = job_parser(__doc__, default_config="jobs/configs/frontier.yaml", example="experiment.adaptive_steps=100")
     parser.add_argument("--ratio", type=float, default=0.9)
     parser.add_argument("--lam", type=float, default=0.3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 0])
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("-v", "--verbose", action="store_true", help="Ray, DeepSpeed and torch output here, not in the log")
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
     meta = provenance()

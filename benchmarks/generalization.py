@@ -16,7 +16,6 @@ Every run, release and score is reused, so a stopped run continues where it was;
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from facemae import console
-from facemae.cli import job_console
+from facemae.cli import job_console, job_parser
 from facemae.config import load_config
 from facemae.eval.stats import mean_ci, paired_difference
 from facemae.experiment import run_experiment
@@ -84,10 +83,7 @@ def markdown(body: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="jobs/configs/experiment.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("-v", "--verbose", action="store_true", help="Ray, DeepSpeed and torch output here, not in the log")
+    parser = job_parser(__doc__, default_config="jobs/configs/experiment.yaml", example="experiment.seeds=[0]")
     args = parser.parse_args()
     overrides = [o for o in DEPLOY if o.split("=")[0] not in {s.split("=")[0] for s in args.overrides}]
     config = load_config(args.config, overrides + args.overrides)

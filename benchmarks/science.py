@@ -16,14 +16,13 @@ With ``--cost`` (the run must start from nothing: an empty ``train.storage_path`
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
 from pathlib import Path
 
 from facemae import console, storage
-from facemae.cli import job_console
+from facemae.cli import job_console, job_parser
 from facemae.config import Config, load_config
 from facemae.experiment import run_experiment
 from provenance import RESULTS, provenance
@@ -32,13 +31,10 @@ COST_GOAL_MINUTES = 90
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="jobs/configs/experiment.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser = job_parser(__doc__, default_config="jobs/configs/experiment.yaml", example="experiment.seeds=[0]")
     parser.add_argument("--output", default=str(RESULTS / "science"))
     parser.add_argument("--cost", action="store_true",
                         help="file the wall time as experiment_cost (a run from nothing)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Ray, DeepSpeed and torch output here, not in the log")
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
     if args.cost and (reused := _reusable(config)):
