@@ -94,3 +94,24 @@ def test_experiment_deploy_is_data_but_for_what_it_sets_and_needs_its_own_folder
         load_config(smoke, ["experiment.deploy.domain=shifted"])
     with pytest.raises(ValueError, match="data.domain='moon' is not one of"):
         load_config(None, ["experiment.deploy.output=x", "experiment.deploy.domain=moon"])
+
+
+def test_absolute_resolves_every_local_path_against_the_working_directory_and_keeps_urls(tmp_path, monkeypatch):
+    """What a config sends to Ray Train workers, Tune trials and actors, which start in folders of their own."""
+    from facemae.config import LOCAL_PATHS
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["data.output=data/x", "mask.output=s3://bucket/masked", "train.teacher=t/w.safetensors",
+                                "train.storage_path=runs", "generate.output=gs://b/out", "experiment.deploy.output=d",
+                                "experiment.deploy.source=synthetic", "frontier.ledger=ledger"])
+    a = config.absolute()
+    assert a.data.output == str(tmp_path / "data" / "x") and a.train.teacher == str(tmp_path / "t" / "w.safetensors")
+    assert a.train.storage_path == str(tmp_path / "runs") and a.frontier.ledger == str(tmp_path / "ledger")
+    assert a.experiment.deploy is not None and a.experiment.deploy.output == str(tmp_path / "d")
+    assert (a.mask.output, a.generate.output) == ("s3://bucket/masked", "gs://b/out")  # URLs as written
+    assert (a.train.judge, a.generate.weights, a.data.path) == ("", "", None)  # unset stays unset
+    assert a.data.num_identities == config.data.num_identities and a.name == config.name
+    # Every setting named there exists (a renamed one would be left relative without a word).
+    for section, keys in LOCAL_PATHS.items():
+        assert all(hasattr(getattr(config, section), k) for k in keys), section
+    assert a.absolute() == a  # idempotent

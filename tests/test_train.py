@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -226,21 +227,27 @@ def test_teacher_embeddings_from_an_actor_pool_match_a_direct_computation(tmp_pa
 
 
 @pytest.mark.ray
-def test_a_facemae_run_and_its_validation_open_no_deployment_original(tmp_path, teacher, ray_cluster):
+def test_a_facemae_run_and_its_validation_open_no_deployment_original(tmp_path, teacher, ray_cluster, monkeypatch):
     """DESIGN.md "Who sees what": once the owner has masked them, the deployment originals are taken out of
     the trainer's view (their shards deleted); the teacher embedding (a Ray Data pool), a two-worker FaceMAE
-    run and its validation still run, from the train and val splits alone."""
+    run and its validation still run, from the train and val splits alone.
+
+    Every folder is given relative to the working directory, as README's job gives ``data/...``: Ray Train
+    workers start in folders of their own, where the validation and preview faces were not found."""
     from facemae.data.ingest import ingest
     from facemae.data.owner import mask_dataset
     from facemae.generate.embed import embed_dataset
     from facemae.train.trainer import train
 
-    root, embedded = tmp_path / "orig", str(tmp_path / "embedded")
-    config = _config(tmp_path, str(root), teacher, "name=no-deploy", "data.num_identities=12",
-                     "data.images_per_identity=4", "data.deploy_fraction=0.25", "data.val_fraction=0.17",
-                     "data.rows_per_shard=16", "data.workers=1", f"mask.output={tmp_path / 'masked'}",
-                     "mask.splits=[deploy]", "train.num_workers=2", "train.max_steps=4", "train.val_every=2",
-                     "train.val_images=8", "train.checkpoint_every=4")
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(Path(teacher).parent, "teacher")  # the export: weights and what they are
+    root, embedded, teacher = Path("orig"), "embedded", "teacher/weights.safetensors"
+    config = load_config(None, [*TINY, "data.output=orig", f"train.teacher={teacher}", "train.storage_path=runs",
+                                "name=no-deploy", "data.num_identities=12",
+                                "data.images_per_identity=4", "data.deploy_fraction=0.25", "data.val_fraction=0.17",
+                                "data.rows_per_shard=16", "data.workers=1", "mask.output=masked",
+                                "mask.splits=[deploy]", "train.num_workers=2", "train.max_steps=4",
+                                "train.val_every=2", "train.val_images=8", "train.checkpoint_every=4"])
     original = ingest(config)
     mask_dataset(config)
     deploy = original.files(str(root), "deploy")
@@ -253,6 +260,8 @@ def test_a_facemae_run_and_its_validation_open_no_deployment_original(tmp_path, 
     validated = [m for m in _metrics(result.run_dir) if "val_psnr_masked" in m]
     assert [m["step"] for m in validated] == [2, 4] and all(np.isfinite(m["val_psnr_masked"]) for m in validated)
     assert Path(result.checkpoint).name == "checkpoint_00000004"
+    assert (Path(result.checkpoint) / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(result.run_dir) == tmp_path / "runs" / "no-deploy"
 
 
 def test_previews_of_two_runs_over_the_same_data_show_the_same_faces(tmp_path, dataset, teacher):

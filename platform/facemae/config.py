@@ -864,6 +864,14 @@ class TrackingConfig:
                              "(default: facemae)")
 
 
+# The settings that name local files and folders (besides ``train.storage_path``), per section: what
+# :meth:`Config.absolute` resolves. A new path setting belongs here.
+LOCAL_PATHS = {"data": ("path", "output"), "mask": ("output",),
+               "train": ("teacher", "judge", "init_weights", "resume_from", "debug_state_dir"),
+               "generate": ("weights", "masked", "output"), "experiment": ("output", "nonmembers"),
+               "frontier": ("output", "ledger"), "tune": ("output",)}
+
+
 @dataclass
 class Config:
     """The root of every job's config.
@@ -940,6 +948,21 @@ class Config:
     def masked_output(self) -> str:
         """Folder of the masked dataset."""
         return self.mask.output or f"{self.data.output.rstrip('/')}-masked"
+
+    def absolute(self) -> "Config":
+        """This config with every local file and folder it names (:data:`LOCAL_PATHS`, ``train.storage_path``)
+        absolute against the driver's working directory, for a process that runs elsewhere: a Ray Train worker
+        starts in a folder of its own, where ``data/...`` names nothing. URLs and empty values stay as they are."""
+        def resolved(section: Any, keys: Sequence[str]) -> Any:
+            return dataclasses.replace(section, **{k: storage.absolute(getattr(section, k) or "") or getattr(section, k)
+                                                   for k in keys})
+
+        sections = {name: resolved(getattr(self, name), keys) for name, keys in LOCAL_PATHS.items()}
+        sections["train"] = dataclasses.replace(sections["train"], storage_path=self.train.storage_root())
+        if self.experiment.deploy is not None:
+            sections["experiment"] = dataclasses.replace(
+                sections["experiment"], deploy=resolved(self.experiment.deploy, LOCAL_PATHS["data"]))
+        return dataclasses.replace(self, **sections)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

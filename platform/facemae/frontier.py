@@ -281,7 +281,7 @@ def prepare(config: Config, say: Callable[[str], None]) -> dict[str, str]:
         mask_dataset(ratio_config)
         if "masked" in config.frontier.methods:
             _release(ratio_config, method="masked", weights="", paste=True, tag="masked")
-    return {k: _absolute(v) for k, v in shared.items()}
+    return {k: storage.absolute(v) for k, v in shared.items()}
 
 
 def _ray_config(config: Config) -> Any:
@@ -294,19 +294,6 @@ def _ray_config(config: Config) -> Any:
     f, g = config.frontier, config.generate
     need = f.max_concurrent * (f.cpus_per_trial + g.actors * g.cpus_per_actor) + 0.5
     return dataclasses.replace(config.ray, num_cpus=max(config.ray.num_cpus or os.cpu_count() or 1, math.ceil(need)))
-
-
-def _absolute(location: str) -> str:
-    """A local path made absolute (Tune runs each trial in a folder of its own); a URL as it is."""
-    return location if storage.is_remote(location) else str(Path(location).resolve())
-
-
-def _absolute_config(config: Config) -> Config:
-    """The config with its local folders absolute, for trials that run elsewhere."""
-    data = dataclasses.replace(config.data, output=_absolute(config.data.output))
-    train_ = dataclasses.replace(config.train, storage_path=_absolute(config.train.storage_root()))
-    frontier = dataclasses.replace(config.frontier, ledger=_absolute(ledger_folder(config)))
-    return dataclasses.replace(config, data=data, train=train_, frontier=frontier)
 
 
 def _phase(config: Config, shared: dict[str, str], trials: list[dict[str, Any]], *, label: str,
@@ -360,7 +347,7 @@ def run_frontier(config: Config, *, restore: bool = True, say: Callable[[str], N
     from facemae.cluster import ensure_ray
 
     config.check_mae_patch_size()
-    config = _absolute_config(config)  # the same folders in the driver and in every trial's own folder
+    config = config.absolute()  # the same folders in the driver and in every trial's own folder
     ensure_ray(_ray_config(config))
     shared = prepare(config, say)
     first = config.frontier.seeds[:1]

@@ -91,6 +91,13 @@ def is_remote(location: PathLike) -> bool:
     return isinstance(location, str) and "://" in location
 
 
+def absolute(location: str) -> str:
+    """A local path made absolute against this process's working directory (``~`` expanded); a URL as it is.
+    For locations that travel to another process (a Ray Train worker, a Tune trial, an actor), whose working
+    directory is its own."""
+    return location if not location or is_remote(location) else str(Path(location).expanduser().resolve())
+
+
 def split_url(location: str) -> tuple[str, str, str]:
     """``s3://bucket/a/b`` -> ``("s3", "bucket", "a/b")``.
 
@@ -547,14 +554,14 @@ def store_of(location: str) -> tuple[str, str] | None:
 
 
 def for_arrow(locations: Sequence[str]) -> tuple[list[str], pafs.FileSystem | None]:
-    """``(paths, filesystem)`` to hand Ray Data's ``read_parquet`` or pyarrow: local paths as they are
-    with ``None`` (the default), object locations as paths in their filesystem, which carries the
+    """``(paths, filesystem)`` to hand Ray Data's ``read_parquet`` or pyarrow: local paths made absolute (its
+    tasks run in working directories of their own) with ``None`` (the default), object locations as paths in their filesystem, which carries the
     endpoint and region of :func:`configure` (a bare URL would reach AWS itself). All on one store
     (:func:`store_of`)."""
     if len({store_of(loc) for loc in locations}) > 1:
         raise StorageLocationError(f"{locations[0]} and others: read from one store (one bucket) at a time")
     if not locations or not is_remote(locations[0]):
-        return list(locations), None
+        return [absolute(loc) for loc in locations], None
     resolved = [resolve(loc) for loc in locations]
     return [path for _, path in resolved], resolved[0][0]
 

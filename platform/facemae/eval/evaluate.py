@@ -139,7 +139,7 @@ def _embed_on_ray(config: Config, weights: str, files: list[str]) -> dict[str, l
     resources = {"num_cpus": config.generate.cpus_per_actor}
     ds = shard_rows(files, **resources).map_batches(
         FlipSumEmbedder, batch_size=None, batch_format="numpy",
-        fn_constructor_kwargs={"weights": weights, "batch_size": config.eval.batch_size,
+        fn_constructor_kwargs={"weights": storage.absolute(weights), "batch_size": config.eval.batch_size,
                                "storage_options": storage.options()},
         compute=ray.data.ActorPoolStrategy(size=config.generate.actors), **resources)
     out: dict[str, list] = {"image_id": [], "source_id": [], "identity": [], "emb": [], "corrupt": [], "path": []}

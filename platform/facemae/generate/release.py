@@ -193,7 +193,7 @@ def release_pool(config: Config, todo: dict[str, tuple[str, Any]], *, weights: s
     return shard_rows(list(todo), **resources).map_batches(
         Reconstructor, batch_size=pool_batch_size(todo, **resources), batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=g.actors),
-        fn_constructor_kwargs={"weights": weights, "method": g.method, "patch_size": patch_size,
+        fn_constructor_kwargs={"weights": storage.absolute(weights), "method": g.method, "patch_size": patch_size,
                                "paste_visible": config.loss.paste_visible, "batch_size": g.batch_size,
                                "use_gpu": g.use_gpu, "storage_options": storage.options()}, **resources)
 

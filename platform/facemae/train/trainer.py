@@ -187,7 +187,8 @@ def _train_ray(config: Config, files: list[str], num_classes: int, *, rows: int,
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"config": config.to_dict(), "num_classes": num_classes, "rows": rows,
+        # The config's folders absolute: each worker starts in a working directory of its own.
+        train_loop_config={"config": config.absolute().to_dict(), "num_classes": num_classes, "rows": rows,
                            "progress": progress, "tracked": tracked, "storage": storage.options()},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),

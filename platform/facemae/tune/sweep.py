@@ -115,16 +115,10 @@ def prepare(config: Config, say: Callable[[str], None]) -> tuple[Config, str]:
     # Every report must carry the objective (Tune checks each result for the metric): reports come
     # at log steps, checkpoint steps and the last step, so all of them are validation steps.
     # Tune runs each trial in its own trial folder as working directory: paths must be absolute.
-    base = dataclasses.replace(config, data=dataclasses.replace(config.data, output=_absolute(config.data.output)),
-                               train=dataclasses.replace(
+    base = dataclasses.replace(config, train=dataclasses.replace(
         t, task="mae", teacher=teacher, judge=judge, val_every=every, log_every=every,
-        checkpoint_every=math.ceil(t.checkpoint_every / every) * every, metrics_port=0, debug_state_dir=""))
-    return base, _absolute(dataset)
-
-
-def _absolute(location: str) -> str:
-    """A local path made absolute (Tune runs each trial in its own folder); a URL as it is."""
-    return location if storage.is_remote(location) else str(Path(location).resolve())
+        checkpoint_every=math.ceil(t.checkpoint_every / every) * every, metrics_port=0, debug_state_dir="")).absolute()
+    return base, storage.absolute(dataset)
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], *, trial_id: str) -> Config:
