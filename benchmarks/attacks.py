@@ -6,8 +6,10 @@ MAE's and FaceMAE's releases of the deployment identities (the frontier's own ru
 seed the frontier has no generators for trains them), then :func:`facemae.attacks.attack_scores` on each.
 Writes ``benchmarks/results/attacks.json`` (per-seed lists, the issue's schema, with the date, machine, commit
 and command), ``attacks.md`` (means with 95% t intervals, paired differences) and ``attacks_roc.png`` (the
-membership inference ROC of the first seed), after every seed, so a stopped run keeps what it finished and a
-rerun continues (every run, release and score is reused).
+membership inference ROC of the first seed), after every seed. Each row and seed's scores also go to the ledger
+``benchmarks/results/attacks-points/`` (committed, under the digest of the settings they were measured with), so a
+stopped run keeps what it finished and a rerun continues, in this checkout (every run, release and score reused) or
+in a fresh one (the ledger's rows not measured again; the teacher and judge are trained only for rows it lacks).
 
     python benchmarks/attacks.py [--config jobs/configs/frontier.yaml] [--ratio 0.9] [--lam 0.3] [--seeds 1 2 0]
 """
@@ -15,10 +17,11 @@ rerun continues (every run, release and score is reused).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from facemae import console
 from facemae.cli import job_console, job_parser
@@ -26,8 +29,9 @@ from facemae.config import load_config
 from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
 from facemae.eval.stats import mean_ci, paired_difference
+from facemae.data.shards import atomic_write_text
 from facemae.experiment import ATTACK_METRICS, autoencoder_config, row_attacks, shared_models
-from facemae.frontier import _ratio_config, _release
+from facemae.frontier import _ratio_config, _release, settings_digest
 from facemae.report import plot_membership_roc
 from facemae.train.trainer import train
 from provenance import RESULTS, provenance
@@ -36,35 +40,67 @@ ROWS = ("originals", "masked", "mae", "facemae")
 PAIRS = (("facemae", "mae"), ("facemae", "masked"), ("mae", "masked"))
 
 
-def seed_rows(config: Any, shared: dict[str, str], *, ratio: float, lam: float, seed: int) -> dict[str, dict[str, Any]]:
-    """Every row's attack numbers at one seed (the frontier's generators and releases, reused)."""
+LEDGER = RESULTS / "attacks-points"
+
+
+def _point(rc: Any, row: str, *, ratio: float, lam: float, seed: int) -> Path:
+    """A row and seed's file in the ledger: ``facemae-l0.3-r0.9-s1.json``, ``originals-r0.9-s1.json``."""
+    tag = f"facemae-l{lam:g}" if row == "facemae" else row
+    return LEDGER / f"{tag}-r{ratio:g}-s{seed}.json"
+
+
+def _settings(rc: Any) -> dict[str, Any]:
+    """What a ledger row's numbers depend on: the frontier's settings digest and the attacker's own settings."""
+    return {"settings": settings_digest(rc), "adaptive_steps": rc.experiment.adaptive_steps,
+            "nonmembers": bool(rc.experiment.nonmembers)}
+
+
+def seed_rows(config: Any, shared: Callable[[], dict[str, str]], *, ratio: float, lam: float,
+              seed: int) -> dict[str, dict[str, Any]]:
+    """Every row's attack numbers at one seed: from the ledger, else measured (the frontier's generators and
+    releases reused) and recorded there. ``shared()`` gives the teacher, judge and embedded dataset."""
     rc = _ratio_config(config, ratio, seed)
-    mask_dataset(rc)  # the ratio's masked faces: the frontier's prepare() makes them, reused here when finished
     out: dict[str, dict[str, Any]] = {}
     for row in ROWS:
-        weights, tag = "", row
-        if row in ("mae", "facemae"):
-            lam_row = lam if row == "facemae" else 0.0
-            generator = autoencoder_config(dataclasses.replace(rc, name=f"{rc.name}-l{lam_row:g}",
-                                                               loss=dataclasses.replace(rc.loss, lambda_irm=lam_row)),
-                                           seed, row, teacher=shared["teacher"])
-            weights = train(generator, dataset=shared["embedded"] if row == "facemae" else None,
-                            show_progress=False).weights
-            tag = f"facemae-l{lam:g}" if row == "facemae" else "mae"
-        if row == "originals":
-            released = config.data.output
-        else:
-            released = _release(rc, method=row if row == "masked" else "reconstruct", weights=weights, paste=True,
-                                tag=tag if row == "masked" else f"{tag}-s{seed}")
-        cache = str(Path(config.train.run_dir_for(f"{rc.name}-attacks")) / f"{tag}-s{seed}")
-        Path(cache).mkdir(parents=True, exist_ok=True)
-        started = time.monotonic()
-        out[row] = row_attacks(rc, row, seed, judge=shared["judge"], weights=weights, released=released, cache=cache,
-                               name=f"{tag}-s{seed}")
-        console.say(f"seed {seed}: {row:9s} adaptive_identity_leak@1 {out[row]['adaptive_identity_leak@1']:.3f} "
-                    f"mia_auc {out[row]['mia_auc']:.3f} adaptive_mia_auc {out[row]['adaptive_mia_auc']:.3f} "
-                    f"({time.monotonic() - started:.0f} s)")
+        point = _point(rc, row, ratio=ratio, lam=lam, seed=seed)
+        entry = json.loads(point.read_text()) if point.is_file() else {}
+        if {k: entry.get(k) for k in _settings(rc)} == _settings(rc):
+            out[row] = entry["scores"]
+            console.say(f"seed {seed}: {row:9s} from the ledger {point.relative_to(RESULTS.parent.parent)}")
+            continue
+        out[row] = _measure(config, rc, row, shared(), lam=lam, seed=seed)
+        LEDGER.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(str(point), json.dumps({**_settings(rc), "scores": out[row]}, indent=1, sort_keys=True,
+                                                 default=float) + "\n")
     return out
+
+
+def _measure(config: Any, rc: Any, row: str, shared: dict[str, str], *, lam: float, seed: int) -> dict[str, Any]:
+    """One row's attack numbers at one seed (the frontier's generators and releases, reused)."""
+    mask_dataset(rc)  # the ratio's masked faces: the frontier's prepare() makes them, reused here when finished
+    weights, tag = "", row
+    if row in ("mae", "facemae"):
+        lam_row = lam if row == "facemae" else 0.0
+        generator = autoencoder_config(dataclasses.replace(rc, name=f"{rc.name}-l{lam_row:g}",
+                                                           loss=dataclasses.replace(rc.loss, lambda_irm=lam_row)),
+                                       seed, row, teacher=shared["teacher"])
+        weights = train(generator, dataset=shared["embedded"] if row == "facemae" else None,
+                        show_progress=False).weights
+        tag = f"facemae-l{lam:g}" if row == "facemae" else "mae"
+    if row == "originals":
+        released = config.data.output
+    else:
+        released = _release(rc, method=row if row == "masked" else "reconstruct", weights=weights, paste=True,
+                            tag=tag if row == "masked" else f"{tag}-s{seed}")
+    cache = str(Path(config.train.run_dir_for(f"{rc.name}-attacks")) / f"{tag}-s{seed}")
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    scores = row_attacks(rc, row, seed, judge=shared["judge"], weights=weights, released=released, cache=cache,
+                         name=f"{tag}-s{seed}")
+    console.say(f"seed {seed}: {row:9s} adaptive_identity_leak@1 {scores['adaptive_identity_leak@1']:.3f} "
+                f"mia_auc {scores['mia_auc']:.3f} adaptive_mia_auc {scores['adaptive_mia_auc']:.3f} "
+                f"({time.monotonic() - started:.0f} s)")
+    return scores
 
 
 def _cell(values: list[float]) -> str:
@@ -117,8 +153,11 @@ def main() -> None:
     frontier = json.loads((RESULTS / "frontier.json").read_text())
     runs: dict[int, dict[str, dict[str, Any]]] = {}
     with job_console("attacks", verbose=args.verbose):
-        ingest(config)  # the frontier's dataset, reused when finished (a fresh checkout has none)
-        shared = shared_models(config, console.say)
+        @functools.cache
+        def shared() -> dict[str, str]:  # only for rows the ledger lacks
+            ingest(config)  # the frontier's dataset, reused when finished (a fresh checkout has none)
+            return shared_models(config, console.say)
+
         for seed in args.seeds:
             runs[seed] = seed_rows(config, shared, ratio=args.ratio, lam=args.lam, seed=seed)
             done = list(runs)
