@@ -537,4 +537,6 @@ def test_arrow_reads_refuse_a_mix_of_stores_instead_of_taking_urls_for_local_pat
     for mixed in (["data/x.parquet", "s3://bkt/a/x.parquet"], ["s3://one/x.parquet", "gs://two/x.parquet"]):
         with pytest.raises(storage.StorageLocationError, match="one store"):
             storage.for_arrow(mixed)
-    assert storage.for_arrow(["data/x.parquet", "data/y.parquet"]) == (["data/x.parquet", "data/y.parquet"], None)
+    # Local paths made absolute: Ray Data's read tasks run in working directories of their own.
+    assert storage.for_arrow(["data/x.parquet", "/d/y.parquet"]) == ([os.path.abspath("data/x.parquet"),
+                                                                      "/d/y.parquet"], None)
