@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -63,3 +64,40 @@ def test_cost_refuses_a_run_that_would_reuse_work(scripts, tmp_path):
     (runs / "judge").mkdir()
     (runs / "judge" / "weights.safetensors").write_bytes(b"x")
     assert science._reusable(config) == str(runs)
+
+
+def test_the_attacks_ledger_is_reused_under_its_settings_and_a_changed_setting_measures_again(tmp_path, monkeypatch):
+    """benchmarks/attacks.py outlives a session through its committed ledger: a row and seed it holds under the
+    same settings is not measured again (no teacher or judge trained for it); one measured with another attacker
+    budget is."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import attacks
+
+    from facemae.config import load_config
+
+    monkeypatch.setattr(attacks, "LEDGER", tmp_path / "points")
+    monkeypatch.setattr(attacks, "RESULTS", tmp_path)
+    config = load_config(BENCHMARKS.parent / "jobs" / "configs" / "frontier.yaml", [])
+    rc = attacks._ratio_config(config, 0.9, 1)
+    (tmp_path / "points").mkdir()
+    for i, row in enumerate(attacks.ROWS):
+        path = attacks._point(rc, row, ratio=0.9, lam=0.3, seed=1)
+        path.write_text(json.dumps({**attacks._settings(rc), "scores": {"adaptive_identity_leak@1": i / 10}}))
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == [
+        "facemae-l0.3-r0.9-s1.json", "mae-r0.9-s1.json", "masked-r0.9-s1.json", "originals-r0.9-s1.json"]
+
+    def untouchable() -> dict[str, str]:
+        raise AssertionError("trained the shared models for a row the ledger holds")
+
+    rows = attacks.seed_rows(config, untouchable, ratio=0.9, lam=0.3, seed=1)
+    assert {row: s["adaptive_identity_leak@1"] for row, s in rows.items()} == {
+        "originals": 0.0, "masked": 0.1, "mae": 0.2, "facemae": 0.3}
+
+    measured: list[str] = []
+    monkeypatch.setattr(attacks, "_measure", lambda config, rc, row, shared, **kw: measured.append(row) or {"x": 1})
+    more = dataclasses.replace(config, experiment=dataclasses.replace(config.experiment, adaptive_steps=400))
+    attacks.seed_rows(more, lambda: {}, ratio=0.9, lam=0.3, seed=1)
+    assert measured == list(attacks.ROWS)  # another budget: every row again, each recorded under the new one
+    entry = json.loads(attacks._point(rc, "mae", ratio=0.9, lam=0.3, seed=1).read_text())
+    assert entry["adaptive_steps"] == 400 and entry["scores"] == {"x": 1}
+    sys.modules.pop("attacks", None)
