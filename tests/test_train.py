@@ -282,9 +282,13 @@ def test_previews_of_two_runs_over_the_same_data_show_the_same_faces(tmp_path, d
     np.testing.assert_array_equal(grids[0][:112], grids[1][:112])  # the same owner's masks
     np.testing.assert_array_equal(grids[0][224:], grids[1][224:])  # the same faces ...
     assert not np.array_equal(grids[0][112:224], grids[1][112:224])  # ... reconstructed by different runs
-    # ... the first 8 image ids of the validation split, in their shard's order.
-    rows = sorted(iter_rows(read_manifest(dataset).files(dataset, "val")), key=lambda r: r["image_id"])[:8]
-    np.testing.assert_array_equal(grids[0][224:], np.concatenate([decode_rgb(r["image"]) for r in rows], axis=1))
+    # ... each validation identity's first image id, then the next image ids to fill 8 faces, in id order.
+    rows = sorted(iter_rows(read_manifest(dataset).files(dataset, "val")), key=lambda r: r["image_id"])
+    people = [r for i, r in enumerate(rows) if r["identity"] not in {q["identity"] for q in rows[:i]}]
+    chosen = sorted(people[:8] + [r for r in rows if r not in people][:8 - len(people[:8])],
+                    key=lambda r: r["image_id"])
+    assert len({r["identity"] for r in chosen}) == min(8, len(people)) > 1  # several people, not one person 8 times
+    np.testing.assert_array_equal(grids[0][224:], np.concatenate([decode_rgb(r["image"]) for r in chosen], axis=1))
 
 
 def test_a_killed_and_rerun_local_run_marks_the_steps_it_trains_again(tmp_path, dataset, teacher, monkeypatch):

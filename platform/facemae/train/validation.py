@@ -88,14 +88,18 @@ def load_validation_set(config: Config, *, device: torch.device) -> ValidationSe
 
 
 def load_preview_set(config: Config, *, device: torch.device) -> ValidationSet:
-    """The faces of every checkpoint's preview: the first :data:`PREVIEW_FACES` image ids of the ``val`` split
-    of ``data.output`` (of ``train`` where there is none), masked as the owner would. Chosen by id, not by
-    seed or batch, so the previews of two runs over the same data show the same faces side by side."""
+    """The faces of every checkpoint's preview: of the ``val`` split of ``data.output`` (of ``train`` where there
+    is none), the first image id of each identity, the first :data:`PREVIEW_FACES` of those by id (as many
+    different people as there are; the next image ids fill the rest), masked as the owner would. Chosen by id, not
+    by seed or batch, so the previews of two runs over the same data show the same faces side by side."""
     root = config.data.output
     manifest = verify_dataset(root, splits=["val"])
     split = "val" if manifest.splits.get("val") else "train"
     index = sorted(_index(manifest.files(root, split)), key=lambda c: c[2])
-    return _masked_faces(config, index[:PREVIEW_FACES], device=device)
+    firsts = list({c[3]: c for c in reversed(index)}.values())[::-1]  # each identity's first image id
+    people = sorted(firsts, key=lambda c: c[2])[:PREVIEW_FACES]
+    fill = [c for c in index if c not in people][:PREVIEW_FACES - len(people)]
+    return _masked_faces(config, sorted(people + fill, key=lambda c: c[2]), device=device)
 
 
 def _index(files: list[str]) -> list[tuple[str, int, str, int]]:
