@@ -28,8 +28,8 @@ from facemae.cli import job_console, job_parser
 from facemae.config import load_config
 from facemae.data.ingest import ingest
 from facemae.data.owner import mask_dataset
-from facemae.eval.stats import mean_ci, paired_difference
 from facemae.data.shards import atomic_write_text
+from facemae.eval.stats import mean_ci, paired_difference
 from facemae.experiment import ATTACK_METRICS, autoencoder_config, row_attacks, shared_models
 from facemae.frontier import _ratio_config, _release, settings_digest
 from facemae.report import plot_membership_roc

@@ -954,8 +954,7 @@ class Config:
         absolute against the driver's working directory, for a process that runs elsewhere: a Ray Train worker
         starts in a folder of its own, where ``data/...`` names nothing. URLs and empty values stay as they are."""
         def resolved(section: Any, keys: Sequence[str]) -> Any:
-            return dataclasses.replace(section, **{k: storage.absolute(getattr(section, k) or "") or getattr(section, k)
-                                                   for k in keys})
+            return dataclasses.replace(section, **{k: storage.absolute(v) for k in keys if (v := getattr(section, k))})
 
         sections = {name: resolved(getattr(self, name), keys) for name, keys in LOCAL_PATHS.items()}
         sections["train"] = dataclasses.replace(sections["train"], storage_path=self.train.storage_root())

@@ -555,9 +555,9 @@ def store_of(location: str) -> tuple[str, str] | None:
 
 def for_arrow(locations: Sequence[str]) -> tuple[list[str], pafs.FileSystem | None]:
     """``(paths, filesystem)`` to hand Ray Data's ``read_parquet`` or pyarrow: local paths made absolute (its
-    tasks run in working directories of their own) with ``None`` (the default), object locations as paths in their filesystem, which carries the
-    endpoint and region of :func:`configure` (a bare URL would reach AWS itself). All on one store
-    (:func:`store_of`)."""
+    tasks run in working directories of their own) with ``None`` (the default), object locations as paths in
+    their filesystem, which carries the endpoint and region of :func:`configure` (a bare URL would reach AWS
+    itself). All on one store (:func:`store_of`)."""
     if len({store_of(loc) for loc in locations}) > 1:
         raise StorageLocationError(f"{locations[0]} and others: read from one store (one bucket) at a time")
     if not locations or not is_remote(locations[0]):

@@ -153,8 +153,8 @@ def embedding_pool(config: Config, todo: dict[str, tuple[str, Any]], *, weights:
     use_gpu = config.train.use_gpu
     actors = max(1, config.train.num_workers)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}
-    kwargs = {"weights": storage.absolute(weights), "use_gpu": use_gpu, "view": config.loss.irm_view, "sigma": config.loss.irm_blur_sigma,
-              "batch_size": config.train.micro_batch, "storage_options": storage.options()}
+    kwargs = {"weights": storage.absolute(weights), "use_gpu": use_gpu, "view": config.loss.irm_view,
+              "sigma": config.loss.irm_blur_sigma, "batch_size": config.train.micro_batch, "storage_options": storage.options()}
     return shard_rows(list(todo), columns=["image_id", "identity", "image"], **resources).map_batches(
         TeacherEmbedder, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=pool_batch_size(todo, **resources), batch_format="numpy", **resources)

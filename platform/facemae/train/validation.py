@@ -96,8 +96,10 @@ def load_preview_set(config: Config, *, device: torch.device) -> ValidationSet:
     manifest = verify_dataset(root, splits=["val"])
     split = "val" if manifest.splits.get("val") else "train"
     index = sorted(_index(manifest.files(root, split)), key=lambda c: c[2])
-    firsts = list({c[3]: c for c in reversed(index)}.values())[::-1]  # each identity's first image id
-    people = sorted(firsts, key=lambda c: c[2])[:PREVIEW_FACES]
+    firsts: dict[int, tuple[str, int, str, int]] = {}
+    for c in index:  # in image id order: each identity's first image id, people in the order of those ids
+        firsts.setdefault(c[3], c)
+    people = list(firsts.values())[:PREVIEW_FACES]
     fill = [c for c in index if c not in people][:PREVIEW_FACES - len(people)]
     return _masked_faces(config, sorted(people + fill, key=lambda c: c[2]), device=device)
 
