@@ -596,14 +596,27 @@ def test_object_store_search_finds_removed_pixels_held_there(run, forbidden, ray
     deployment faces, put there as a driver's uint8 batch, as a worker's float32 model input (a task's
     return) and as a list of PNGs, are all found by a watch during which they were also freed, and new
     objects of their sizes were put."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     ray = ray_cluster
     originals = np.stack([run.faces[row["source_id"]] for _, row in sorted(run.masked.items())])  # (N, H, W, 3)
     pngs = [png_bytes(face) for face in originals]
-    with StoreWatch(ObjectStore.of(ray)) as watch:
-        refs = [ray.put(originals), ray.remote(to_model_range).remote(torch.from_numpy(originals)), ray.put(pngs)]
+    model = to_model_range(torch.from_numpy(originals))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # the watched node
+    store = ObjectStore.of(ray)
+    with StoreWatch(store) as watch:
+        task = ray.remote(to_model_range).options(scheduling_strategy=here).remote(torch.from_numpy(originals))
+        refs = [ray.put(originals), task, ray.put(pngs)]
         ray.wait(refs, num_returns=len(refs))
+        assert torch.equal(ray.get(task), model), "the task's model input differs from the one computed here"
         _wait_for_reads(watch, 2)  # one whole read after all three are in the store
-        del refs
+        # Where each object's bytes were while it was held: in the raylet's files, and in what the watch kept.
+        probes = {name: _middle(blob) for name, blob in
+                  [("uint8 batch", originals.tobytes()), ("float32 model input", _raw(model).tobytes()),
+                   ("PNGs", pngs[len(pngs) // 2])]}
+        held = {name: any(probe in data for _, _, data in store.extents()) for name, probe in probes.items()}
+        kept = {name: any(probe in data for data in watch.kept.values()) for name, probe in probes.items()}
+        del refs, task
         time.sleep(1.5)  # the raylet frees objects in batches, about every second
         noise = np.random.default_rng(0)
         for n in (originals.nbytes, 4 * originals.nbytes, sum(map(len, pngs))):  # to take the freed memory
@@ -614,14 +627,24 @@ def test_object_store_search_finds_removed_pixels_held_there(run, forbidden, ray
     images = set().union(*(labels for where, labels in found.hits.items() if "image@" in where))
     _, removed = _patches(run, removed=True)
     rows = [f"{label} row {r}" for label in removed for r in range(P)]
+    print(f"\n{watch.reads} reads, {len(watch.kept)} kept stretches; each object's bytes in the store while held: "
+          f"{held}, in what the watch kept: {kept}")
+    assert all(held.values()), f"an object was not in the watched node's plasma files while it was held: {held}"
+    assert all(kept.values()), f"the watch did not keep an object the store held: {kept}"
     assert {f"{row} (uint8 HWC)" for row in rows} <= raw, "a removed row of the put uint8 batch went unfound"
     assert {f"{row} (float32 model channel {c})" for row in rows for c in range(3)} <= raw, \
         "a removed row of the float32 model input a task returned went unfound"
     assert {f"{row} (uint8 HWC)" for row in rows} <= images, "a removed row of the put PNGs went unfound"
-    late = StoreWatch(ObjectStore.of(ray))
+    late = StoreWatch(store)
     late.read()
-    print(f"\n{watch.reads} reads; one read after the fillers alone finds {len(late.search(forbidden).hits)} "
-          f"views with a removed row, the watch {len(found.hits)}")
+    print(f"one read after the fillers alone finds {len(late.search(forbidden).hits)} views with a removed row, "
+          f"the watch {len(found.hits)}")
+
+
+def _middle(blob: bytes, n: int = 512) -> bytes:
+    """``n`` bytes from the middle of ``blob``: a probe for where an object's bytes lie."""
+    start = max(len(blob) // 2 - n // 2, 0)
+    return blob[start:start + n]
 
 
 def _wait_for_reads(watch: StoreWatch, n: int, *, timeout: float = 30) -> None:
