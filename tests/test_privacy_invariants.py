@@ -275,6 +275,7 @@ def describe(hits: dict[str, set[str]]) -> str:
 # about every second), so one read after a run sees only what was not overwritten: the watch reads during it.
 # Objects spilled to disk go to the session folder, which the file search reads.
 STORE_PAGE = 1 << 16  # bytes compared between reads of the store
+READ_CHUNK = 1 << 30  # bytes of one read of a store file
 
 
 @dataclass(frozen=True)
@@ -325,9 +326,25 @@ class ObjectStore:
                         break
                     offset = os.lseek(fd, start, os.SEEK_HOLE)
                     start -= start % STORE_PAGE  # the same pages at every read
-                    yield inode, start, os.pread(fd, offset - start, start)
+                    yield inode, start, _read_at(fd, start, offset - start)
             finally:
                 os.close(fd)
+
+
+def _read_at(fd: int, offset: int, n: int) -> bytearray:
+    """``n`` bytes of ``fd`` from ``offset`` (fewer if the file ends first). One read returns at most
+    2 GiB - 4 KiB (read(2), NOTES), and a test session's store has written stretches longer than that: a
+    single pread silently left their tail, where new objects go, unread."""
+    out = bytearray(n)
+    view, done = memoryview(out), 0
+    while done < n:
+        got = os.preadv(fd, [view[done:done + READ_CHUNK]], offset + done)
+        if got == 0:
+            break
+        done += got
+    view.release()
+    del out[done:]
+    return out
 
 
 class StoreWatch:
@@ -344,7 +361,7 @@ class StoreWatch:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> StoreWatch:
-        self.read()
+        self.read(keep=False)  # what the store held before the block is only compared against
         self._thread.start()
         return self
 
@@ -362,19 +379,19 @@ class StoreWatch:
             self.read()
             pause = max(self.interval, 2 * (time.monotonic() - began))
 
-    def read(self) -> None:
+    def read(self, *, keep: bool = True) -> None:
         for inode, start, data in self.store.extents():
             view, changed = memoryview(data), []
             for i in range(0, len(data), STORE_PAGE):
                 page = (inode, start + i)
-                digest = hash(view[i:i + STORE_PAGE])
+                digest = hash(bytes(view[i:i + STORE_PAGE]))  # (a bytearray's views do not hash)
                 if self.last.get(page) != digest:
                     self.last[page] = digest
                     changed.append(i)
             # A run of changed pages is kept whole, with a page of context either side: an object (a block
             # of PNGs) spans many pages, and an image is only decoded from its first byte to its last.
-            for first, last in _runs(changed, STORE_PAGE):
-                stretch = data[max(first - STORE_PAGE, 0):last + 2 * STORE_PAGE]
+            for first, last in _runs(changed if keep else [], STORE_PAGE):
+                stretch = bytes(view[max(first - STORE_PAGE, 0):last + 2 * STORE_PAGE])
                 self.kept.setdefault(hash(stretch), stretch)
         self.reads += 1
 
@@ -614,7 +631,10 @@ def test_object_store_search_finds_removed_pixels_held_there(run, forbidden, ray
         probes = {name: _middle(blob) for name, blob in
                   [("uint8 batch", originals.tobytes()), ("float32 model input", _raw(model).tobytes()),
                    ("PNGs", pngs[len(pngs) // 2])]}
-        held = {name: any(probe in data for _, _, data in store.extents()) for name, probe in probes.items()}
+        stretches = [data for _, _, data in store.extents()]
+        held = {name: any(probe in data for data in stretches) for name, probe in probes.items()}
+        longest = max(map(len, stretches)) / 2**30
+        del stretches
         kept = {name: any(probe in data for data in watch.kept.values()) for name, probe in probes.items()}
         del refs, task
         time.sleep(1.5)  # the raylet frees objects in batches, about every second
@@ -627,7 +647,8 @@ def test_object_store_search_finds_removed_pixels_held_there(run, forbidden, ray
     images = set().union(*(labels for where, labels in found.hits.items() if "image@" in where))
     _, removed = _patches(run, removed=True)
     rows = [f"{label} row {r}" for label in removed for r in range(P)]
-    print(f"\n{watch.reads} reads, {len(watch.kept)} kept stretches; each object's bytes in the store while held: "
+    print(f"\n{watch.reads} reads, {len(watch.kept)} kept stretches, the store's longest written stretch {longest:.2f} "
+          f"GiB; each object's bytes in the store while held: "
           f"{held}, in what the watch kept: {kept}")
     assert all(held.values()), f"an object was not in the watched node's plasma files while it was held: {held}"
     assert all(kept.values()), f"the watch did not keep an object the store held: {kept}"
@@ -645,6 +666,32 @@ def _middle(blob: bytes, n: int = 512) -> bytes:
     """``n`` bytes from the middle of ``blob``: a probe for where an object's bytes lie."""
     start = max(len(blob) // 2 - n // 2, 0)
     return blob[start:start + n]
+
+
+@pytest.mark.slow
+def test_store_watch_reads_written_stretches_longer_than_one_read_returns(tmp_path):
+    """A plasma file whose written stretch is longer than the 2 GiB one pread returns (a test session's
+    store, after its Ray tests): an object written beyond that point is still read, and kept once it changes;
+    what the file held when the watch began is only compared against."""
+    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path  # tmpfs, as Ray's plasma directory
+    name = folder / f"plasma{os.getpid() % 1000000:06d}"  # plasmaXXXXXX, as the raylet's mkstemp names them
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(name)  # and unlinked, as the raylet's are: reached through /proc/<pid>/fd only
+    try:
+        block = np.random.default_rng(0).integers(0, 256, 1 << 26, dtype=np.uint8).tobytes()  # 64 MiB
+        for k in range(35):  # 2.19 GiB written, one stretch
+            os.pwrite(fd, block, k << 26)
+        watch = StoreWatch(ObjectStore(os.getpid(), (str(folder), str(folder))))
+        watch.read(keep=False)
+        assert not watch.kept
+        marker, at = b"late object " * 100, (1 << 31) + (5 << 20)  # past the first 2 GiB
+        os.pwrite(fd, marker, at)
+        watch.read()
+        assert sum(len(data) for _, _, data in watch.store.extents()) == 35 << 26
+        assert [marker in stretch for stretch in watch.kept.values()] == [True]
+        assert sum(map(len, watch.kept.values())) <= 4 * STORE_PAGE  # the changed page and its context
+    finally:
+        os.close(fd)
 
 
 def _wait_for_reads(watch: StoreWatch, n: int, *, timeout: float = 30) -> None:
