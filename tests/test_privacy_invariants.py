@@ -610,9 +610,9 @@ def test_no_removed_pixel_of_a_deployment_face_reaches_rays_object_store(run, fo
 @pytest.mark.ray
 def test_object_store_search_finds_removed_pixels_held_there(run, forbidden, ray_cluster):
     """Positive control of the object store search, on the session's cluster: the removed rows of the
-    deployment faces, put there as a driver's uint8 batch, as a worker's float32 model input (a task's
-    return) and as a list of PNGs, are all found by a watch during which they were also freed, and new
-    objects of their sizes were put."""
+    deployment faces, put there as a driver's uint8 batch, as a worker's float32 model input (an actor's
+    return, as the release's actors make them) and as a list of PNGs, are all found by a watch during which
+    they were also freed, and new objects of their sizes were put."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ray = ray_cluster
@@ -620,12 +620,24 @@ def test_object_store_search_finds_removed_pixels_held_there(run, forbidden, ray
     pngs = [png_bytes(face) for face in originals]
     model = to_model_range(torch.from_numpy(originals))
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # the watched node
+    # An actor that has imported torch before it takes a tensor: a plain task's worker may still be importing
+    # torch in another thread when it unpickles its argument, and then fails on a half-imported module
+    # (seen here: "module 'torch' has no attribute '_utils'", the task never ran).
+    class ModelInput:  # defined here, so that Ray ships it by value (workers cannot import the test module)
+        def ready(self) -> bool:
+            return True
+
+        def of(self, pixels: torch.Tensor) -> torch.Tensor:
+            return to_model_range(pixels)
+
+    worker = ray.remote(ModelInput).options(scheduling_strategy=here, num_cpus=0).remote()
+    ray.get(worker.ready.remote())
     store = ObjectStore.of(ray)
     with StoreWatch(store) as watch:
-        task = ray.remote(to_model_range).options(scheduling_strategy=here).remote(torch.from_numpy(originals))
+        task = worker.of.remote(torch.from_numpy(originals))
         refs = [ray.put(originals), task, ray.put(pngs)]
         ray.wait(refs, num_returns=len(refs))
-        assert torch.equal(ray.get(task), model), "the task's model input differs from the one computed here"
+        assert torch.equal(ray.get(task), model), "the actor's model input differs from the one computed here"
         _wait_for_reads(watch, 2)  # one whole read after all three are in the store
         # Where each object's bytes were while it was held: in the raylet's files, and in what the watch kept.
         probes = {name: _middle(blob) for name, blob in
@@ -637,6 +649,7 @@ def test_object_store_search_finds_removed_pixels_held_there(run, forbidden, ray
         del stretches
         kept = {name: any(probe in data for data in watch.kept.values()) for name, probe in probes.items()}
         del refs, task
+        ray.kill(worker)
         time.sleep(1.5)  # the raylet frees objects in batches, about every second
         noise = np.random.default_rng(0)
         for n in (originals.nbytes, 4 * originals.nbytes, sum(map(len, pngs))):  # to take the freed memory
