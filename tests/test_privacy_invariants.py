@@ -331,20 +331,15 @@ class ObjectStore:
                 os.close(fd)
 
 
-def _read_at(fd: int, offset: int, n: int) -> bytearray:
+def _read_at(fd: int, offset: int, n: int) -> bytes:
     """``n`` bytes of ``fd`` from ``offset`` (fewer if the file ends first). One read returns at most
-    2 GiB - 4 KiB (read(2), NOTES), and a test session's store has written stretches longer than that: a
-    single pread silently left their tail, where new objects go, unread."""
-    out = bytearray(n)
-    view, done = memoryview(out), 0
-    while done < n:
-        got = os.preadv(fd, [view[done:done + READ_CHUNK]], offset + done)
-        if got == 0:
-            break
-        done += got
-    view.release()
-    del out[done:]
-    return out
+    2 GiB - 4 KiB (read(2), NOTES), and a store's written stretch can be longer: a single pread silently
+    left its tail, where new objects may go, unread."""
+    parts = []
+    while n > 0 and (part := os.pread(fd, min(n, READ_CHUNK), offset)):
+        parts.append(part)
+        offset, n = offset + len(part), n - len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class StoreWatch:
@@ -384,14 +379,14 @@ class StoreWatch:
             view, changed = memoryview(data), []
             for i in range(0, len(data), STORE_PAGE):
                 page = (inode, start + i)
-                digest = hash(bytes(view[i:i + STORE_PAGE]))  # (a bytearray's views do not hash)
+                digest = hash(view[i:i + STORE_PAGE])
                 if self.last.get(page) != digest:
                     self.last[page] = digest
                     changed.append(i)
             # A run of changed pages is kept whole, with a page of context either side: an object (a block
             # of PNGs) spans many pages, and an image is only decoded from its first byte to its last.
             for first, last in _runs(changed if keep else [], STORE_PAGE):
-                stretch = bytes(view[max(first - STORE_PAGE, 0):last + 2 * STORE_PAGE])
+                stretch = data[max(first - STORE_PAGE, 0):last + 2 * STORE_PAGE]
                 self.kept.setdefault(hash(stretch), stretch)
         self.reads += 1
 
@@ -667,7 +662,7 @@ def test_object_store_search_finds_removed_pixels_held_there(run, forbidden, ray
     assert all(kept.values()), f"the watch did not keep an object the store held: {kept}"
     assert {f"{row} (uint8 HWC)" for row in rows} <= raw, "a removed row of the put uint8 batch went unfound"
     assert {f"{row} (float32 model channel {c})" for row in rows for c in range(3)} <= raw, \
-        "a removed row of the float32 model input a task returned went unfound"
+        "a removed row of the float32 model input the actor returned went unfound"
     assert {f"{row} (uint8 HWC)" for row in rows} <= images, "a removed row of the put PNGs went unfound"
     late = StoreWatch(store)
     late.read()
@@ -683,9 +678,9 @@ def _middle(blob: bytes, n: int = 512) -> bytes:
 
 @pytest.mark.slow
 def test_store_watch_reads_written_stretches_longer_than_one_read_returns(tmp_path):
-    """A plasma file whose written stretch is longer than the 2 GiB one pread returns (a test session's
-    store, after its Ray tests): an object written beyond that point is still read, and kept once it changes;
-    what the file held when the watch began is only compared against."""
+    """A plasma file whose written stretch is longer than the 2 GiB one pread returns: an object written
+    beyond that point is still read, and kept once it changes; what the file held when the watch began is
+    only compared against."""
     folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path  # tmpfs, as Ray's plasma directory
     name = folder / f"plasma{os.getpid() % 1000000:06d}"  # plasmaXXXXXX, as the raylet's mkstemp names them
     fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
